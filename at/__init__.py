@@ -1,0 +1,1 @@
+"""Attention transfer: models, losses, data and the training loop."""
