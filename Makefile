@@ -1,0 +1,28 @@
+# Set-up is part of every target: a fresh clone needs only `make pipeline` or `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install test pipeline benchmark clean-runs
+
+# Exact versions come from constraints.txt, so every machine resolves the same environment.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+pipeline: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash workflow/smoke.sh
+
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/train_step.py
+
+clean-runs:
+	rm -rf runs results/smoke mlruns.db mlartifacts .snakemake

@@ -1,0 +1,145 @@
+"""Command line: ``python -m at download|train|tracking-init ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from at import params as params_mod
+
+
+def _spec_from_args(args, params: dict) -> dict:
+    protocol = params_mod.protocol(params, args.protocol)
+    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                 "train_subset": args.train_subset, "test_subset": args.test_subset,
+                 "augment": args.augment}
+    protocol.update({k: v for k, v in overrides.items() if v is not None})
+    if args.lr_drops is not None:
+        protocol["lr_drops"] = [int(d) for d in args.lr_drops.split(",") if d]
+    teacher = None
+    if args.teacher_checkpoint:
+        from at import checkpoint
+        teacher = checkpoint.load(args.teacher_checkpoint)["spec"]["student"]
+    method_name = args.method or "baseline"
+    out = Path(args.out)
+    return {
+        "id": args.id or out.as_posix(),
+        "dataset": "cifar10",
+        "data_dir": args.data_dir,
+        "student": args.student,
+        "teacher": teacher,
+        "teacher_checkpoint": args.teacher_checkpoint,
+        "method_name": method_name,
+        "method": params_mod.method(params, method_name),
+        "seed": args.seed,
+        "out_dir": out.as_posix(),
+        "num_classes": 10,
+        "protocol": protocol,
+        "profile": "custom",
+    }
+
+
+def cmd_train(args) -> int:
+    from at.train import EXIT_INTERRUPTED, Interrupted, Options, TrainingDiverged, train
+
+    if args.spec:
+        text = Path(args.spec).read_text()
+        spec = yaml.safe_load(text)
+    elif args.run:
+        from at import grid
+        spec = grid.run_spec(params_mod.load(args.params), args.run, profile=args.profile)
+    else:
+        if not args.student or not args.out:
+            raise SystemExit("error: train needs --run ID, --spec FILE, or --student and --out")
+        spec = _spec_from_args(args, params_mod.load(args.params))
+    options = Options(device=args.device, bf16=args.bf16, channels_last=args.channels_last,
+                      progress=not args.no_progress, threads=args.threads)
+    try:
+        train(spec, options)
+    except Interrupted:
+        return EXIT_INTERRUPTED
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_download(args) -> int:
+    from at.data import cifar
+
+    params = params_mod.load(args.params)
+    source = params_mod.data_source(params, args.dataset)
+    if args.dataset != "cifar10":
+        from at.data import folders
+        folders.prepare(args.dataset, Path(args.root or f"data/{args.dataset}"), source)
+        return 0
+    folder = cifar.prepare(Path(args.root or "data/cifar10"), url=source["url"], md5=source["md5"])
+    print(f"CIFAR-10 ready in {folder}")
+    return 0
+
+
+def cmd_tracking_init(args) -> int:
+    from at import tracking
+
+    experiment_id = tracking.init_store()
+    print(f"MLflow store {tracking.tracking_uri()} ready, experiment "
+          f"{tracking.experiment_name()!r} (id {experiment_id})")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m at", description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the experiment definition (default: params.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("download", help="download, verify and extract a data set")
+    p.add_argument("dataset", help="a data set of params.yaml's data section, e.g. cifar10")
+    p.add_argument("--root", help="target folder (default: data/<dataset>)")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("train", help="train (or resume) one run")
+    what = p.add_argument_group("what to train: --run, --spec, or the arguments below")
+    what.add_argument("--run", help="a run id of the grid (see `python -m at runs`)")
+    what.add_argument("--profile", default=None, help="grid profile for --run (default: params.yaml's)")
+    what.add_argument("--spec", help="a run spec file (JSON or YAML, docs/interfaces.md)")
+    what.add_argument("--student", help="model name, e.g. wrn-16-1")
+    what.add_argument("--teacher-checkpoint", help="checkpoint.pt of a trained teacher run")
+    what.add_argument("--method", help="a method of params.yaml (default: baseline)")
+    what.add_argument("--out", help="the run's folder")
+    what.add_argument("--id", help="run id (default: the folder)")
+    what.add_argument("--data-dir", default="data/cifar10")
+    what.add_argument("--seed", type=int, default=0)
+    what.add_argument("--protocol", default="cifar", help="a protocol of params.yaml")
+    what.add_argument("--epochs", type=int)
+    what.add_argument("--batch-size", type=int)
+    what.add_argument("--lr", type=float)
+    what.add_argument("--lr-drops", help="comma-separated epochs, e.g. 60,120,160")
+    what.add_argument("--train-subset", type=int, help="train on the first N training images")
+    what.add_argument("--test-subset", type=int, help="test on the first N test images")
+    what.add_argument("--augment", choices=["crop_flip", "flip", "none"])
+    how = p.add_argument_group("how to run it")
+    how.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    how.add_argument("--bf16", default="auto", choices=["auto", "on", "off"], help="bf16 autocast (auto: CUDA only)")
+    how.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"], help="(auto: CUDA only)")
+    how.add_argument("--threads", type=int, help="torch CPU threads")
+    how.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tracking-init", help="create the MLflow store and experiment before a fan-out")
+    p.set_defaults(func=cmd_tracking_init)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        # our errors (bad params, checksums, checkpoints, data) are ValueErrors with a message
+        # that names the problem: show it without a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""params.yaml -> the runs of the experiment, with ids, output folders and dependencies.
+
+The Snakefile, dvc.yaml and the report all take their runs from here (DESIGN contract 1), so a
+run, a path or a hyperparameter is spelled in params.yaml and nowhere else. A run is a pure
+function of its spec: the same params give the same ids and paths (contract 2).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from at import models
+from at.method import requires_teacher
+from at.params import ParamsError, method as resolve_method
+from at.train import validate_protocol
+
+RUNS_ROOT = "runs"
+RESULTS_ROOT = "results"
+CELL_KEYS = {"dataset", "protocol", "student", "teacher", "method", "train", "weights",
+             "teacher_weights", "metric"}
+TABLE_KEYS = CELL_KEYS | {"rows", "columns", "seeds"}
+PROFILE_KEYS = {"tables", "seeds", "protocol", "resources", "not_run"}
+RESOURCE_KEYS = {"gpu", "cpus_per_task", "mem_mb", "runtime"}
+WEIGHTS = (None, "imagenet")
+
+
+def _fail(key: str, problem: str, allowed=None) -> ParamsError:
+    message = f"params.yaml: {key}: {problem}"
+    if allowed is not None:
+        message += f"; allowed: {', '.join(map(str, sorted(allowed, key=str)))}"
+    return ParamsError(message)
+
+
+def profile_name(params: dict, profile: str | None) -> str:
+    name = profile or params.get("default_profile", "paper")
+    profiles = params.get("profiles") or {}
+    if name not in profiles:
+        raise _fail("profiles", f"unknown profile {name!r}", profiles)
+    return name
+
+
+def _check_keys(key: str, mapping, allowed: set) -> None:
+    if not isinstance(mapping, dict):
+        raise _fail(key, f"must be a mapping, got {type(mapping).__name__}")
+    unknown = set(mapping) - allowed
+    if unknown:
+        raise _fail(key, f"unknown key(s) {sorted(unknown)}", allowed)
+
+
+def _check_seeds(key: str, seeds) -> None:
+    if not isinstance(seeds, list) or not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise _fail(key, f"must be a non-empty list of non-negative integers, got {seeds!r}")
+
+
+def _check_resources(key: str, resources) -> None:
+    _check_keys(key, resources, RESOURCE_KEYS)
+    for k, v in resources.items():
+        if not isinstance(v, int) or v < 0:
+            raise _fail(f"{key}.{k}", f"must be a non-negative integer, got {v!r}")
+
+
+def validate(params: dict) -> None:
+    """Check params.yaml before any job starts: one clear error naming the key and the allowed values."""
+    _check_keys("(top level)", params, {"default_profile", "seeds", "data", "protocols", "methods",
+                                        "tables", "resources", "profiles"})
+    _check_seeds("seeds", params.get("seeds"))
+    data, protocols, methods = params.get("data") or {}, params.get("protocols") or {}, params.get("methods") or {}
+    tables, profiles = params.get("tables") or {}, params.get("profiles") or {}
+    for name, source in data.items():
+        if not isinstance(source, dict) or not isinstance(source.get("num_classes"), int) or source["num_classes"] <= 0:
+            raise _fail(f"data.{name}.num_classes", "must be a positive integer")
+    for name, protocol in protocols.items():
+        try:
+            validate_protocol(protocol, f"protocols.{name}")
+        except ValueError as e:
+            raise ParamsError(f"params.yaml: {e}") from e
+    for name in methods:
+        resolve_method(params, name)
+    _check_resources("resources.train", (params.get("resources") or {}).get("train", {}))
+    profile_name(params, None)
+    for name, profile in profiles.items():
+        key = f"profiles.{name}"
+        _check_keys(key, profile or {}, PROFILE_KEYS)
+        profile = profile or {}
+        for table in list(profile.get("tables", [])) + list(profile.get("not_run", {})):
+            if table not in tables:
+                raise _fail(f"{key}.tables", f"unknown table {table!r}", tables)
+        if "seeds" in profile:
+            _check_seeds(f"{key}.seeds", profile["seeds"])
+        if "resources" in profile:
+            _check_resources(f"{key}.resources", profile["resources"])
+        for proto_name, proto in protocols.items():
+            try:
+                validate_protocol({**proto, **(profile.get("protocol") or {})}, f"{key}.protocol (applied to {proto_name})")
+            except ValueError as e:
+                raise ParamsError(f"params.yaml: {e}") from e
+    for table_name, table in tables.items():
+        _check_keys(f"tables.{table_name}", table, TABLE_KEYS)
+        if "seeds" in table:
+            _check_seeds(f"tables.{table_name}.seeds", table["seeds"])
+        for row in table.get("rows") or {}:
+            for column in table.get("columns") or {}:
+                _cell(params, table_name, row, column)
+    for profile in profiles:
+        # resolving every run also checks that each student's teacher is trained by the grid
+        runs(params, profile)
+
+
+def _cell(params: dict, table_name: str, row: str, column: str) -> dict:
+    """The merged definition of one cell, checked: {dataset, protocol, model, teacher, ...}."""
+    table = params["tables"][table_name]
+    key = f"tables.{table_name} cell ({row}, {column})"
+    for part, where in ((table["rows"][row], f"tables.{table_name}.rows.{row}"),
+                        (table["columns"][column], f"tables.{table_name}.columns.{column}")):
+        _check_keys(where, part or {}, CELL_KEYS)
+    cell = {k: v for k, v in table.items() if k in CELL_KEYS}
+    cell.update(table["rows"][row] or {})
+    cell.update(table["columns"][column] or {})
+    data, protocols, methods = params.get("data") or {}, params.get("protocols") or {}, params.get("methods") or {}
+    for k in ("dataset", "protocol", "student", "method"):
+        if k not in cell:
+            raise _fail(key, f"no {k} given (in the table, the row or the column)")
+    if cell["dataset"] not in data:
+        raise _fail(f"{key}.dataset", f"unknown data set {cell['dataset']!r}", data)
+    if cell["protocol"] not in protocols:
+        raise _fail(f"{key}.protocol", f"unknown protocol {cell['protocol']!r}", protocols)
+    if cell["method"] not in methods:
+        raise _fail(f"{key}.method", f"unknown method {cell['method']!r}", methods)
+    if cell.get("train", "student") not in ("student", "teacher"):
+        raise _fail(f"{key}.train", f"unknown value {cell['train']!r}", ["student", "teacher"])
+    for k in ("weights", "teacher_weights"):
+        if cell.get(k) not in WEIGHTS:
+            raise _fail(f"{key}.{k}", f"unknown weights {cell[k]!r}", ["imagenet"])
+    for k in ("student", "teacher"):
+        if k in cell and not models.is_known(cell[k]):
+            raise _fail(f"{key}.{k}", f"unknown model {cell[k]!r}",
+                        ["wrn-D-K (D = 6n+4)", "nin-thin", "nin-wide", "nin-thin-nobn", "nin-wide-nobn", "resnet18", "resnet34"])
+    if cell.get("train") == "teacher":
+        if "teacher" not in cell:
+            raise _fail(key, "train: teacher, but no teacher model is given")
+        trained, teacher = cell["teacher"], None
+    else:
+        trained = cell["student"]
+        teacher = cell.get("teacher") if requires_teacher(methods[cell["method"]]) else None
+        if requires_teacher(methods[cell["method"]]) and teacher is None:
+            raise _fail(key, f"method {cell['method']!r} needs a teacher, but none is given")
+    return {"dataset": cell["dataset"], "protocol": cell["protocol"], "model": trained,
+            "weights": cell.get("weights"), "teacher": teacher,
+            "teacher_weights": cell.get("teacher_weights") if teacher else None,
+            "method": cell["method"], "metric": cell.get("metric", "top1")}
+
+
+def _segment(params: dict, dataset: str, protocol: str) -> str:
+    default = {"cifar10": "cifar", "cub": "finetune", "scenes": "finetune", "imagenet": "imagenet"}
+    # the data set alone when it runs under its usual protocol, else both: ids stay short and unique
+    return dataset if default.get(dataset) == protocol else f"{dataset}-{protocol}"
+
+
+def _model_segment(model: str, weights) -> str:
+    return f"{model}-pretrained" if weights else model
+
+
+def run_id(params: dict, dataset, protocol, model, weights, teacher, teacher_weights, method, seed) -> str:
+    who = _model_segment(model, weights)
+    if teacher:
+        who += "_from_" + _model_segment(teacher, teacher_weights or weights)
+    return f"{_segment(params, dataset, protocol)}/{who}/{method}/seed{seed}"
+
+
+def _tables_of(params: dict, profile: str) -> list[str]:
+    selected = (params["profiles"][profile] or {}).get("tables")
+    tables = list(params.get("tables") or {}) if selected is None else list(selected)
+    return [t for t in tables if t not in not_run(params, profile)]
+
+
+def not_run(params: dict, profile: str) -> dict[str, str]:
+    """Tables the profile does not run, with the reason (the report shows it)."""
+    prof = params["profiles"][profile] or {}
+    reasons = dict(prof.get("not_run") or {})
+    selected = prof.get("tables")
+    for table in params.get("tables") or {}:
+        if selected is not None and table not in selected and table not in reasons:
+            reasons[table] = f"not part of the {profile} profile"
+    imagenet = (params.get("data") or {}).get("imagenet") or {}
+    for name, table in (params.get("tables") or {}).items():
+        datasets = {table.get("dataset")} | {c.get("dataset") for c in (table.get("columns") or {}).values()}
+        if "imagenet" in datasets and not imagenet.get("folder") and name not in reasons:
+            reasons[name] = "no ImageNet folder given (set data.imagenet.folder in params.yaml)"
+    return reasons
+
+
+def runs(params: dict, profile: str | None = None) -> list[dict]:
+    """Every run of the profile's grid, each once, sorted by id, teachers included."""
+    profile = profile_name(params, profile)
+    prof = params["profiles"][profile] or {}
+    found: dict[str, dict] = {}
+
+    def add(cell: dict, seed: int, table: str | None, row: str | None, column: str | None) -> dict:
+        rid = run_id(params, cell["dataset"], cell["protocol"], cell["model"], cell["weights"],
+                     cell["teacher"], cell["teacher_weights"], cell["method"], seed)
+        run = found.setdefault(rid, {
+            "id": rid, "profile": profile, "dataset": cell["dataset"], "protocol_name": cell["protocol"],
+            "student": cell["model"], "weights": cell["weights"], "teacher": cell["teacher"],
+            "teacher_weights": cell["teacher_weights"], "teacher_run": None,
+            "method_name": cell["method"], "seed": seed,
+            "out_dir": f"{RUNS_ROOT}/{profile}/{rid}", "cells": [],
+        })
+        if table is not None:
+            run["cells"].append({"table": table, "row": row, "column": column, "metric": cell["metric"]})
+        return run
+
+    for table in _tables_of(params, profile):
+        spec = params["tables"][table]
+        seeds = prof.get("seeds") or spec.get("seeds") or params["seeds"]
+        for row in spec["rows"]:
+            for column in spec["columns"]:
+                cell = _cell(params, table, row, column)
+                for seed in seeds:
+                    add(cell, seed, table, row, column)
+
+    # every student's teacher must be a run that some cell of the grid trains
+    trained_anywhere = _all_trained_cells(params)
+    for run in list(found.values()):
+        if run["teacher"] is None or run["teacher_weights"]:
+            continue  # no teacher, or a pretrained one used as it is (ImageNet): no teacher run
+        teacher_cell = {"dataset": run["dataset"], "protocol": run["protocol_name"], "model": run["teacher"],
+                        "weights": run["weights"], "teacher": None, "teacher_weights": None,
+                        "method": "baseline", "metric": "top1"}
+        key = (run["dataset"], run["protocol_name"], run["teacher"], run["weights"])
+        if key not in trained_anywhere:
+            raise _fail("tables", f"run {run['id']}: its teacher {run['teacher']!r} ({run['dataset']}, protocol "
+                        f"{run['protocol_name']}, baseline) is not trained by any cell of the grid; add a cell "
+                        f"with `train: teacher` for it")
+        run["teacher_run"] = add(teacher_cell, run["seed"], None, None, None)["id"]
+    for run in found.values():
+        run["cells"].sort(key=lambda c: (c["table"], c["row"], c["column"]))
+    return [found[k] for k in sorted(found)]
+
+
+def _all_trained_cells(params: dict) -> set[tuple]:
+    trained = set()
+    for table, spec in (params.get("tables") or {}).items():
+        for row in spec.get("rows") or {}:
+            for column in spec.get("columns") or {}:
+                cell = _cell(params, table, row, column)
+                if cell["teacher"] is None and cell["method"] == "baseline":
+                    trained.add((cell["dataset"], cell["protocol"], cell["model"], cell["weights"]))
+    return trained
+
+
+def find(params: dict, run: str, profile: str | None = None) -> dict:
+    by_id = {r["id"]: r for r in runs(params, profile)}
+    if run not in by_id:
+        raise ParamsError(f"run {run!r} is not in the {profile_name(params, profile)} profile's grid "
+                          f"(`python -m at runs --profile ...` lists them)")
+    return by_id[run]
+
+
+def protocol_of(params: dict, run: dict) -> dict:
+    protocol = copy.deepcopy(params["protocols"][run["protocol_name"]])
+    protocol.update((params["profiles"][run["profile"]] or {}).get("protocol") or {})
+    return protocol
+
+
+def resources_of(params: dict, profile: str) -> dict:
+    prof = params["profiles"][profile] or {}
+    return dict(prof.get("resources") or (params.get("resources") or {}).get("train") or {})
+
+
+def data_dir(dataset: str) -> str:
+    return f"data/{dataset}"
+
+
+def teacher_checkpoint(params: dict, run: dict) -> str | None:
+    if not run["teacher_run"]:
+        return None
+    return f"{RUNS_ROOT}/{run['profile']}/{run['teacher_run']}/checkpoint.pt"
+
+
+def run_spec(params: dict, run: str | dict, profile: str | None = None) -> dict:
+    """The spec that `python -m at train` runs (docs/interfaces.md)."""
+    r = find(params, run, profile) if isinstance(run, str) else run
+    return {
+        "id": r["id"], "dataset": r["dataset"], "data_dir": data_dir(r["dataset"]),
+        "student": r["student"], "weights": r["weights"],
+        "teacher": r["teacher"], "teacher_weights": r["teacher_weights"],
+        "teacher_checkpoint": teacher_checkpoint(params, r),
+        "method_name": r["method_name"], "method": params["methods"][r["method_name"]],
+        "seed": r["seed"], "out_dir": r["out_dir"],
+        "num_classes": params["data"][r["dataset"]]["num_classes"],
+        "protocol": protocol_of(params, r), "profile": r["profile"],
+    }
+
+
+def outputs(run: dict) -> dict[str, str]:
+    out = Path(run["out_dir"])
+    return {"checkpoint": str(out / "checkpoint.pt"), "metrics": str(out / "metrics.json"),
+            "history": str(out / "history.csv")}
+
+
+def datasets(params: dict, profile: str | None = None) -> list[str]:
+    return sorted({r["dataset"] for r in runs(params, profile)})
+
+
+def report_dir(profile: str) -> str:
+    return f"{RESULTS_ROOT}/{profile}"

@@ -1,0 +1,65 @@
+"""Reading params.yaml: the one definition of the experiment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+DEFAULT_PATH = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """params.yaml is malformed; the message names the key and the allowed values."""
+
+
+def load(path: Path | str = DEFAULT_PATH) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found: run from the repository root or pass --params")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(params, dict):
+        raise ParamsError(f"{path} must hold a mapping at its top level")
+    return params
+
+
+def data_source(params: dict, dataset: str) -> dict:
+    """The source of ``dataset`` (url, md5, ...), with the documented environment overrides.
+
+    ``AT_<DATASET>_URL`` and ``AT_<DATASET>_MD5`` (e.g. AT_CIFAR10_URL) replace the url and the
+    checksum, so a machine without access to the official host can use a local copy (a path or
+    file:// URL) through the same download-and-verify code.
+    """
+    sources = params.get("data", {})
+    if dataset not in sources:
+        raise ParamsError(f"data.{dataset}: unknown data set; params.yaml defines {sorted(sources)}")
+    source = dict(sources[dataset])
+    prefix = f"AT_{dataset.upper().replace('-', '_')}_"
+    for key in ("url", "md5"):
+        if os.environ.get(prefix + key.upper()):
+            source[key] = os.environ[prefix + key.upper()]
+    return source
+
+
+def method(params: dict, name: str) -> dict:
+    from at.method import validate_method
+
+    methods = params.get("methods", {})
+    if name not in methods:
+        raise ParamsError(f"methods.{name}: unknown method; params.yaml defines {sorted(methods)}")
+    try:
+        validate_method(methods[name])
+    except ValueError as e:
+        raise ParamsError(f"methods.{name}: {e}") from e
+    return methods[name]
+
+
+def protocol(params: dict, name: str) -> dict:
+    protocols = params.get("protocols", {})
+    if name not in protocols:
+        raise ParamsError(f"protocols.{name}: unknown protocol; params.yaml defines {sorted(protocols)}")
+    return dict(protocols[name])

@@ -1,0 +1,26 @@
+"""Shared fixtures. The real CIFAR-10 mini subset (../shared/data) stands in for the download."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("AT_SHARED_DIR", REPO.parent / "shared"))
+CIFAR_MINI = SHARED / "data" / "cifar10-mini-python.tar.gz"
+CIFAR_MINI_MD5 = "1c190744c9595cc62078be24b4b038fb"
+
+
+@pytest.fixture(scope="session")
+def cifar_mini_dir(tmp_path_factory) -> Path:
+    """A data folder prepared from the mini tarball by the same code as the real download."""
+    from at.data import cifar
+
+    if not CIFAR_MINI.is_file():
+        pytest.fail(f"{CIFAR_MINI} is missing: the tests need ../shared beside the repository "
+                    f"(or AT_SHARED_DIR pointing at it)")
+    root = tmp_path_factory.mktemp("cifar10")
+    cifar.prepare(root, url=str(CIFAR_MINI), md5=CIFAR_MINI_MD5)
+    return root

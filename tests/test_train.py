@@ -1,0 +1,189 @@
+"""The training loop: exact resume after SIGKILL and SIGTERM, MLflow continuity, clear failures."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from at import checkpoint
+from at.train import EXIT_INTERRUPTED, learning_rate
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING_COLUMNS = {"images_per_s", "epoch_time_s"}
+
+
+def _train_cmd(out: Path, data_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "at", "--params", str(REPO / "params.yaml"), "train",
+            "--out", str(out), "--id", "test-run", "--data-dir", str(data_dir),
+            "--train-subset", "256", "--test-subset", "128", "--batch-size", "32",
+            "--lr-drops", "2", "--threads", "1", "--no-progress", *extra]
+
+
+def _env(mlflow_uri: str) -> dict:
+    return {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, cifar_mini_dir):
+    tmp = tmp_path_factory.mktemp("teacher")
+    uri = f"sqlite:///{tmp / 'mlruns.db'}"
+    out = tmp / "teacher"
+    subprocess.run(_train_cmd(out, cifar_mini_dir, "--student", "wrn-10-2", "--epochs", "1"),
+                   env=_env(uri), check=True, cwd=tmp)
+    return out / "checkpoint.pt"
+
+
+def _student_cmd(out, cifar_mini_dir, teacher, epochs="3"):
+    return _train_cmd(out, cifar_mini_dir, "--student", "wrn-10-1", "--teacher-checkpoint", str(teacher),
+                      "--method", "at-sum-p2", "--epochs", epochs)
+
+
+def _history(out: Path) -> list[dict]:
+    with open(out / "history.csv") as f:
+        return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(f)]
+
+
+def _assert_same_result(a: Path, b: Path) -> None:
+    wa, wb = checkpoint.load(a / "checkpoint.pt")["model"], checkpoint.load(b / "checkpoint.pt")["model"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"weights differ at {k}"
+    assert _history(a) == _history(b)
+
+
+def _mlflow_runs(uri: str):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("attention-transfer")
+    return client, client.search_runs([exp.experiment_id])
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"training ended (status {proc.returncode}) before {path} appeared"
+        assert time.time() < deadline, f"{path} did not appear in {timeout} s"
+        time.sleep(0.05)
+
+
+def test_learning_rate_drops_follow_the_authors_epochs():
+    protocol = {"lr": 0.1, "lr_gamma": 0.2, "lr_drops": [60, 120, 160]}
+    assert learning_rate(protocol, 0) == 0.1
+    assert learning_rate(protocol, 59) == 0.1
+    assert learning_rate(protocol, 60) == pytest.approx(0.02)
+    assert learning_rate(protocol, 120) == pytest.approx(0.004)
+    assert learning_rate(protocol, 199) == pytest.approx(0.1 * 0.2 ** 3)
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_is_bit_identical_and_continues_the_mlflow_run(tmp_path, cifar_mini_dir, teacher):
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    env = _env(uri)
+    reference = tmp_path / "reference"
+    subprocess.run(_student_cmd(reference, cifar_mini_dir, teacher), env=env, check=True, cwd=tmp_path)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_student_cmd(killed, cifar_mini_dir, teacher), env=env, cwd=tmp_path)
+    _wait_for(killed / "last.pt", proc)   # the first epoch's checkpoint exists: we are in epoch 2
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "checkpoint.pt").exists()
+    subprocess.run(_student_cmd(killed, cifar_mini_dir, teacher), env=env, check=True, cwd=tmp_path)
+
+    _assert_same_result(reference, killed)
+    assert not (killed / "last.pt").exists()
+    client, runs = _mlflow_runs(uri)
+    mine = [r for r in runs if r.info.artifact_uri and r.data.tags.get("at.run_id") == "test-run"
+            and r.data.params.get("out_dir") == str(killed)]
+    assert len(mine) == 1, "the restart must continue the same MLflow run"
+    run = mine[0]
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_error")]
+    assert sorted(steps) == [1, 2, 3], f"each epoch logged exactly once, got {steps}"
+    for key in ("train_loss", "loss_ce", "loss_at", "lr", "train_error"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 3, key
+    tags = run.data.tags
+    for key in ("student", "teacher", "method", "seed", "data_md5", "git_commit", "checkpoint_path"):
+        assert tags.get(key), f"tag {key} missing"
+    assert tags["student"] == "wrn-10-1" and tags["teacher"] == "wrn-10-2" and tags["method"] == "at-sum-p2"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_mid_epoch_and_the_retry_resumes_exactly(tmp_path, cifar_mini_dir, teacher):
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    env = _env(uri)
+    reference = tmp_path / "reference"
+    subprocess.run(_student_cmd(reference, cifar_mini_dir, teacher, epochs="2"), env=env, check=True, cwd=tmp_path)
+
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(_student_cmd(stopped, cifar_mini_dir, teacher, epochs="2"), env=env, cwd=tmp_path)
+    _wait_for(stopped / "mlflow_run_id", proc)
+    # let it reach the training steps (model build, data load, tracking set-up come first)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED
+    saved = checkpoint.load(stopped / "last.pt")
+    assert (saved["epoch"], saved["step"]) != (0, 0), "SIGTERM must save the position it reached"
+    subprocess.run(_student_cmd(stopped, cifar_mini_dir, teacher, epochs="2"), env=env, check=True, cwd=tmp_path)
+    _assert_same_result(reference, stopped)
+    client, runs = _mlflow_runs(uri)
+    mine = [r for r in runs if r.data.params.get("out_dir") == str(stopped)]
+    assert len(mine) == 1 and mine[0].info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(mine[0].info.run_id, "test_error")) == [1, 2]
+
+
+def test_nan_loss_stops_the_run_with_a_clear_error(tmp_path, cifar_mini_dir):
+    out = tmp_path / "diverging"
+    result = subprocess.run(_train_cmd(out, cifar_mini_dir, "--student", "wrn-10-1", "--epochs", "1", "--lr", "1e30"),
+                            env=_env(f"sqlite:///{tmp_path / 'mlruns.db'}"), cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr
+    assert "loss became nan" in result.stderr.lower() or "loss became inf" in result.stderr.lower()
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"definitely not a checkpoint", "corrupt"),
+    (None, "not an attention-transfer checkpoint"),
+])
+def test_bad_teacher_checkpoint_is_a_clear_error(tmp_path, cifar_mini_dir, content, message):
+    bad = tmp_path / "teacher.pt"
+    if content is None:
+        torch.save({"state_dict": {"w": torch.zeros(1)}}, bad)   # a foreign, well-formed file
+    else:
+        bad.write_bytes(content)
+    result = subprocess.run(_train_cmd(tmp_path / "s", cifar_mini_dir, "--student", "wrn-10-1",
+                                       "--teacher-checkpoint", str(bad), "--epochs", "1"),
+                            env=_env(f"sqlite:///{tmp_path / 'mlruns.db'}"), cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert message in result.stderr and str(bad) in result.stderr
+
+
+def test_untrusted_pickle_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    bad = tmp_path / "evil.pt"
+    torch.save({"format": "at-checkpoint", "version": 1, "x": Evil()}, bad)
+    with pytest.raises(checkpoint.CheckpointError, match="weights_only"):
+        checkpoint.load(bad)
+
+
+def test_checkpoint_save_is_atomic_and_round_trips(tmp_path):
+    path = tmp_path / "c.pt"
+    checkpoint.save({"spec": {"id": "x"}, "model": {"w": torch.arange(3.0)}}, path)
+    assert checkpoint.load(path)["model"]["w"].tolist() == [0.0, 1.0, 2.0]
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"], "no temporary file may stay behind"
