@@ -1,0 +1,305 @@
+"""at.data.download: verified downloads (loopback HTTP, file:// and plain paths) and safe extraction."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+from http_server import serve
+
+from at.data import download
+from at.data.download import ArchiveError, ChecksumError, DownloadError, extract, fetch, fetch_and_hash
+
+PAYLOAD = os.urandom(300_000) + b"end"
+PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()
+WRONG_MD5 = "0" * 32
+
+
+@pytest.fixture
+def served(tmp_path):
+    folder = tmp_path / "served"
+    folder.mkdir()
+    (folder / "blob.bin").write_bytes(PAYLOAD)
+    with serve(folder) as server:
+        yield server
+
+
+@pytest.fixture
+def dest_dir(tmp_path):
+    d = tmp_path / "dest"
+    d.mkdir()
+    return d
+
+
+def test_fetch_over_http_with_good_md5(served, dest_dir):
+    dest = dest_dir / "blob.bin"
+    assert fetch(served.url("blob.bin"), PAYLOAD_MD5, dest) == dest
+    assert dest.read_bytes() == PAYLOAD
+    assert sorted(os.listdir(dest_dir)) == ["blob.bin"]  # no temp file left
+
+
+def test_fetch_wrong_md5_names_both_hashes_and_leaves_nothing(served, dest_dir):
+    url = served.url("blob.bin")
+    with pytest.raises(ChecksumError) as info:
+        fetch(url, WRONG_MD5, dest_dir / "blob.bin")
+    message = str(info.value)
+    assert WRONG_MD5 in message and PAYLOAD_MD5 in message and "blob.bin" in message and url in message
+    assert isinstance(info.value, ValueError)
+    assert os.listdir(dest_dir) == []
+
+
+def test_fetch_skips_when_dest_already_verified(served, dest_dir):
+    dest = dest_dir / "blob.bin"
+    fetch(served.url("blob.bin"), PAYLOAD_MD5, dest)
+    served.requested.clear()
+    fetch(served.url("blob.bin"), PAYLOAD_MD5, dest)
+    assert served.requested == []
+
+
+def test_fetch_replaces_a_corrupt_existing_file(served, dest_dir):
+    dest = dest_dir / "blob.bin"
+    dest.write_bytes(b"stale")
+    fetch(served.url("blob.bin"), PAYLOAD_MD5, dest)
+    assert dest.read_bytes() == PAYLOAD
+    assert served.requested == ["/blob.bin"]
+
+
+def test_fetch_without_md5_returns_the_hash_to_record(served, dest_dir):
+    assert fetch_and_hash(served.url("blob.bin"), None, dest_dir / "blob.bin") == PAYLOAD_MD5
+    assert (dest_dir / "blob.bin").read_bytes() == PAYLOAD
+
+
+def test_http_error_names_url_and_leaves_nothing(served, dest_dir):
+    url = served.url("missing.bin")
+    with pytest.raises(DownloadError, match="404") as info:
+        fetch(url, PAYLOAD_MD5, dest_dir / "missing.bin")
+    assert url in str(info.value)
+    assert os.listdir(dest_dir) == []
+
+
+def test_truncated_http_body_is_an_error_and_leaves_nothing(served, dest_dir):
+    url = served.url("truncated/blob.bin")
+    with pytest.raises(DownloadError, match="incomplete") as info:
+        fetch(url, None, dest_dir / "blob.bin")
+    assert url in str(info.value)
+    assert os.listdir(dest_dir) == []
+
+
+@pytest.mark.parametrize("form", ["file_url", "plain_path", "relative_path"])
+def test_local_sources_take_the_same_verified_path(tmp_path, dest_dir, monkeypatch, form):
+    source = tmp_path / "local copy.bin"  # a space, to exercise URL quoting
+    source.write_bytes(PAYLOAD)
+    if form == "file_url":
+        url = source.as_uri()
+    elif form == "plain_path":
+        url = str(source)
+    else:
+        monkeypatch.chdir(tmp_path)
+        url = "local copy.bin"
+    streamed = []
+    original = download._stream_to_temp
+    monkeypatch.setattr(
+        download, "_stream_to_temp", lambda u, d, p: streamed.append(u) or original(u, d, p)
+    )
+
+    assert fetch(url, PAYLOAD_MD5, dest_dir / "copy.bin").read_bytes() == PAYLOAD
+    with pytest.raises(ChecksumError) as info:
+        fetch(url, WRONG_MD5, dest_dir / "other.bin")
+    assert PAYLOAD_MD5 in str(info.value) and WRONG_MD5 in str(info.value)
+    assert sorted(os.listdir(dest_dir)) == ["copy.bin"]
+    assert len(streamed) == 2 and all(u.startswith("file://") for u in streamed)
+
+
+def test_missing_local_source_is_a_clear_error(tmp_path, dest_dir):
+    with pytest.raises(DownloadError, match="nowhere.bin"):
+        fetch(tmp_path / "nowhere.bin", PAYLOAD_MD5, dest_dir / "x.bin")
+    assert os.listdir(dest_dir) == []
+
+
+@pytest.mark.parametrize("md5", ["abc", "z" * 32, 123])
+def test_malformed_md5_is_refused(dest_dir, md5):
+    with pytest.raises(ValueError, match="md5"):
+        fetch("http://127.0.0.1:9/x", md5, dest_dir / "x")
+
+
+def test_unsupported_scheme_is_refused(dest_dir):
+    with pytest.raises(ValueError, match="ftp://"):
+        fetch("ftp://example.org/x.tar", PAYLOAD_MD5, dest_dir / "x.tar")
+
+
+# ---------------------------------------------------------------------------------------------
+# extract
+
+
+def _tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]], mode: str = "w:gz") -> Path:
+    with tarfile.open(path, mode) as tar:
+        for m in members:
+            if isinstance(m, tarfile.TarInfo):
+                tar.addfile(m)
+            else:
+                name, data = m
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _link(name: str, target: str, kind=tarfile.SYMTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+GOOD_MEMBERS = [("top/a.txt", b"alpha"), ("top/sub/b.bin", bytes(range(256)) * 10), ("other.txt", b"x")]
+
+
+@pytest.mark.parametrize("mode,suffix", [("w:gz", "tar.gz"), ("w", "tar"), ("w:bz2", "tar.bz2")])
+def test_extract_tar(tmp_path, mode, suffix):
+    archive = _tar(tmp_path / f"good.{suffix}", GOOD_MEMBERS, mode)
+    out = tmp_path / "out"
+    assert extract(archive, out) == out
+    assert _tree(out) == {name: data for name, data in GOOD_MEMBERS}
+    assert sorted(os.listdir(out)) == ["other.txt", "top"]  # no temp folder left
+
+
+def test_extract_zip(tmp_path):
+    archive = tmp_path / "good.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in GOOD_MEMBERS:
+            zf.writestr(name, data)
+    out = tmp_path / "out"
+    extract(archive, out)
+    assert _tree(out) == {name: data for name, data in GOOD_MEMBERS}
+
+
+def test_extract_keeps_links_that_stay_inside(tmp_path):
+    members = [("top/a.txt", b"alpha"), _link("top/l", "a.txt"), _link("top/d/up", "../a.txt")]
+    archive = _tar(tmp_path / "links.tar", members, "w")
+    out = tmp_path / "out"
+    extract(archive, out)
+    assert (out / "top/l").read_bytes() == b"alpha" and (out / "top/d/up").read_bytes() == b"alpha"
+
+
+def _assert_refused(tmp_path: Path, archive: Path, member: str) -> None:
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / "out"
+    with pytest.raises(ArchiveError) as info:
+        extract(archive, out)
+    assert repr(member) in str(info.value) and str(archive) in str(info.value)
+    assert not out.exists()  # not even the destination folder was made
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ("../evil.txt", b"x"),
+        ("top/../../evil.txt", b"x"),
+        ("/tmp/evil-absolute.txt", b"x"),
+        ("top/ok/../evil.txt", b"x"),  # strict: no '..' at all
+    ],
+)
+def test_extract_refuses_escaping_paths(tmp_path, bad):
+    archive = _tar(tmp_path / "bad.tar.gz", [("top/a.txt", b"alpha"), bad])
+    _assert_refused(tmp_path, archive, bad[0])
+    assert not Path("/tmp/evil-absolute.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        _link("top/abs", "/etc/passwd"),
+        _link("top/up", "../../outside"),
+        _link("top/hard", "../outside", tarfile.LNKTYPE),
+        _link("top/hard-abs", "/etc/passwd", tarfile.LNKTYPE),
+    ],
+)
+def test_extract_refuses_links_pointing_outside(tmp_path, link):
+    archive = _tar(tmp_path / "bad.tar", [("top/a.txt", b"alpha"), link], "w")
+    _assert_refused(tmp_path, archive, link.name)
+
+
+def test_extract_refuses_symlink_chains_that_escape(tmp_path):
+    # Lexically 'q/q/..' stays inside, but with q -> '.' it names the parent of the root.
+    archive = _tar(tmp_path / "chain.tar", [_link("q", "."), _link("p", "q/q/.."), ("p/evil.txt", b"x")], "w")
+    _assert_refused(tmp_path, archive, "p")
+
+
+def test_extract_refuses_writing_through_an_escaping_symlinked_folder(tmp_path):
+    archive = _tar(tmp_path / "through.tar", [_link("q", "."), ("q/q/ok.txt", b"fine")], "w")
+    extract(archive, tmp_path / "ok")  # inside: allowed
+    assert (tmp_path / "ok/ok.txt").read_bytes() == b"fine"
+
+
+def test_extract_refuses_device_files(tmp_path):
+    device = tarfile.TarInfo("top/null")
+    device.type = tarfile.CHRTYPE
+    device.devmajor, device.devminor = 1, 3
+    archive = _tar(tmp_path / "dev.tar", [("top/a.txt", b"alpha"), device], "w")
+    _assert_refused(tmp_path, archive, "top/null")
+
+
+def test_extract_refuses_escaping_zip_member(tmp_path):
+    archive = tmp_path / "bad.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("top/a.txt", b"alpha")
+        zf.writestr("../evil.txt", b"x")
+    _assert_refused(tmp_path, archive, "../evil.txt")
+
+
+@pytest.mark.parametrize("mode,suffix", [("w:gz", "tar.gz"), ("w", "tar")])
+def test_truncated_archive_is_a_clear_error_and_leaves_nothing(tmp_path, mode, suffix):
+    members = [("top/a.bin", os.urandom(50_000)), ("top/b.bin", os.urandom(50_000))]
+    archive = _tar(tmp_path / f"whole.{suffix}", members, mode)
+    cut = tmp_path / f"cut.{suffix}"
+    cut.write_bytes(archive.read_bytes()[: int(archive.stat().st_size * 0.7)])
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ArchiveError, match="truncated") as info:
+        extract(cut, out)
+    assert str(cut) in str(info.value)
+    assert os.listdir(out) == []
+
+
+def test_truncated_zip_is_a_clear_error(tmp_path):
+    archive = tmp_path / "whole.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("top/a.bin", os.urandom(50_000))
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(archive.read_bytes()[:30_000])
+    with pytest.raises(ArchiveError, match="cut.zip"):
+        extract(cut, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_an_archive(tmp_path):
+    junk = tmp_path / "junk.tar.gz"
+    junk.write_bytes(b"this is not an archive" * 100)
+    with pytest.raises(ArchiveError, match="junk.tar.gz"):
+        extract(junk, tmp_path / "out")
+
+
+def test_existing_entries_need_overwrite(tmp_path):
+    archive = _tar(tmp_path / "good.tar.gz", GOOD_MEMBERS)
+    out = tmp_path / "out"
+    (out / "top").mkdir(parents=True)
+    (out / "top/old.txt").write_bytes(b"old")
+    with pytest.raises(FileExistsError, match="top"):
+        extract(archive, out)
+    assert _tree(out) == {"top/old.txt": b"old"}
+    extract(archive, out, overwrite=True)
+    assert _tree(out) == {name: data for name, data in GOOD_MEMBERS}
