@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -68,16 +69,73 @@ def cmd_train(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from at.data import cifar
+    from at.data import cifar, folders
 
     params = params_mod.load(args.params)
     source = params_mod.data_source(params, args.dataset)
-    if args.dataset != "cifar10":
-        from at.data import folders
-        folders.prepare(args.dataset, Path(args.root or f"data/{args.dataset}"), source)
+    root = Path(args.root or f"data/{args.dataset}")
+    if args.dataset == "cifar10":
+        where = cifar.prepare(root, url=source["url"], md5=source["md5"])
+    elif args.dataset == "cub":
+        where = folders.prepare_cub(root, url=source["url"], md5=source["md5"])
+    elif args.dataset == "scenes":
+        where = folders.prepare_indoor(root, url=source["url"], md5=source.get("md5"),
+                                       train_list_url=source["train_list"], test_list_url=source["test_list"])
+    else:
+        raise params_mod.ParamsError(f"data set {args.dataset!r} has no download; "
+                                     f"downloadable: cifar10, cub, scenes (ImageNet is a user-given folder)")
+    print(f"{args.dataset} ready in {where}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from at import grid
+
+    params = params_mod.load(args.params)
+    grid.validate(params)
+    runs = grid.runs(params, args.profile)
+    if args.json:
+        print(json.dumps(runs, indent=2, sort_keys=True))
         return 0
-    folder = cifar.prepare(Path(args.root or "data/cifar10"), url=source["url"], md5=source["md5"])
-    print(f"CIFAR-10 ready in {folder}")
+    for run in runs:
+        tables = ",".join(sorted({f"{c['table']}:{c['row']}:{c['column']}" for c in run["cells"]})) or "(teacher)"
+        print("\t".join([run["id"], tables, run["student"], run["teacher"] or "-", run["method_name"],
+                         str(run["seed"]), run["out_dir"]]))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from at import grid, provenance, report
+
+    params = params_mod.load(args.params)
+    grid.validate(params)
+    profile = grid.profile_name(params, args.profile)
+    runs = grid.runs(params, profile)
+    context = {"profile": profile, "description": provenance.describe(params, profile, runs),
+               "not_run": grid.not_run(params, profile)}
+    written = report.render(runs, grid.report_dir(profile), context)
+    print(f"report: {len(written)} files in {grid.report_dir(profile)}")
+    return 0
+
+
+def cmd_dvc(args) -> int:
+    from at import dvc_pipeline, grid
+
+    params = params_mod.load(args.params)
+    grid.validate(params)
+    profile = grid.profile_name(params, args.profile)
+    text = dvc_pipeline.render(params, profile)
+    target = Path(args.output)
+    if args.check:
+        if not target.is_file() or target.read_text() != text:
+            print(f"error: {target} is not what params.yaml defines for profile {profile}: "
+                  f"regenerate it with `python -m at dvc --profile {profile}`", file=sys.stderr)
+            return 1
+        return 0
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(target)
+    print(f"wrote {target} for profile {profile}")
     return 0
 
 
@@ -127,6 +185,21 @@ def main(argv=None) -> int:
     how.add_argument("--threads", type=int, help="torch CPU threads")
     how.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("runs", help="list the runs of the grid (what Snakemake and DVC run)")
+    p.add_argument("--profile", help="grid profile (default: params.yaml's default_profile)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("report", help="render the paper's tables and figures into results/<profile>")
+    p.add_argument("--profile", help="grid profile (default: params.yaml's default_profile)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("dvc", help="write dvc.yaml for a profile (the same DAG as the Snakefile)")
+    p.add_argument("--profile", help="grid profile (default: params.yaml's default_profile)")
+    p.add_argument("--output", default="dvc.yaml")
+    p.add_argument("--check", action="store_true", help="fail if the file differs from what params.yaml defines")
+    p.set_defaults(func=cmd_dvc)
 
     p = sub.add_parser("tracking-init", help="create the MLflow store and experiment before a fan-out")
     p.set_defaults(func=cmd_tracking_init)
