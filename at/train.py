@@ -233,13 +233,16 @@ def train(spec: dict, options: Options | None = None) -> dict:
     state = {"epoch": 0, "step": 0, "history": [], "elapsed_s": 0.0, "mlflow_run_id": None,
              "partial": None, "perm": None}
     optimizer = _optimizer(trainable, protocol, learning_rate(protocol, 0))
-    if resume_path.exists():
-        saved = checkpoint.load(resume_path)
-        if saved["spec"] != spec:
-            differing = sorted(k for k in set(saved["spec"]) | set(spec) if saved["spec"].get(k) != spec.get(k))
-            raise checkpoint.CheckpointError(
-                f"{resume_path} belongs to a different run spec (differs in {differing}); "
-                f"remove {out} or give the run another out_dir")
+    saved = checkpoint.load(resume_path) if resume_path.exists() else None
+    if saved is not None and saved["spec"] != spec:
+        # params.yaml changed since this state was saved: it computes another run, so resuming
+        # from it would mix two experiments. Start afresh (the pipeline re-runs changed specs).
+        differing = sorted(k for k in set(saved["spec"]) | set(spec) if saved["spec"].get(k) != spec.get(k))
+        print(f"[{spec['id']}] warning: discarding {resume_path}: it was saved for a different spec "
+              f"(differs in {differing}); starting from epoch 1", flush=True)
+        resume_path.unlink()
+        saved = None
+    if saved is not None:
         student.load_state_dict(saved["model"])
         objective.load_state_dict(saved["objective"])
         optimizer.load_state_dict(saved["optimizer"])

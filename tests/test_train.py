@@ -187,3 +187,18 @@ def test_checkpoint_save_is_atomic_and_round_trips(tmp_path):
     checkpoint.save({"spec": {"id": "x"}, "model": {"w": torch.arange(3.0)}}, path)
     assert checkpoint.load(path)["model"]["w"].tolist() == [0.0, 1.0, 2.0]
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"], "no temporary file may stay behind"
+
+
+def test_resume_state_of_a_changed_spec_is_discarded_not_mixed(tmp_path, cifar_mini_dir):
+    env = _env(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    out = tmp_path / "run"
+    first = _train_cmd(out, cifar_mini_dir, "--student", "wrn-10-1", "--epochs", "2")
+    subprocess.run(first, env=env, cwd=tmp_path, check=True, capture_output=True)
+    # leave a resume state behind as a killed run would, then change the spec (the lr)
+    final = checkpoint.load(out / "checkpoint.pt")
+    stale = dict(final, spec={**final["spec"], "protocol": {**final["spec"]["protocol"], "lr": 0.5}})
+    checkpoint.save(stale, out / "last.pt")
+    result = subprocess.run(first, env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "discarding" in result.stdout and "protocol" in result.stdout
+    assert "epoch 1/2" in result.stdout, "the run must start from epoch 1, not resume the stale state"
