@@ -303,26 +303,18 @@ def train(spec: dict, options: Options | None = None) -> dict:
                 for step in range(start_step, steps_per_epoch):
                     tick = time.perf_counter()
                     idx = perm[step * batch_size:(step + 1) * batch_size]
-                    x, y = data.train_batch(idx, generator)
-                    if use_channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with autocast:
-                        result = objective(x, y, progress)
-                    optimizer.zero_grad(set_to_none=True)
-                    result.loss.backward()
-                    optimizer.step()
-                    loss = result.loss.item()
+                    loss, correct, terms = training_step(objective, optimizer, data, idx, generator, progress,
+                                                         autocast, use_channels_last)
                     if not math.isfinite(loss):
-                        terms = {k: float(v) for k, v in result.terms.items()}
                         raise TrainingDiverged(
                             f"run {spec['id']}: loss became {loss} at epoch {epoch + 1}, step {step + 1} "
                             f"(terms {terms}, lr {lr}); stopping instead of training on")
-                    n = len(y)
+                    n = len(idx)
                     partial["loss"] += loss * n
-                    partial["correct"] += int((result.logits.argmax(1) == y).sum())
+                    partial["correct"] += correct
                     partial["seen"] += n
-                    for k, v in result.terms.items():
-                        partial["terms"][k] = partial["terms"].get(k, 0.0) + float(v) * n
+                    for k, v in terms.items():
+                        partial["terms"][k] = partial["terms"].get(k, 0.0) + v * n
                     partial["train_s"] += time.perf_counter() - tick
                     bar.update(1)
                     if step % 10 == 0:
@@ -365,6 +357,23 @@ def train(spec: dict, options: Options | None = None) -> dict:
     return metrics
 
 
+def training_step(objective, optimizer, data: TensorData, idx: torch.Tensor, generator: torch.Generator,
+                  progress: Progress, autocast, channels_last: bool) -> tuple[float, int, dict[str, float]]:
+    """One optimisation step: batch and augmentation on the device, forward of the student (and
+    the frozen teacher), backward, SGD. Returns the loss, the count of correct predictions and
+    each weighted loss term. Reading the loss syncs the device: the caller checks it is finite."""
+    x, y = data.train_batch(idx, generator)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast:
+        result = objective(x, y, progress)
+    optimizer.zero_grad(set_to_none=True)
+    result.loss.backward()
+    optimizer.step()
+    correct = int((result.logits.argmax(1) == y).sum())
+    return result.loss.item(), correct, {k: float(v) for k, v in result.terms.items()}
+
+
 @torch.no_grad()
 def evaluate(model, data: TensorData, batch_size: int, autocast, channels_last: bool) -> float:
     """Test error in percent."""
@@ -390,7 +399,8 @@ def _finish(spec, state, student, objective, teacher, data, tracker) -> dict:
         "epochs": spec["protocol"]["epochs"],
         "best_test_error": min(r["test_error"] for r in history),
         "student_params": models.parameter_count(student),
-        "teacher_params": models.parameter_count(teacher) if teacher is not None else None,
+        # the frozen teacher has no trainable parameters: count all of them
+        "teacher_params": sum(p.numel() for p in teacher.parameters()) if teacher is not None else None,
         "wall_time_s": state["elapsed_s"],
         "profile": spec.get("profile", "custom"),
         "dataset": spec["dataset"],
