@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from at import checkpoint, models
-from at.data import augment, cifar
+from at.data import sources
 from at.method import Objective, Progress
 
 # A SLURM job that is preempted or reaches its time limit gets SIGTERM before SIGKILL. The run
@@ -106,52 +106,21 @@ class Options:
         return device, pick[self.bf16], pick[self.channels_last]
 
 
-class TensorData:
-    """A data set held as uint8 tensors on the training device, batched and augmented there."""
-
-    def __init__(self, spec: dict, device: torch.device):
-        folder = Path(spec["data_dir"])
-        source = folder / "source.json"
-        if not source.is_file():
-            raise FileNotFoundError(
-                f"data folder {folder} has no source.json: prepare it first with "
-                f"`python -m at download {spec['dataset']}`")
-        self.md5 = json.loads(source.read_text()).get("md5") or "unknown"
-        data = cifar.load(folder / "cifar-10-batches-py")
-        protocol = spec["protocol"]
-        n_train = protocol.get("train_subset") or len(data.train_y)
-        n_test = protocol.get("test_subset") or len(data.test_y)
-        # The first images of each split: the same subset for every run and seed, so runs compare.
-        self.train_x = data.train_x[:n_train].to(device)
-        self.train_y = data.train_y[:n_train].to(device)
-        self.test_x = data.test_x[:n_test].to(device)
-        self.test_y = data.test_y[:n_test].to(device)
-        mode = protocol.get("augment", "crop_flip")
-        self.crop, self.flip = mode == "crop_flip", mode in ("crop_flip", "flip")
-
-    def train_batch(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.train_x[idx]
-        if self.crop or self.flip:
-            x = augment.random_crop_flip(x, generator, pad=4, crop=self.crop, flip=self.flip)
-        return augment.normalize(x, augment.CIFAR_MEAN, augment.CIFAR_STD), self.train_y[idx]
-
-    def test_batches(self, batch_size: int):
-        for i in range(0, len(self.test_y), batch_size):
-            x = augment.normalize(self.test_x[i:i + batch_size], augment.CIFAR_MEAN, augment.CIFAR_STD)
-            yield x, self.test_y[i:i + batch_size]
-
-
 def _load_teacher(spec: dict, device: torch.device):
     if not spec.get("teacher"):
         return None
-    path = spec.get("teacher_checkpoint")
-    if not path:
-        raise ValueError(f"run {spec['id']}: teacher {spec['teacher']!r} given without teacher_checkpoint")
-    teacher, teacher_spec = checkpoint.load_model(path)
-    if teacher_spec["student"] != spec["teacher"]:
-        raise checkpoint.CheckpointError(
-            f"teacher checkpoint {path} holds a {teacher_spec['student']!r}, but run {spec['id']} "
-            f"expects teacher {spec['teacher']!r}")
+    if spec.get("teacher_weights"):
+        # a pretrained model used as it is (the ImageNet table's ResNet-34): no teacher run
+        teacher = models.build(spec["teacher"], num_classes=spec.get("num_classes", 10), weights=spec["teacher_weights"])
+    else:
+        path = spec.get("teacher_checkpoint")
+        if not path:
+            raise ValueError(f"run {spec['id']}: teacher {spec['teacher']!r} given without teacher_checkpoint")
+        teacher, teacher_spec = checkpoint.load_model(path)
+        if teacher_spec["student"] != spec["teacher"]:
+            raise checkpoint.CheckpointError(
+                f"teacher checkpoint {path} holds a {teacher_spec['student']!r}, but run {spec['id']} "
+                f"expects teacher {spec['teacher']!r}")
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -218,10 +187,11 @@ def train(spec: dict, options: Options | None = None) -> dict:
     resume_path = out / "last.pt"
 
     torch.manual_seed(spec["seed"])
-    data = TensorData(spec, device)
-    student = models.build(spec["student"], num_classes=spec.get("num_classes", 10)).to(device)
+    data = sources.load(spec, device)
+    student = models.build(spec["student"], num_classes=spec.get("num_classes", 10),
+                           weights=spec.get("weights")).to(device)
     teacher = _load_teacher(spec, device)
-    objective = Objective(spec["method"], student, teacher, input_shape=tuple(data.train_x.shape[1:])).to(device)
+    objective = Objective(spec["method"], student, teacher, input_shape=data.input_shape).to(device)
     if use_channels_last:
         student.to(memory_format=torch.channels_last)
         if teacher is not None:
@@ -277,7 +247,7 @@ def train(spec: dict, options: Options | None = None) -> dict:
         }, resume_path)
 
     epochs, batch_size = protocol["epochs"], protocol["batch_size"]
-    n_train = len(data.train_y)
+    n_train = data.n_train
     steps_per_epoch = math.ceil(n_train / batch_size)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     try:
@@ -300,22 +270,24 @@ def train(spec: dict, options: Options | None = None) -> dict:
                 bar = tqdm(total=steps_per_epoch, initial=start_step, disable=not options.progress,
                            desc=f"{spec['id']} epoch {epoch + 1}/{epochs}", unit="batch",
                            dynamic_ncols=True, mininterval=1.0, leave=False)
-                for step in range(start_step, steps_per_epoch):
-                    tick = time.perf_counter()
-                    idx = perm[step * batch_size:(step + 1) * batch_size]
-                    loss, correct, terms = training_step(objective, optimizer, data, idx, generator, progress,
+                batches = data.train_batches(perm, start_step, batch_size, generator)
+                tick = time.perf_counter()
+                for step, (x, y) in enumerate(batches, start=start_step):
+                    loss, correct, terms = training_step(objective, optimizer, x, y, progress,
                                                          autocast, use_channels_last)
                     if not math.isfinite(loss):
                         raise TrainingDiverged(
                             f"run {spec['id']}: loss became {loss} at epoch {epoch + 1}, step {step + 1} "
                             f"(terms {terms}, lr {lr}); stopping instead of training on")
-                    n = len(idx)
+                    n = len(y)
                     partial["loss"] += loss * n
                     partial["correct"] += correct
                     partial["seen"] += n
                     for k, v in terms.items():
                         partial["terms"][k] = partial["terms"].get(k, 0.0) + v * n
-                    partial["train_s"] += time.perf_counter() - tick
+                    now = time.perf_counter()
+                    partial["train_s"] += now - tick   # batch preparation included
+                    tick = now
                     bar.update(1)
                     if step % 10 == 0:
                         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
@@ -325,12 +297,14 @@ def train(spec: dict, options: Options | None = None) -> dict:
                 bar.close()
 
                 eval_tick = time.perf_counter()
-                test_error = evaluate(student, data, protocol.get("eval_batch_size", 512), autocast, use_channels_last)
+                test_error, test_error_top5 = evaluate(student, data, protocol.get("eval_batch_size", 512),
+                                                       autocast, use_channels_last)
                 row = {"epoch": epoch + 1, "lr": lr, "train_loss": partial["loss"] / partial["seen"]}
                 row.update({f"loss_{k}": v / partial["seen"] for k, v in sorted(partial["terms"].items())})
                 row.update({
                     "train_error": 100.0 * (1 - partial["correct"] / partial["seen"]),
                     "test_error": test_error,
+                    "test_error_top5": test_error_top5,
                     "images_per_s": partial["seen"] / max(partial["train_s"], 1e-9),
                     "epoch_time_s": partial["train_s"] + time.perf_counter() - eval_tick,
                 })
@@ -357,12 +331,11 @@ def train(spec: dict, options: Options | None = None) -> dict:
     return metrics
 
 
-def training_step(objective, optimizer, data: TensorData, idx: torch.Tensor, generator: torch.Generator,
-                  progress: Progress, autocast, channels_last: bool) -> tuple[float, int, dict[str, float]]:
-    """One optimisation step: batch and augmentation on the device, forward of the student (and
-    the frozen teacher), backward, SGD. Returns the loss, the count of correct predictions and
-    each weighted loss term. Reading the loss syncs the device: the caller checks it is finite."""
-    x, y = data.train_batch(idx, generator)
+def training_step(objective, optimizer, x: torch.Tensor, y: torch.Tensor, progress: Progress, autocast,
+                  channels_last: bool) -> tuple[float, int, dict[str, float]]:
+    """One optimisation step on a prepared batch: forward of the student (and the frozen
+    teacher), backward, SGD. Returns the loss, the count of correct predictions and each
+    weighted loss term. Reading the loss syncs the device: the caller checks it is finite."""
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast:
@@ -375,18 +348,20 @@ def training_step(objective, optimizer, data: TensorData, idx: torch.Tensor, gen
 
 
 @torch.no_grad()
-def evaluate(model, data: TensorData, batch_size: int, autocast, channels_last: bool) -> float:
-    """Test error in percent."""
+def evaluate(model, data, batch_size: int, autocast, channels_last: bool) -> tuple[float, float]:
+    """Top-1 and top-5 test error in percent."""
     model.eval()
-    wrong = 0
+    wrong1 = wrong5 = 0
     for x, y in data.test_batches(batch_size):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
             logits, _ = model(x)
-        wrong += int((logits.argmax(1) != y).sum())
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        wrong1 += int((top[:, 0] != y).sum())
+        wrong5 += int((top != y[:, None]).all(dim=1).sum())
     model.train()
-    return 100.0 * wrong / len(data.test_y)
+    return 100.0 * wrong1 / data.n_test, 100.0 * wrong5 / data.n_test
 
 
 def _finish(spec, state, student, objective, teacher, data, tracker) -> dict:
@@ -395,6 +370,7 @@ def _finish(spec, state, student, objective, teacher, data, tracker) -> dict:
     metrics = {
         "run_id": spec["id"],
         "final_test_error": history[-1]["test_error"],
+        "final_test_error_top5": history[-1]["test_error_top5"],
         "final_epoch": history[-1]["epoch"],
         "epochs": spec["protocol"]["epochs"],
         "best_test_error": min(r["test_error"] for r in history),
@@ -405,8 +381,8 @@ def _finish(spec, state, student, objective, teacher, data, tracker) -> dict:
         "profile": spec.get("profile", "custom"),
         "dataset": spec["dataset"],
         "data_md5": data.md5,
-        "train_size": len(data.train_y),
-        "test_size": len(data.test_y),
+        "train_size": data.n_train,
+        "test_size": data.n_test,
     }
     checkpoint.save({"spec": spec, "epoch": history[-1]["epoch"], "model": student.state_dict(),
                      "objective": objective.state_dict(), "history": history,

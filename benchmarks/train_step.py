@@ -47,7 +47,8 @@ from tqdm import tqdm  # noqa: E402
 from at import models  # noqa: E402
 from at import params as at_params  # noqa: E402
 from at.method import Objective, Progress, requires_teacher  # noqa: E402
-from at.train import Options, TensorData, _optimizer, training_step  # noqa: E402
+from at.data.sources import TensorData  # noqa: E402
+from at.train import Options, _optimizer, training_step  # noqa: E402
 
 REPORT_FORMAT = "at-benchmark-train-step"
 REPORT_VERSION = 1
@@ -230,7 +231,8 @@ def run_case(config: dict) -> dict:
 
     def step(idx: torch.Tensor) -> float:
         """at.train.train's step, bookkeeping included."""
-        loss, _, _ = training_step(objective, optimizer, data, idx, generator, progress, autocast, use_channels_last)
+        x, y = data.train_batch(idx, generator)
+        loss, _, _ = training_step(objective, optimizer, x, y, progress, autocast, use_channels_last)
         if not math.isfinite(loss):
             raise RuntimeError(f"case {config['case']}: the loss became {loss}; the benchmark's step diverged")
         return loss

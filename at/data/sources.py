@@ -1,0 +1,139 @@
+"""Training data as the loop sees it: batches of normalised images for a given sample order.
+
+Two kinds behind one interface:
+
+- :class:`TensorData`: CIFAR-10, held whole as uint8 tensors on the training device and
+  augmented there batch by batch (no per-image Python work). Every random draw comes from the
+  run's generator, so a resumed run repeats an uninterrupted one exactly.
+- :class:`FolderData`: image folders (CUB-200-2011, MIT Indoor-67, ImageNet), decoded with PIL
+  in DataLoader workers with ImageNet-style augmentation. Workers draw from a seed taken from
+  the run's generator each epoch; a run resumed mid-epoch continues with the remaining samples
+  of the saved order (exactly reproducible only for TensorData).
+
+``train_batches(perm, start_step, batch_size, generator)`` yields the batches of one epoch in
+the order ``perm``, from ``start_step`` on; ``test_batches(batch_size)`` the test set in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from at.data import augment, cifar, folders
+
+
+def _source_md5(folder: Path, dataset: str) -> str:
+    source = folder / "source.json"
+    if not source.is_file():
+        raise FileNotFoundError(
+            f"data folder {folder} has no source.json: prepare it first with `python -m at download {dataset}`")
+    return json.loads(source.read_text()).get("md5") or "unknown"
+
+
+class TensorData:
+    """A data set held as uint8 tensors on the training device, batched and augmented there."""
+
+    def __init__(self, spec: dict, device: torch.device):
+        folder = Path(spec["data_dir"])
+        self.md5 = _source_md5(folder, spec["dataset"])
+        data = cifar.load(folder / "cifar-10-batches-py")
+        protocol = spec["protocol"]
+        n_train = protocol.get("train_subset") or len(data.train_y)
+        n_test = protocol.get("test_subset") or len(data.test_y)
+        # The first images of each split: the same subset for every run and seed, so runs compare.
+        self.train_x = data.train_x[:n_train].to(device)
+        self.train_y = data.train_y[:n_train].to(device)
+        self.test_x = data.test_x[:n_test].to(device)
+        self.test_y = data.test_y[:n_test].to(device)
+        mode = protocol.get("augment", "crop_flip")
+        self.crop, self.flip = mode == "crop_flip", mode in ("crop_flip", "flip")
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_y)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.test_y)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    def train_batch(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.train_x[idx]
+        if self.crop or self.flip:
+            x = augment.random_crop_flip(x, generator, pad=4, crop=self.crop, flip=self.flip)
+        return augment.normalize(x, augment.CIFAR_MEAN, augment.CIFAR_STD), self.train_y[idx]
+
+    def train_batches(self, perm: torch.Tensor, start_step: int, batch_size: int, generator: torch.Generator):
+        for start in range(start_step * batch_size, len(perm), batch_size):
+            yield self.train_batch(perm[start:start + batch_size], generator)
+
+    def test_batches(self, batch_size: int):
+        for i in range(0, self.n_test, batch_size):
+            x = augment.normalize(self.test_x[i:i + batch_size], augment.CIFAR_MEAN, augment.CIFAR_STD)
+            yield x, self.test_y[i:i + batch_size]
+
+
+# data set -> (loader, the folder it reads inside the run's data folder)
+LOADERS = {"cub": (folders.load_cub, "CUB_200_2011"), "scenes": (folders.load_indoor, "."),
+           "imagenet": (folders.load_imagenet, ".")}
+IMAGE_SIZE = 224
+
+
+class FolderData:
+    """Image-folder data sets, decoded and augmented by DataLoader workers."""
+
+    def __init__(self, spec: dict, device: torch.device, workers: int | None = None):
+        if spec["dataset"] not in LOADERS:
+            raise ValueError(f"data set {spec['dataset']!r} is not an image-folder data set; known: {sorted(LOADERS)}")
+        folder = Path(spec["data_dir"])
+        self.md5 = _source_md5(folder, spec["dataset"]) if spec["dataset"] != "imagenet" else "user-folder"
+        loader, inner = LOADERS[spec["dataset"]]
+        splits = loader(folder / inner)
+        protocol = spec["protocol"]
+        train = splits.train[:protocol.get("train_subset") or len(splits.train)]
+        test = splits.test[:protocol.get("test_subset") or len(splits.test)]
+        self.train_set = folders.ImageDataset.for_split(train, train=True, size=IMAGE_SIZE)
+        self.test_set = folders.ImageDataset.for_split(test, train=False, size=IMAGE_SIZE)
+        self.device = device
+        self.workers = workers if workers is not None else min(8, len(os.sched_getaffinity(0)))
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_set)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.test_set)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (3, IMAGE_SIZE, IMAGE_SIZE)
+
+    def _loader(self, dataset, order, batch_size: int, seed: int | None):
+        loader_generator = torch.Generator()
+        loader_generator.manual_seed(seed or 0)
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=order, num_workers=self.workers,
+            generator=loader_generator, pin_memory=self.device.type == "cuda",
+            persistent_workers=False)
+
+    def train_batches(self, perm: torch.Tensor, start_step: int, batch_size: int, generator: torch.Generator):
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        order = perm[start_step * batch_size:].cpu().tolist()
+        for x, y in self._loader(self.train_set, order, batch_size, seed):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def test_batches(self, batch_size: int):
+        for x, y in self._loader(self.test_set, list(range(self.n_test)), batch_size, None):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def load(spec: dict, device: torch.device):
+    """The training data of a run spec."""
+    return TensorData(spec, device) if spec["dataset"] == "cifar10" else FolderData(spec, device)
