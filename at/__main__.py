@@ -113,7 +113,10 @@ def cmd_report(args) -> int:
     runs = grid.runs(params, profile)
     context = {"profile": profile, "description": provenance.describe(params, profile, runs),
                "not_run": grid.not_run(params, profile)}
-    written = report.render(runs, grid.report_dir(profile), context)
+    # at.report takes cells as {table, row, column} only (it knows each cell's metric itself)
+    cells_only = [{**run, "cells": [{k: c[k] for k in ("table", "row", "column")} for c in run["cells"]]}
+                  for run in runs]
+    written = report.render(cells_only, grid.report_dir(profile), context)
     print(f"report: {len(written)} files in {grid.report_dir(profile)}")
     return 0
 

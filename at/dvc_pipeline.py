@@ -2,7 +2,11 @@
 
 dvc.yaml cannot run Python to expand a grid, so it is generated from params.yaml by
 ``python -m at dvc`` and committed; a test fails when the committed file is stale. Data and
-checkpoints are cached outs, final metrics are DVC metrics, per-epoch histories DVC plots.
+checkpoints are cached outs, final metrics are DVC metrics, per-epoch histories DVC plots (both
+cached too, see `stages`); the report folder is an uncached out, for git.
+
+After a Snakemake run, ``dvc commit -f`` records what it produced (``-f``: a stage DVC never ran
+has no lock entry, and plain ``dvc commit`` refuses to commit it without asking).
 """
 
 from __future__ import annotations
@@ -34,13 +38,34 @@ def report_command(profile: str) -> str:
     return f"python -m at report --profile {profile}"
 
 
+def download_params(params: dict, dataset: str) -> list[str]:
+    # where the data comes from, not what the training reads of it (num_classes): a change of
+    # num_classes re-runs the trainings, not the download
+    source = (params.get("data") or {}).get(dataset) or {}
+    return [f"data.{dataset}.{key}" for key in source if key != "num_classes"]
+
+
+def train_params(params: dict, run: dict) -> list[str]:
+    """The keys of params.yaml that a run's spec is made of: a change re-runs exactly its stage.
+
+    Only these, not the whole profile: changing a profile's tables, resources or not_run
+    reasons must not re-run trainings whose spec did not change. Everything else in the spec
+    (models, weights, seed, teacher) is spelled in the run id, so in the stage name.
+    """
+    keys = [f"methods.{run['method_name']}", f"protocols.{run['protocol_name']}",
+            f"data.{run['dataset']}.num_classes"]
+    if "protocol" in (params["profiles"][run["profile"]] or {}):
+        keys.append(f"profiles.{run['profile']}.protocol")
+    return keys
+
+
 def stages(params: dict, profile: str) -> dict:
     runs = grid.runs(params, profile)
     result: dict = {}
     for dataset in grid.datasets(params, profile):
         result[f"download-{dataset}"] = {
             "cmd": download_command(dataset),
-            "params": [f"data.{dataset}"],
+            "params": download_params(params, dataset),
             "outs": [grid.data_dir(dataset)],
         }
     for run in runs:
@@ -52,16 +77,20 @@ def stages(params: dict, profile: str) -> dict:
         result[stage_name(run["id"])] = {
             "cmd": train_command(run),
             "deps": deps,
-            # the parts of params.yaml the run's spec is made of: a change re-runs exactly it
-            "params": [f"methods.{run['method_name']}", f"protocols.{run['protocol_name']}",
-                       f"profiles.{profile}"],
+            "params": train_params(params, run),
+            # All three are cached, so that `dvc push` / `dvc pull` carry a run's whole result:
+            # runs/ is git-ignored, so an uncached metrics.json or history.csv would be in
+            # neither git nor the remote, and a fresh clone would have to re-train everything.
             "outs": [out["checkpoint"]],
-            "metrics": [{out["metrics"]: {"cache": False}}],
-            "plots": [{out["history"]: {"cache": False, "x": "epoch", "y": "test_error"}}],
+            "metrics": [out["metrics"]],
+            "plots": [{out["history"]: {"x": "epoch", "y": "test_error"}}],
         }
     result[f"report-{profile}"] = {
         "cmd": report_command(profile),
-        "deps": sorted([grid.outputs(r)["metrics"] for r in runs] + [grid.outputs(r)["checkpoint"] for r in runs]),
+        "deps": grid.report_inputs(params, profile),
+        # which cells a run fills, the not-run reasons and the description come from these
+        "params": ["tables", f"profiles.{profile}"],
+        # the report is small, text and figures: tracked by git, not by the DVC cache
         "outs": [{grid.report_dir(profile): {"cache": False}}],
     }
     return result

@@ -33,10 +33,17 @@ def _fail(key: str, problem: str, allowed=None) -> ParamsError:
 
 
 def profile_name(params: dict, profile: str | None) -> str:
-    name = profile or params.get("default_profile", "paper")
+    """The profile to use: the one asked for, else params.yaml's default_profile."""
     profiles = params.get("profiles") or {}
+    if profile:
+        if profile not in profiles:
+            # asked for on the command line (--profile, or --config profile=... for Snakemake)
+            raise ParamsError(f"profile {profile!r} is not defined in params.yaml (key profiles); "
+                              f"allowed: {', '.join(sorted(profiles))}")
+        return profile
+    name = params.get("default_profile", "paper")
     if name not in profiles:
-        raise _fail("profiles", f"unknown profile {name!r}", profiles)
+        raise _fail("default_profile", f"unknown profile {name!r}", profiles)
     return name
 
 
@@ -76,7 +83,10 @@ def validate(params: dict) -> None:
         except ValueError as e:
             raise ParamsError(f"params.yaml: {e}") from e
     for name in methods:
-        resolve_method(params, name)
+        try:
+            resolve_method(params, name)
+        except ParamsError as e:
+            raise ParamsError(f"params.yaml: {e}") from e
     _check_resources("resources.train", (params.get("resources") or {}).get("train", {}))
     profile_name(params, None)
     for name, profile in profiles.items():
@@ -229,9 +239,14 @@ def runs(params: dict, profile: str | None = None) -> list[dict]:
                         "method": "baseline", "metric": "top1"}
         key = (run["dataset"], run["protocol_name"], run["teacher"], run["weights"])
         if key not in trained_anywhere:
-            raise _fail("tables", f"run {run['id']}: its teacher {run['teacher']!r} ({run['dataset']}, protocol "
-                        f"{run['protocol_name']}, baseline) is not trained by any cell of the grid; add a cell "
-                        f"with `train: teacher` for it")
+            cell = run["cells"][0]
+            trained = sorted(m for d, p, m, w in trained_anywhere
+                             if (d, p, w) == (run["dataset"], run["protocol_name"], run["weights"]))
+            raise _fail(f"tables.{cell['table']} cell ({cell['row']}, {cell['column']}).teacher",
+                        f"teacher {run['teacher']!r} of run {run['id']} is not trained by any cell of the "
+                        f"grid (as a baseline on {run['dataset']} with protocol {run['protocol_name']}); "
+                        f"add a cell with `train: teacher` for it, or pick a trained one",
+                        trained or ["(none trained for this data set and protocol)"])
         run["teacher_run"] = add(teacher_cell, run["seed"], None, None, None)["id"]
     for run in found.values():
         run["cells"].sort(key=lambda c: (c["table"], c["row"], c["column"]))
@@ -297,6 +312,16 @@ def outputs(run: dict) -> dict[str, str]:
     out = Path(run["out_dir"])
     return {"checkpoint": str(out / "checkpoint.pt"), "metrics": str(out / "metrics.json"),
             "history": str(out / "history.csv")}
+
+
+def report_inputs(params: dict, profile: str) -> list[str]:
+    """What `python -m at report` reads: every run's files and the data (provenance, attention maps).
+
+    The Snakefile's report rule and dvc.yaml's report stage both take their inputs from here.
+    """
+    selected = runs(params, profile)
+    files = [path for run in selected for path in outputs(run).values()]
+    return sorted(files) + [data_dir(d) for d in sorted({r["dataset"] for r in selected})]
 
 
 def datasets(params: dict, profile: str | None = None) -> list[str]:

@@ -1,0 +1,255 @@
+"""params.yaml -> runs: the schema's errors, stable ids, shared runs, teachers, the CLI listing.
+
+Every bad-input test mutates a copy of the real params.yaml in one place, so it fails for the
+reason it names (the unmutated file is checked to be valid, too).
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from at import grid
+from at import params as params_io
+from at.params import ParamsError
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "at"]
+
+
+@pytest.fixture(scope="module")
+def real_params() -> dict:
+    return params_io.load(REPO / "params.yaml")
+
+
+@pytest.fixture
+def params(real_params) -> dict:
+    return copy.deepcopy(real_params)
+
+
+def _error(params: dict) -> str:
+    with pytest.raises(ParamsError) as info:
+        grid.validate(params)
+    return str(info.value)
+
+
+def _assert_names(message: str, *fragments: str) -> None:
+    missing = [f for f in fragments if f not in message]
+    assert not missing, f"error message lacks {missing}: {message}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Schema: one clear error naming the key and the allowed values
+
+
+def test_the_real_params_yaml_is_valid(params):
+    grid.validate(params)  # the mutations below are the only reason their tests fail
+
+
+def test_unknown_student_model_names_the_cell_and_the_allowed_models(params):
+    params["tables"]["table1"]["rows"]["wrn-16-1_from_wrn-16-2"]["student"] = "wrn-15-1"  # 15 != 6n+4
+    _assert_names(_error(params), "tables.table1 cell (wrn-16-1_from_wrn-16-2, student).student",
+                  "'wrn-15-1'", "allowed:", "wrn-D-K", "nin-thin", "resnet18")
+
+
+def test_unknown_teacher_model_is_refused(params):
+    params["tables"]["table2"]["columns"]["error"]["teacher"] = "vgg-16"
+    _assert_names(_error(params), "tables.table2 cell", ".teacher", "'vgg-16'", "allowed:", "wrn-D-K")
+
+
+def test_unknown_method_in_a_cell_names_the_defined_methods(params):
+    params["tables"]["table2"]["rows"]["sum-p1"]["method"] = "at-sum-p3"
+    _assert_names(_error(params), "tables.table2 cell (sum-p1, error).method", "'at-sum-p3'",
+                  "allowed:", "at-sum-p2", "baseline", "kd")
+
+
+def test_unknown_mapping_names_the_method_and_the_mappings(params):
+    params["methods"]["at-sum-p1"]["terms"][1]["mapping"] = "mean"
+    _assert_names(_error(params), "methods.at-sum-p1", "'mean'", "sum", "max")
+
+
+def test_unknown_default_profile_names_the_key_and_the_profiles(params):
+    params["default_profile"] = "fast"
+    _assert_names(_error(params), "default_profile", "'fast'", "allowed: ci, paper, smoke")
+
+
+def test_unknown_profile_asked_for_names_the_profiles(params):
+    with pytest.raises(ParamsError) as info:
+        grid.runs(params, "fast")
+    _assert_names(str(info.value), "'fast'", "profiles", "ci, paper, smoke")
+
+
+def test_unknown_table_in_a_profile_is_refused(params):
+    params["profiles"]["smoke"]["tables"].append("table9")
+    _assert_names(_error(params), "profiles.smoke.tables", "'table9'", "allowed:", "table1", "table3")
+
+
+def test_student_whose_teacher_is_not_trained_by_the_grid_is_refused(params):
+    # drop the only cell that trains NIN-wide: row 1's AT/KD students lose their teacher
+    del params["tables"]["table1"]["columns"]["teacher"]
+    del params["tables"]["table1"]["rows"]["wrn-16-2_from_wrn-40-2"]  # WRN-16-2 is then untrained too
+    message = _error(params)
+    _assert_names(message, "tables.table1 cell (nin-thin_from_nin-wide, ", ".teacher", "'nin-wide'",
+                  "train: teacher", "allowed: nin-thin, wrn-16-1")
+
+
+@pytest.mark.parametrize("epochs", [0, -3])
+def test_non_positive_epochs_in_a_protocol_are_refused(params, epochs):
+    params["protocols"]["cifar"]["epochs"] = epochs
+    _assert_names(_error(params), "protocols.cifar.epochs", "positive integer", repr(epochs))
+
+
+def test_non_positive_epochs_in_a_profile_override_are_refused(params):
+    params["profiles"]["smoke"]["protocol"]["epochs"] = 0
+    _assert_names(_error(params), "profiles.smoke.protocol", "epochs", "positive integer")
+
+
+def test_cli_refuses_bad_params_before_listing_anything(params, tmp_path):
+    params["tables"]["table2"]["rows"]["sum-p1"]["method"] = "at-sum-p3"
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    done = subprocess.run(CLI + ["--params", str(bad), "runs", "--profile", "ci"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    assert "Traceback" not in done.stderr
+    _assert_names(done.stderr, "tables.table2 cell (sum-p1, error).method", "'at-sum-p3'", "allowed:")
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs: stable ids, shared runs, teachers
+
+
+def test_run_ids_and_folders_read_as_documented(params):
+    by_id = {r["id"]: r for r in grid.runs(params, "paper")}
+    run = by_id["cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed0"]
+    assert run["out_dir"] == "runs/paper/cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed0"
+    assert (run["student"], run["teacher"], run["method_name"], run["seed"]) == ("wrn-16-1", "wrn-16-2", "at-sum-p2", 0)
+    assert grid.outputs(run) == {
+        "checkpoint": "runs/paper/cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed0/checkpoint.pt",
+        "metrics": "runs/paper/cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed0/metrics.json",
+        "history": "runs/paper/cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed0/history.csv",
+    }
+    # Table 3's protocol differs from CIFAR's usual one: it is part of the id
+    assert "cifar10-cifar_flip/nin-thin-nobn_from_nin-wide-nobn/grad-at/seed2" in by_id
+    # Table 4 fine-tunes ImageNet-pretrained models
+    assert "cub/resnet18-pretrained_from_resnet34-pretrained/at-sum-p2/seed1" in by_id
+
+
+def _reversed_order(params: dict) -> dict:
+    """The same experiment with every table, row and column listed in the opposite order."""
+    out = copy.deepcopy(params)
+    out["tables"] = {name: dict(spec) for name, spec in reversed(list(out["tables"].items()))}
+    for spec in out["tables"].values():
+        for part in ("rows", "columns"):
+            spec[part] = dict(reversed(list(spec[part].items())))
+    return out
+
+
+@pytest.mark.parametrize("profile", ["paper", "smoke", "ci"])
+def test_runs_are_a_pure_function_of_the_params_not_of_their_order(params, profile):
+    first = grid.runs(params, profile)
+    assert grid.runs(copy.deepcopy(params), profile) == first
+    assert grid.runs(_reversed_order(params), profile) == first
+    assert [r["id"] for r in first] == sorted({r["id"] for r in first})  # sorted, each once
+
+
+def _run_of_cell(runs: list[dict], table: str, row: str, column: str, seed: int) -> str:
+    found = [r["id"] for r in runs for c in r["cells"]
+             if (c["table"], c["row"], c["column"]) == (table, row, column) and r["seed"] == seed]
+    assert len(found) == 1, f"cell ({table}, {row}, {column}) seed {seed} is filled by {found}"
+    return found[0]
+
+
+def test_shared_cells_are_one_run(params):
+    runs = grid.runs(params, "paper")
+    for seed in params["seeds"]:
+        # Table 1 row 2's AT cell is Table 2's F_sum^2 cell
+        at_cell = _run_of_cell(runs, "table1", "wrn-16-1_from_wrn-16-2", "at", seed)
+        assert at_cell == _run_of_cell(runs, "table2", "sum-p2", "error", seed)
+        assert at_cell == f"cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed{seed}"
+        # the WRN-16-2 baseline is the teacher of row 2 and the student of row 4
+        wrn_16_2 = _run_of_cell(runs, "table1", "wrn-16-1_from_wrn-16-2", "teacher", seed)
+        assert wrn_16_2 == _run_of_cell(runs, "table1", "wrn-16-2_from_wrn-40-2", "student", seed)
+        assert wrn_16_2 == f"cifar10/wrn-16-2/baseline/seed{seed}"
+        # the WRN-16-1 baseline: rows 2 and 3 of Table 1, row "none" of Table 2
+        alone = _run_of_cell(runs, "table1", "wrn-16-1_from_wrn-16-2", "student", seed)
+        assert alone == _run_of_cell(runs, "table1", "wrn-16-1_from_wrn-40-1", "student", seed)
+        assert alone == _run_of_cell(runs, "table2", "none", "error", seed)
+
+
+def test_paper_grid_has_the_hand_counted_number_of_runs(params):
+    # Per seed: Table 1 has 24 cells but 22 runs (the WRN-16-1 baseline fills rows 2 and 3, the
+    # WRN-16-2 baseline is row 2's teacher and row 4's student); Table 2 adds 3 (p1, p4, max:
+    # its "none" and F_sum^2 cells are Table 1's); Table 3 adds its 7 rows (own protocol);
+    # Table 4 adds 4 rows x 2 data sets. ImageNet is off (no folder given). 3 seeds.
+    assert len(grid.runs(params, "paper")) == (22 + 3 + 7 + 8) * 3 == 120
+
+
+@pytest.mark.parametrize("profile", ["paper", "smoke", "ci"])
+def test_every_students_teacher_run_is_in_the_grid(params, profile):
+    runs = grid.runs(params, profile)
+    by_id = {r["id"]: r for r in runs}
+    students = [r for r in runs if r["teacher"] and not r["teacher_weights"]]
+    assert students
+    for run in students:
+        teacher = by_id.get(run["teacher_run"])
+        assert teacher is not None, f"{run['id']}: teacher run {run['teacher_run']} is not in the grid"
+        assert (teacher["student"], teacher["method_name"], teacher["teacher"]) == (run["teacher"], "baseline", None)
+        for key in ("seed", "dataset", "protocol_name", "weights", "profile"):
+            assert teacher[key] == run[key], (run["id"], key)
+        assert grid.teacher_checkpoint(params, run) == grid.outputs(teacher)["checkpoint"]
+        assert grid.run_spec(params, run)["teacher_checkpoint"] == grid.outputs(teacher)["checkpoint"]
+    for run in runs:
+        if not run["teacher"] or run["teacher_weights"]:
+            assert run["teacher_run"] is None
+
+
+def test_ci_profile_trains_its_teacher_although_table1_is_not_run(params):
+    ids = [r["id"] for r in grid.runs(params, "ci")]
+    assert ids == [
+        "cifar10/wrn-16-1/baseline/seed0",
+        "cifar10/wrn-16-1_from_wrn-16-2/at-max-p1/seed0",
+        "cifar10/wrn-16-1_from_wrn-16-2/at-sum-p1/seed0",
+        "cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed0",
+        "cifar10/wrn-16-1_from_wrn-16-2/at-sum-p4/seed0",
+        "cifar10/wrn-16-2/baseline/seed0",  # the teacher: no cell of ci, still a run
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# The CLI listing and the generated dvc.yaml
+
+
+def test_cli_lists_exactly_the_grid(params):
+    expected = grid.runs(params, "paper")
+    text = subprocess.run(CLI + ["runs", "--profile", "paper"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=True).stdout
+    lines = text.splitlines()
+    assert len(lines) == len(expected) == 120
+    assert [line.split("\t")[0] for line in lines] == [r["id"] for r in expected]
+    assert [line.split("\t")[-1] for line in lines] == [r["out_dir"] for r in expected]
+    # (`runs --json` is compared with Snakemake's and DVC's job sets in test_pipeline.py)
+
+
+def test_committed_dvc_yaml_is_what_params_yaml_defines():
+    done = subprocess.run(CLI + ["dvc", "--profile", "paper", "--check"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"dvc.yaml is stale: {done.stderr}"
+
+
+def test_dvc_check_fails_on_a_stale_file(params, tmp_path):
+    # the check must be able to fail: the committed dvc.yaml against a changed experiment
+    params["seeds"] = [0, 1, 2, 3]
+    changed = tmp_path / "params.yaml"
+    changed.write_text(yaml.safe_dump(params))
+    done = subprocess.run(CLI + ["--params", str(changed), "dvc", "--profile", "paper", "--check",
+                                 "--output", str(REPO / "dvc.yaml")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "regenerate it with `python -m at dvc --profile paper`" in done.stderr
