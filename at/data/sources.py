@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from at.data import augment, cifar, folders
+from at.data import augment, cifar
 
 
 def _source_md5(folder: Path, dataset: str) -> str:
@@ -79,9 +79,8 @@ class TensorData:
             yield x, self.test_y[i:i + batch_size]
 
 
-# data set -> (loader, the folder it reads inside the run's data folder)
-LOADERS = {"cub": (folders.load_cub, "CUB_200_2011"), "scenes": (folders.load_indoor, "."),
-           "imagenet": (folders.load_imagenet, ".")}
+# data set -> (loader in at.data.folders, the folder it reads inside the run's data folder)
+LOADERS = {"cub": ("load_cub", "CUB_200_2011"), "scenes": ("load_indoor", "."), "imagenet": ("load_imagenet", ".")}
 IMAGE_SIZE = 224
 
 
@@ -93,8 +92,10 @@ class FolderData:
             raise ValueError(f"data set {spec['dataset']!r} is not an image-folder data set; known: {sorted(LOADERS)}")
         folder = Path(spec["data_dir"])
         self.md5 = _source_md5(folder, spec["dataset"]) if spec["dataset"] != "imagenet" else "user-folder"
+        from at.data import folders  # torchvision and PIL: only for image-folder runs
+
         loader, inner = LOADERS[spec["dataset"]]
-        splits = loader(folder / inner)
+        splits = getattr(folders, loader)(folder / inner)
         protocol = spec["protocol"]
         train = splits.train[:protocol.get("train_subset") or len(splits.train)]
         test = splits.test[:protocol.get("test_subset") or len(splits.test)]

@@ -15,13 +15,13 @@ download to the torch hub cache on first use, hash checked by torchvision); when
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
-# name -> (torchvision builder, ImageNet weights enum member)
+# name -> (torchvision builder, ImageNet weights enum class); torchvision is imported only when
+# a ResNet is built: importing it costs seconds in every CIFAR job that never needs it.
 RESNETS = {
-    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
-    "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1),
+    "resnet18": ("resnet18", "ResNet18_Weights"),
+    "resnet34": ("resnet34", "ResNet34_Weights"),
 }
 WEIGHTS = (None, "imagenet")
 
@@ -42,7 +42,7 @@ _CHILDREN = (
 class TappedResNet(nn.Module):
     """``forward(x) -> (logits, [layer1, layer2, layer3, layer4])`` of a torchvision ResNet."""
 
-    def __init__(self, net: torchvision.models.ResNet):
+    def __init__(self, net: nn.Module):
         super().__init__()
         children = dict(net.named_children())
         if tuple(children) != _CHILDREN:
@@ -67,7 +67,11 @@ def build_resnet(name: str, num_classes: int = 10, weights: str | None = None) -
         raise ValueError(f"unknown ResNet {name!r}; allowed: {sorted(RESNETS)}")
     if weights not in WEIGHTS:
         raise ValueError(f"weights for {name!r} must be one of {WEIGHTS}, got {weights!r}")
-    builder, imagenet = RESNETS[name]
+    import torchvision
+
+    builder_name, enum_name = RESNETS[name]
+    builder = getattr(torchvision.models, builder_name)
+    imagenet = getattr(torchvision.models, enum_name).IMAGENET1K_V1
     if weights is None:
         net = builder(weights=None, num_classes=num_classes)
     else:
