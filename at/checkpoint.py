@@ -6,12 +6,13 @@ with ``torch.load(weights_only=True)``: nothing in it can execute code when it i
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
 
 import torch
+
+from at import atomic
 
 FORMAT = "at-checkpoint"
 VERSION = 1
@@ -29,15 +30,7 @@ def save(payload: dict, path: Path) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic.write_with(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **payload}, f))
 
 
 def load(path: Path, map_location="cpu") -> dict:

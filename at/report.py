@@ -24,15 +24,13 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from at import paper
+from at import atomic, paper
 
 # The metrics.json key that holds each cell's number; every other cell reads final_test_error.
 _METRIC_BY_CELL = {("imagenet", "top5"): "final_test_error_top5"}
@@ -758,23 +756,8 @@ def _attention_from_runs(summaries, context, description) -> tuple[object | None
 
 
 def _write_atomic(path: Path, data: bytes | str) -> Path:
-    """Write to a temp file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    """Never a half-written file: see at.atomic."""
+    return atomic.write_bytes(path, data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def _readme(summaries, results, profile, description, not_run, figures, skipped) -> str:

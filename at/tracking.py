@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from at import atomic
+
 EXPERIMENT = "attention-transfer"
 RUN_ID_TAG = "at.run_id"
 
@@ -136,9 +138,7 @@ class RunTracker:
         run = _retry(self.client.create_run, experiment_id, run_name=self.spec["id"],
                      tags={k: str(v) for k, v in all_tags.items()})
         self.run_id = run.info.run_id
-        tmp = self.id_file.with_name(self.id_file.name + ".tmp")
-        tmp.write_text(self.run_id)
-        os.replace(tmp, self.id_file)
+        atomic.write_text(self.id_file, self.run_id)
         params = _flatten("", {k: v for k, v in self.spec.items() if k != "id"}, {})
         # MLflow caps a param value at 6000 characters and a batch at 100 params
         items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]

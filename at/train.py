@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from at import checkpoint, models
+from at import atomic, checkpoint, models
 from at.data import sources
 from at.method import Objective, Progress
 
@@ -125,12 +125,6 @@ def _load_teacher(spec: dict, device: torch.device):
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _history_csv(history: list[dict]) -> str:
@@ -387,8 +381,8 @@ def _finish(spec, state, student, objective, teacher, data, tracker) -> dict:
     checkpoint.save({"spec": spec, "epoch": history[-1]["epoch"], "model": student.state_dict(),
                      "objective": objective.state_dict(), "history": history,
                      "mlflow_run_id": tracker.run_id}, out / "checkpoint.pt")
-    _write_atomic(out / "history.csv", _history_csv(history))
-    _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    atomic.write_text(out / "history.csv", _history_csv(history))
+    atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     tracker.finish({k: v for k, v in metrics.items() if k in ("final_test_error", "best_test_error",
                                                                "student_params", "wall_time_s")},
                    [out / "metrics.json", out / "history.csv"])

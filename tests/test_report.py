@@ -295,16 +295,6 @@ def test_bad_inputs_are_refused(grid, tmp_path):
     assert not out.exists()  # refused before anything was written
 
 
-def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
-    def fail(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(report.os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
-        report._write_atomic(tmp_path / "x.md", "text")
-    assert list(tmp_path.iterdir()) == []
-
-
 # ----------------------------------------------------------------------------------------------
 # Attention-map figure, with tiny models
 

@@ -29,6 +29,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
+from at import atomic
+
 __all__ = [
     "ArchiveError",
     "ChecksumError",
@@ -186,6 +188,7 @@ def fetch_and_hash(
             f"got {actual}; the file was not kept (if this is a legitimate different copy, "
             f"pass its md5 explicitly)"
         )
+    os.chmod(tmp, 0o666 & ~atomic._umask())  # mkstemp's 0600 would hide the data from a group
     os.replace(tmp, dest)
     return actual
 
@@ -428,16 +431,7 @@ def read_source_record(root: str | os.PathLike) -> dict:
 def write_source_record(root: str | os.PathLike, record: Mapping) -> Path:
     """Writes ``root/source.json`` atomically (temp file, then rename)."""
     path = Path(root) / SOURCE_RECORD
-    fd, tmp = tempfile.mkstemp(prefix=f".{SOURCE_RECORD}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(dict(record), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic.write_text(path, json.dumps(dict(record), indent=2, sort_keys=True) + "\n")
 
 
 @dataclass(frozen=True)
