@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from at import models
+from at import models, paper
 from at.method import requires_teacher
 from at.params import ParamsError, method as resolve_method
 from at.train import validate_protocol
@@ -19,10 +19,13 @@ RUNS_ROOT = "runs"
 RESULTS_ROOT = "results"
 CELL_KEYS = {"dataset", "protocol", "student", "teacher", "method", "train", "weights",
              "teacher_weights", "metric"}
-TABLE_KEYS = CELL_KEYS | {"rows", "columns", "seeds"}
+# `teachers`: models whose baseline runs the table's students learn from but which have no
+# cell of their own in the paper's table (Table 3's NIN-wide teacher).
+TABLE_KEYS = CELL_KEYS | {"rows", "columns", "seeds", "teachers"}
 PROFILE_KEYS = {"tables", "seeds", "protocol", "resources", "not_run"}
 RESOURCE_KEYS = {"gpu", "cpus_per_task", "mem_mb", "runtime"}
 WEIGHTS = (None, "imagenet")
+MODEL_FORMS = ["wrn-D-K (D = 6n+4)", "nin-thin", "nin-wide", "nin-thin-nobn", "nin-wide-nobn", "resnet18", "resnet34"]
 
 
 def _fail(key: str, problem: str, allowed=None) -> ParamsError:
@@ -112,6 +115,12 @@ def validate(params: dict) -> None:
         for row in table.get("rows") or {}:
             for column in table.get("columns") or {}:
                 _cell(params, table_name, row, column)
+        for model in table.get("teachers") or []:
+            if not models.is_known(model):
+                raise _fail(f"tables.{table_name}.teachers", f"unknown model {model!r}", MODEL_FORMS)
+            for k in ("dataset", "protocol"):
+                if k not in table:
+                    raise _fail(f"tables.{table_name}", f"`teachers` needs the table's {k}")
     for profile in profiles:
         # resolving every run also checks that each student's teacher is trained by the grid
         runs(params, profile)
@@ -121,6 +130,11 @@ def _cell(params: dict, table_name: str, row: str, column: str) -> dict:
     """The merged definition of one cell, checked: {dataset, protocol, model, teacher, ...}."""
     table = params["tables"][table_name]
     key = f"tables.{table_name} cell ({row}, {column})"
+    try:
+        # the report renders cells beside the paper's numbers: each must be a cell of the paper
+        paper.check_cell(table_name, row, column)
+    except (ValueError, KeyError) as e:
+        raise _fail(key, f"not a cell of the paper's tables ({e})") from e
     for part, where in ((table["rows"][row], f"tables.{table_name}.rows.{row}"),
                         (table["columns"][column], f"tables.{table_name}.columns.{column}")):
         _check_keys(where, part or {}, CELL_KEYS)
@@ -145,7 +159,7 @@ def _cell(params: dict, table_name: str, row: str, column: str) -> dict:
     for k in ("student", "teacher"):
         if k in cell and not models.is_known(cell[k]):
             raise _fail(f"{key}.{k}", f"unknown model {cell[k]!r}",
-                        ["wrn-D-K (D = 6n+4)", "nin-thin", "nin-wide", "nin-thin-nobn", "nin-wide-nobn", "resnet18", "resnet34"])
+                        MODEL_FORMS)
     if cell.get("train") == "teacher":
         if "teacher" not in cell:
             raise _fail(key, "train: teacher, but no teacher model is given")
@@ -261,6 +275,8 @@ def _all_trained_cells(params: dict) -> set[tuple]:
                 cell = _cell(params, table, row, column)
                 if cell["teacher"] is None and cell["method"] == "baseline":
                     trained.add((cell["dataset"], cell["protocol"], cell["model"], cell["weights"]))
+        for model in spec.get("teachers") or []:
+            trained.add((spec["dataset"], spec["protocol"], model, spec.get("weights")))
     return trained
 
 

@@ -253,3 +253,10 @@ def test_dvc_check_fails_on_a_stale_file(params, tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "regenerate it with `python -m at dvc --profile paper`" in done.stderr
+
+
+def test_a_cell_the_paper_does_not_have_is_refused_before_any_job(params):
+    bad = copy.deepcopy(params)
+    bad["tables"]["table3"]["rows"]["teacher"] = {"train": "teacher", "method": "baseline"}
+    with pytest.raises(ParamsError, match=r"tables.table3 cell \(teacher, error\).*not a cell of the paper"):
+        grid.validate(bad)
