@@ -129,9 +129,14 @@ def parse_dry_run(text: str) -> list[dict]:
 
 
 def _argv(command: str) -> list[str]:
-    """A shell command as argv, without its log redirection (`> log 2>&1`)."""
+    """A shell command as argv, without a leading `exec` and its log redirection (`>> log 2>&1`)."""
     words = shlex.split(command)
-    return words[:words.index(">")] if ">" in words else words
+    if words and words[0] == "exec":
+        words = words[1:]
+    for redirect in (">", ">>"):
+        if redirect in words:
+            words = words[:words.index(redirect)]
+    return words
 
 
 def _without(argv: list[str], option: str) -> list[str]:

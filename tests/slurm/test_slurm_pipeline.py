@@ -1,0 +1,123 @@
+"""The pipeline itself on a real SLURM cluster, through the repository's unchanged `slurm` profile.
+
+- End to end: the `ci` grid (the smallest smoke grid) with `snakemake --cores 8 --profile slurm`
+  from the root of a copy of the repository; every training job is a SLURM job with a GPU
+  (sacct), the results and the report are there, MLflow holds one finished run per job.
+- Preemption: a training job gets SIGTERM from `scancel --signal=TERM` while it runs; it saves
+  its position, exits non-zero, Snakemake's retry resumes it, and nothing is lost or counted
+  twice (each epoch once in the history and in the one MLflow run).
+
+Opt-in (AT_TEST_SLURM=1, root): see conftest.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_pipeline import _env, _sh, copy_repository  # noqa: E402  (the same copy as the local e2e)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def _env_for(cluster, root: Path) -> dict:
+    env = _env(root)
+    env["AT_SLURM_PARTITION"] = cluster.partition
+    return env
+
+
+def _jobs_since(cluster, start: str) -> list[dict]:
+    fields = "JobID,JobName,State,ExitCode,AllocTRES"
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-S", start, "-o", fields],
+                         check=True, capture_output=True, text=True, timeout=30).stdout
+    jobs = [dict(zip(fields.split(","), line.split("|"))) for line in out.splitlines() if line]
+    # the Snakemake SLURM plugin names every job of a workflow run after the run's UUID; other
+    # jobs (the harness's start-up probe) are not ours
+    return [j for j in jobs if re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", j["JobName"])]
+
+
+def _mlflow_runs(root: Path):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("attention-transfer")
+    return client, client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def test_ci_grid_runs_every_training_job_as_a_slurm_gpu_job(slurm_cluster, tmp_path):
+    root = copy_repository(tmp_path / "repo")
+    runs = yaml.safe_load(_sh([sys.executable, "-m", "at", "runs", "--profile", "ci", "--json"], root).stdout)
+    start = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
+    time.sleep(1)
+    proc = slurm_cluster.snakemake(root, "--config", "profile=ci", timeout_s=900, env=_env_for(slurm_cluster, root))
+    rc = proc.wait(timeout=960)
+    out = (root / "snakemake.out").read_text()
+    assert rc == 0, out[-6000:]
+
+    jobs = _jobs_since(slurm_cluster, start)
+    # download and report are local rules; every training job went through SLURM, with a GPU
+    assert len(jobs) == len(runs), (len(runs), jobs)
+    for job in jobs:
+        assert job["State"] == "COMPLETED", job
+        assert "gres/gpu=1" in job["AllocTRES"].split(","), job
+    for run in runs:
+        assert (root / run["out_dir"] / "metrics.json").is_file(), run["id"]
+        assert not (root / run["out_dir"] / "last.pt").exists(), "a finished run keeps no resume state"
+    assert (root / "results" / "ci" / "table2.md").is_file()
+    _, mlflow_runs = _mlflow_runs(root)
+    assert sorted(r.data.tags["at.run_id"] for r in mlflow_runs) == sorted(r["id"] for r in runs)
+    assert all(r.info.status == "FINISHED" for r in mlflow_runs)
+
+
+def test_sigterm_from_slurm_is_retried_and_resumes_without_loss_or_double_count(slurm_cluster, tmp_path):
+    root = copy_repository(tmp_path / "repo")
+    # one run long enough to be caught while it trains: the ci teacher, 3 epochs of 512 images
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["profiles"]["ci"]["protocol"].update({"epochs": 3, "train_subset": 512, "batch_size": 32})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_id = "cifar10/wrn-16-2/baseline/seed0"
+    out_dir = root / "runs" / "ci" / run_id
+    target = str((out_dir / "metrics.json").relative_to(root))
+    start = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
+    time.sleep(1)
+    proc = slurm_cluster.snakemake(root, target, "--config", "profile=ci", timeout_s=900,
+                                   env=_env_for(slurm_cluster, root))
+
+    # wait until the job has finished its first epoch (its resume state exists), then preempt it
+    deadline = time.time() + 600
+    while not (out_dir / "last.pt").exists():
+        assert proc.poll() is None, (root / "snakemake.out").read_text()[-4000:]
+        assert time.time() < deadline, "the training job never reached its first checkpoint"
+        time.sleep(0.5)
+    running = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i"], capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert len(running) == 1, running
+    subprocess.run(["scancel", "--signal=TERM", running[0]], check=True)
+
+    rc = proc.wait(timeout=900)
+    out = (root / "snakemake.out").read_text()
+    assert rc == 0, out[-6000:]
+    jobs = _jobs_since(slurm_cluster, start)
+    states = [j["State"] for j in jobs]
+    assert states[0] == "FAILED" and states[-1] == "COMPLETED" and len(jobs) == 2, jobs
+
+    log = (root / "logs" / "train" / "ci" / f"{run_id}.log").read_text()
+    # Snakemake deletes the failed attempt's log; the retry's says where it resumed: mid-epoch
+    # (step > 0) or at an epoch boundary, never from scratch
+    assert re.search(r"resuming from .*last\.pt at epoch [23], step \d+", log), log[-3000:]
+    with open(out_dir / "history.csv") as f:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
+    assert epochs == [1, 2, 3], "each epoch exactly once"
+    client, mlflow_runs = _mlflow_runs(root)
+    mine = [r for r in mlflow_runs if r.data.tags["at.run_id"] == run_id]
+    assert len(mine) == 1 and mine[0].info.status == "FINISHED", "the retry continues the same MLflow run"
+    steps = sorted(m.step for m in client.get_metric_history(mine[0].info.run_id, "test_error"))
+    assert steps == [1, 2, 3], steps
