@@ -73,7 +73,14 @@ def _check_resources(key: str, resources) -> None:
 def validate(params: dict) -> None:
     """Check params.yaml before any job starts: one clear error naming the key and the allowed values."""
     _check_keys("(top level)", params, {"default_profile", "seeds", "data", "protocols", "methods",
-                                        "tables", "resources", "profiles"})
+                                        "tables", "resources", "profiles", "packing"})
+    packing = params.get("packing") or {}
+    _check_keys("packing", packing, {"models", "group_size"})
+    if not isinstance(packing.get("group_size", 1), int) or packing.get("group_size", 1) < 1:
+        raise _fail("packing.group_size", f"must be a positive integer, got {packing.get('group_size')!r}")
+    for model in packing.get("models") or []:
+        if not models.is_known(model):
+            raise _fail("packing.models", f"unknown model {model!r}", MODEL_FORMS)
     _check_seeds("seeds", params.get("seeds"))
     data, protocols, methods = params.get("data") or {}, params.get("protocols") or {}, params.get("methods") or {}
     tables, profiles = params.get("tables") or {}, params.get("profiles") or {}
@@ -286,6 +293,17 @@ def find(params: dict, run: str, profile: str | None = None) -> dict:
         raise ParamsError(f"run {run!r} is not in the {profile_name(params, profile)} profile's grid "
                           f"(`python -m at runs --profile ...` lists them)")
     return by_id[run]
+
+
+PACK_GROUP = "pack"
+
+
+def packing_group(params: dict, run: dict) -> str | None:
+    """The Snakemake job group of a run: small students share SLURM GPU jobs (params `packing`)."""
+    packing = params.get("packing") or {}
+    if packing.get("group_size", 1) > 1 and run["student"] in (packing.get("models") or []):
+        return PACK_GROUP
+    return None
 
 
 def protocol_of(params: dict, run: dict) -> dict:
