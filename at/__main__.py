@@ -88,12 +88,20 @@ def cmd_download(args) -> int:
     return 0
 
 
-def cmd_runs(args) -> int:
+def _validated(args) -> tuple[dict, str]:
+    """params.yaml checked against the schema, and the profile asked for (or the default)."""
     from at import grid
 
     params = params_mod.load(args.params)
     grid.validate(params)
-    runs = grid.runs(params, args.profile)
+    return params, grid.profile_name(params, args.profile)
+
+
+def cmd_runs(args) -> int:
+    from at import grid
+
+    params, profile = _validated(args)
+    runs = grid.runs(params, profile)
     if args.json:
         print(json.dumps(runs, indent=2, sort_keys=True))
         return 0
@@ -107,9 +115,7 @@ def cmd_runs(args) -> int:
 def cmd_report(args) -> int:
     from at import grid, provenance, report
 
-    params = params_mod.load(args.params)
-    grid.validate(params)
-    profile = grid.profile_name(params, args.profile)
+    params, profile = _validated(args)
     runs = grid.runs(params, profile)
     context = {"profile": profile, "description": provenance.describe(params, profile, runs),
                "not_run": grid.not_run(params, profile)}
@@ -122,11 +128,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_dvc(args) -> int:
-    from at import dvc_pipeline, grid
+    from at import dvc_pipeline
 
-    params = params_mod.load(args.params)
-    grid.validate(params)
-    profile = grid.profile_name(params, args.profile)
+    params, profile = _validated(args)
     text = dvc_pipeline.render(params, profile)
     target = Path(args.output)
     if args.check:
