@@ -90,8 +90,8 @@ def stages(params: dict, profile: str) -> dict:
         "deps": grid.report_inputs(params, profile),
         # which cells a run fills, the not-run reasons and the description come from these
         "params": ["tables", f"profiles.{profile}"],
-        # the report is small, text and figures: tracked by git, not by the DVC cache
-        "outs": [{grid.report_dir(profile): {"cache": False}}],
+        # cached like the checkpoints: `dvc pull` brings the rendered tables to a fresh clone
+        "outs": [grid.report_dir(profile)],
     }
     return result
 
