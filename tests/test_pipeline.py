@@ -99,8 +99,9 @@ def parse_dry_run(text: str) -> list[dict]:
     job: dict | None = None
     for line in text.splitlines():
         head = line.strip()
-        if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
-            job = {"rule": line.split()[1].rstrip(":"), "input": [], "output": [], "wildcards": {}, "shell": None}
+        # jobs of a Snakemake job group (packing) are printed indented inside a "Group job" block
+        if head.startswith(("rule ", "localrule ")) and head.endswith(":"):
+            job = {"rule": head.split()[1].rstrip(":"), "input": [], "output": [], "wildcards": {}, "shell": None}
             jobs.append(job)
         elif job is None:
             continue

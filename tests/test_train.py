@@ -41,9 +41,9 @@ def teacher(tmp_path_factory, cifar_mini_dir):
     return out / "checkpoint.pt"
 
 
-def _student_cmd(out, cifar_mini_dir, teacher, epochs="3"):
+def _student_cmd(out, cifar_mini_dir, teacher, epochs="3", batch="32"):
     return _train_cmd(out, cifar_mini_dir, "--student", "wrn-10-1", "--teacher-checkpoint", str(teacher),
-                      "--method", "at-sum-p2", "--epochs", epochs)
+                      "--method", "at-sum-p2", "--epochs", epochs, "--batch-size", batch)
 
 
 def _history(out: Path) -> list[dict]:
@@ -88,17 +88,17 @@ def test_sigkill_then_restart_is_bit_identical_and_continues_the_mlflow_run(tmp_
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     env = _env(uri)
     reference = tmp_path / "reference"
-    subprocess.run(_student_cmd(reference, cifar_mini_dir, teacher), env=env, check=True, cwd=tmp_path)
+    subprocess.run(_student_cmd(reference, cifar_mini_dir, teacher, batch="8"), env=env, check=True, cwd=tmp_path)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_student_cmd(killed, cifar_mini_dir, teacher), env=env, cwd=tmp_path)
+    proc = subprocess.Popen(_student_cmd(killed, cifar_mini_dir, teacher, batch="8"), env=env, cwd=tmp_path)
     _wait_for(killed / "last.pt", proc)   # the first epoch's checkpoint exists: we are in epoch 2
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "checkpoint.pt").exists()
-    subprocess.run(_student_cmd(killed, cifar_mini_dir, teacher), env=env, check=True, cwd=tmp_path)
+    subprocess.run(_student_cmd(killed, cifar_mini_dir, teacher, batch="8"), env=env, check=True, cwd=tmp_path)
 
     _assert_same_result(reference, killed)
     assert not (killed / "last.pt").exists()
@@ -123,19 +123,23 @@ def test_sigterm_saves_mid_epoch_and_the_retry_resumes_exactly(tmp_path, cifar_m
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     env = _env(uri)
     reference = tmp_path / "reference"
-    subprocess.run(_student_cmd(reference, cifar_mini_dir, teacher, epochs="2"), env=env, check=True, cwd=tmp_path)
+    subprocess.run(_student_cmd(reference, cifar_mini_dir, teacher, epochs="2", batch="8"), env=env, check=True,
+                   cwd=tmp_path)
 
     stopped = tmp_path / "stopped"
-    proc = subprocess.Popen(_student_cmd(stopped, cifar_mini_dir, teacher, epochs="2"), env=env, cwd=tmp_path)
-    _wait_for(stopped / "mlflow_run_id", proc)
-    # let it reach the training steps (model build, data load, tracking set-up come first)
-    time.sleep(1.5)
+    proc = subprocess.Popen(_student_cmd(stopped, cifar_mini_dir, teacher, epochs="2", batch="8"), env=env,
+                            cwd=tmp_path)
+    # the first epoch's checkpoint exists, so epoch 2 (32 steps of 8 images) is about to run or
+    # running: the signal lands in it, or at worst at the end of epoch 1; never after the run
+    _wait_for(stopped / "last.pt", proc)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED
     saved = checkpoint.load(stopped / "last.pt")
     assert (saved["epoch"], saved["step"]) != (0, 0), "SIGTERM must save the position it reached"
-    subprocess.run(_student_cmd(stopped, cifar_mini_dir, teacher, epochs="2"), env=env, check=True, cwd=tmp_path)
+    subprocess.run(_student_cmd(stopped, cifar_mini_dir, teacher, epochs="2", batch="8"), env=env, check=True,
+                   cwd=tmp_path)
     _assert_same_result(reference, stopped)
     client, runs = _mlflow_runs(uri)
     mine = [r for r in runs if r.data.params.get("out_dir") == str(stopped)]
