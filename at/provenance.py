@@ -7,10 +7,8 @@ subset sizes and the epochs.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from at import grid
+from at.data.download import read_source_record
 
 KNOWN_SOURCES = {
     "c58f30108f718f92721af3b95e74349a": "CIFAR-10 (official, 50000 train / 10000 test images)",
@@ -19,11 +17,11 @@ KNOWN_SOURCES = {
 
 
 def data_description(dataset: str) -> str:
-    source = Path(grid.data_dir(dataset)) / "source.json"
-    if not source.is_file():
+    record = read_source_record(grid.data_dir(dataset))
+    if not record:
         return f"{dataset} (not downloaded yet)"
-    md5 = json.loads(source.read_text()).get("md5")
-    return KNOWN_SOURCES.get(md5, f"{dataset} from {json.loads(source.read_text()).get('url')} (md5 {md5})")
+    md5 = record.get("md5")
+    return KNOWN_SOURCES.get(md5, f"{dataset} from {record.get('url')} (md5 {md5})")
 
 
 def describe(params: dict, profile: str, runs: list[dict]) -> str:

@@ -16,21 +16,20 @@ the order ``perm``, from ``start_step`` on; ``test_batches(batch_size)`` the tes
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from at.data import augment, cifar
+from at.data import augment, cifar, download
 
 
 def _source_md5(folder: Path, dataset: str) -> str:
-    source = folder / "source.json"
-    if not source.is_file():
+    record = download.read_source_record(folder)
+    if not record:
         raise FileNotFoundError(
             f"data folder {folder} has no source.json: prepare it first with `python -m at download {dataset}`")
-    return json.loads(source.read_text()).get("md5") or "unknown"
+    return record.get("md5") or "unknown"
 
 
 class TensorData:
