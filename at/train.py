@@ -21,7 +21,6 @@ import csv
 import io
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass

@@ -249,7 +249,7 @@ def test_dvc_stages_are_the_snakemake_jobs(paper_copy, snakemake_paper_jobs, gri
 
 def test_dvc_params_deps_exist_in_params_yaml():
     # DVC reports a stage as changed forever when one of its params keys is missing
-    from at import dvc_pipeline, grid
+    from at import dvc_pipeline
     from at import params as params_io
 
     params = params_io.load(REPO / "params.yaml")
