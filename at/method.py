@@ -90,6 +90,17 @@ class StepResult:
     terms: dict[str, Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class TeacherOutput:
+    """What the frozen teacher gives for one batch: logits, taps and (for grad_at) its input
+    gradient. A cohort computes it once per batch for every member that shares the teacher and
+    its `Objective.teacher_key`, and hands it to each member's objective."""
+
+    logits: Tensor
+    taps: list[Tensor]
+    input_gradient: Tensor | None = None
+
+
 @dataclass(frozen=True)
 class Term:
     """One resolved term of a method: its type, weight, schedule and type-specific options."""
@@ -341,15 +352,47 @@ class Objective(nn.Module):
         if any(p.requires_grad for p in teacher.parameters()):
             raise RuntimeError("the teacher must be frozen: set requires_grad_(False) on its parameters")
 
-    def forward(self, x: Tensor, y: Tensor, progress: Progress) -> StepResult:
-        student, teacher = self._nets
-        if teacher is not None:
-            self._check_frozen(teacher)
+    @property
+    def teacher_key(self) -> tuple[bool, bool] | None:
+        """How this objective needs its teacher run: None (no teacher), else (input gradient
+        needed, full precision). Objectives of one cohort with the same teacher and key can
+        share one `teacher_output` per batch: it is the same computation."""
+        if not self.needs_teacher:
+            return None
+        return (self.needs_teacher_gradient, self.has_gradient_terms)
+
+    def _precision(self, x: Tensor):
+        return full_precision(x) if self.has_gradient_terms else contextlib.nullcontext()
+
+    def teacher_output(self, x: Tensor, y: Tensor) -> TeacherOutput:
+        """The teacher's logits and taps on x (and its input gradient for grad_at), frozen."""
+        teacher = self._nets[1]
+        self._check_frozen(teacher)
+        with self._precision(x):
+            if self.has_gradient_terms:
+                x = at_least_float32(x)
+            if self.needs_teacher_gradient:
+                output, gradient = forward_with_input_gradient(teacher, x, y, create_graph=False)
+                logits, taps = _split_output(output, "teacher")
+                return TeacherOutput(logits, taps, gradient)
+            with torch.no_grad():
+                logits, taps = _split_output(teacher(x), "teacher")
+            return TeacherOutput(logits, taps)
+
+    def forward(self, x: Tensor, y: Tensor, progress: Progress,
+                teacher_output: TeacherOutput | None = None) -> StepResult:
+        """The step's loss. `teacher_output` (from `teacher_output`, possibly computed once for
+        several objectives) is computed here when not given and a term needs the teacher."""
+        student = self._nets[0]
+        if self.needs_teacher and teacher_output is None:
+            teacher_output = self.teacher_output(x, y)
         kinds = {term.type for term in self.terms}
         j = {}
         t_logits = t_taps = None
-        precision = full_precision(x) if self.has_gradient_terms else contextlib.nullcontext()
-        with precision:
+        if teacher_output is not None:
+            t_logits, t_taps = teacher_output.logits, teacher_output.taps
+            j["teacher"] = teacher_output.input_gradient
+        with self._precision(x):
             if self.has_gradient_terms:
                 x = at_least_float32(x)
                 output, j["student"] = forward_with_input_gradient(student, x, y, create_graph=True)
@@ -360,12 +403,6 @@ class Objective(nn.Module):
                     )
             else:
                 s_logits, s_taps = _split_output(student(x), "student")
-            if self.needs_teacher_gradient:
-                output, j["teacher"] = forward_with_input_gradient(teacher, x, y, create_graph=False)
-                t_logits, t_taps = _split_output(output, "teacher")
-            elif self.needs_teacher:
-                with torch.no_grad():
-                    t_logits, t_taps = _split_output(teacher(x), "teacher")
 
             contributions: dict[str, Tensor] = {}
             for term in self.terms:
@@ -408,6 +445,7 @@ __all__ = [
     "Objective",
     "Progress",
     "StepResult",
+    "TeacherOutput",
     "Term",
     "requires_teacher",
     "resolve_method",
