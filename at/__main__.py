@@ -21,10 +21,13 @@ def _spec_from_args(args, params: dict) -> dict:
     if args.lr_drops is not None:
         protocol["lr_drops"] = [int(d) for d in args.lr_drops.split(",") if d]
     teacher = None
+    method_name = args.method or "baseline"
+    method = params_mod.method(params, method_name)
     if args.teacher_checkpoint:
         from at import checkpoint
-        teacher = checkpoint.load(args.teacher_checkpoint)["spec"]["student"]
-    method_name = args.method or "baseline"
+        from at.method import requires_teacher
+        if requires_teacher(method):
+            teacher = checkpoint.load(args.teacher_checkpoint)["spec"]["student"]
     out = Path(args.out)
     return {
         "id": args.id or out.as_posix(),
@@ -34,7 +37,7 @@ def _spec_from_args(args, params: dict) -> dict:
         "teacher": teacher,
         "teacher_checkpoint": args.teacher_checkpoint,
         "method_name": method_name,
-        "method": params_mod.method(params, method_name),
+        "method": method,
         "seed": args.seed,
         "out_dir": out.as_posix(),
         "num_classes": 10,
@@ -43,23 +46,45 @@ def _spec_from_args(args, params: dict) -> dict:
     }
 
 
-def cmd_train(args) -> int:
-    from at.train import EXIT_INTERRUPTED, Interrupted, Options, TrainingDiverged, train
+def _train_specs(args) -> list[dict]:
+    """The runs that `train` trains: a cohort of the grid, one run of the grid, a spec file
+    (one spec, or a list of specs sharing a data stream), or one run from plain arguments."""
+    from at import grid
 
+    if args.cohort or args.run:
+        params, profile = _validated(args)
+        if args.cohort:
+            cohort = grid.find_cohort(params, args.cohort, profile)
+            return [grid.run_spec(params, run_id, profile) for run_id in cohort["runs"]]
+        return [grid.run_spec(params, args.run, profile)]
     if args.spec:
-        text = Path(args.spec).read_text()
-        spec = yaml.safe_load(text)
-    elif args.run:
-        from at import grid
-        spec = grid.run_spec(params_mod.load(args.params), args.run, profile=args.profile)
-    else:
-        if not args.student or not args.out:
-            raise SystemExit("error: train needs --run ID, --spec FILE, or --student and --out")
-        spec = _spec_from_args(args, params_mod.load(args.params))
-    options = Options(device=args.device, bf16=args.bf16, channels_last=args.channels_last,
-                      progress=not args.no_progress, threads=args.threads)
+        loaded = yaml.safe_load(Path(args.spec).read_text())
+        return loaded if isinstance(loaded, list) else [loaded]
+    if not args.student or not args.out:
+        raise ValueError("train needs --cohort ID, --run ID, --spec FILE, or --student and --out")
+    spec = _spec_from_args(args, params_mod.load(args.params))
+    if args.teacher_checkpoint and not spec["teacher"]:
+        raise ValueError(f"--teacher-checkpoint given, but method {spec['method_name']!r} uses no teacher: "
+                         f"drop it or choose a method that distils (--method)")
+    return [spec]
+
+
+def _warn_about(specs: list[dict]) -> None:
+    for spec in specs:
+        if spec["dataset"].startswith("cifar") and spec["student"].startswith("resnet"):
+            print(f"warning: run {spec['id']}: {spec['student']} is an ImageNet architecture (stride-2 stem "
+                  f"and max-pool): on 32x32 CIFAR images its last stage sees 1x1 maps", file=sys.stderr)
+
+
+def cmd_train(args) -> int:
+    from at.train import EXIT_INTERRUPTED, Interrupted, Options, TrainingDiverged, train_cohort
+
+    specs = _train_specs(args)
+    _warn_about(specs)
+    options = Options(device=args.device, precision=args.precision, progress=not args.no_progress,
+                      threads=args.threads)
     try:
-        train(spec, options)
+        train_cohort(specs, options, force=args.force)
     except Interrupted:
         return EXIT_INTERRUPTED
     except TrainingDiverged as e:
@@ -101,6 +126,14 @@ def cmd_runs(args) -> int:
     from at import grid
 
     params, profile = _validated(args)
+    if args.cohorts:
+        cohorts = grid.cohorts(params, profile)
+        if args.json:
+            print(json.dumps(cohorts, indent=2, sort_keys=True))
+            return 0
+        for cohort in cohorts:
+            print("\t".join([cohort["id"], str(len(cohort["runs"])), ",".join(cohort["runs"])]))
+        return 0
     runs = grid.runs(params, profile)
     if args.json:
         print(json.dumps(runs, indent=2, sort_keys=True))
@@ -165,11 +198,13 @@ def main(argv=None) -> int:
     p.add_argument("--root", help="target folder (default: data/<dataset>)")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("train", help="train (or resume) one run")
-    what = p.add_argument_group("what to train: --run, --spec, or the arguments below")
-    what.add_argument("--run", help="a run id of the grid (see `python -m at runs`)")
-    what.add_argument("--profile", default=None, help="grid profile for --run (default: params.yaml's)")
-    what.add_argument("--spec", help="a run spec file (JSON or YAML, docs/interfaces.md)")
+    p = sub.add_parser("train", help="train (or resume) a cohort of runs, or one run")
+    what = p.add_argument_group("what to train: --cohort, --run, --spec, or the arguments below")
+    what.add_argument("--cohort", help="a cohort id of the grid (see `python -m at runs --cohorts`)")
+    what.add_argument("--run", help="a run id of the grid (see `python -m at runs`), trained alone")
+    what.add_argument("--profile", default=None, help="grid profile for --cohort/--run (default: params.yaml's)")
+    what.add_argument("--spec", help="a run spec file (JSON or YAML, docs/interfaces.md), or a list of "
+                                     "specs sharing a data stream")
     what.add_argument("--student", help="model name, e.g. wrn-16-1")
     what.add_argument("--teacher-checkpoint", help="checkpoint.pt of a trained teacher run")
     what.add_argument("--method", help="a method of params.yaml (default: baseline)")
@@ -187,8 +222,11 @@ def main(argv=None) -> int:
     what.add_argument("--augment", choices=["crop_flip", "flip", "none"])
     how = p.add_argument_group("how to run it")
     how.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    how.add_argument("--bf16", default="auto", choices=["auto", "on", "off"], help="bf16 autocast (auto: CUDA only)")
-    how.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"], help="(auto: CUDA only)")
+    how.add_argument("--precision", choices=["auto", "float32", "bf16"],
+                     help="override the protocol's precision (auto: bf16 + channels_last on CUDA and on "
+                          "CPUs with native bf16, else float32)")
+    how.add_argument("--force", action="store_true",
+                     help="retrain runs that already finished with this spec (default: leave them as they are)")
     how.add_argument("--threads", type=int, help="torch CPU threads")
     how.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -196,6 +234,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("runs", help="list the runs of the grid (what Snakemake and DVC run)")
     p.add_argument("--profile", help="grid profile (default: params.yaml's default_profile)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--cohorts", action="store_true", help="list the cohorts (the training jobs) instead")
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("report", help="render the paper's tables and figures into results/<profile>")

@@ -73,14 +73,12 @@ def _check_resources(key: str, resources) -> None:
 def validate(params: dict) -> None:
     """Check params.yaml before any job starts: one clear error naming the key and the allowed values."""
     _check_keys("(top level)", params, {"default_profile", "seeds", "data", "protocols", "methods",
-                                        "tables", "resources", "profiles", "packing"})
-    packing = params.get("packing") or {}
-    _check_keys("packing", packing, {"models", "group_size"})
-    if not isinstance(packing.get("group_size", 1), int) or packing.get("group_size", 1) < 1:
-        raise _fail("packing.group_size", f"must be a positive integer, got {packing.get('group_size')!r}")
-    for model in packing.get("models") or []:
-        if not models.is_known(model):
-            raise _fail("packing.models", f"unknown model {model!r}", MODEL_FORMS)
+                                        "tables", "resources", "profiles", "cohort"})
+    cohort = params.get("cohort") or {}
+    _check_keys("cohort", cohort, {"max_size"})
+    size = cohort.get("max_size", 8)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise _fail("cohort.max_size", f"must be a positive integer, got {size!r}")
     _check_seeds("seeds", params.get("seeds"))
     data, protocols, methods = params.get("data") or {}, params.get("protocols") or {}, params.get("methods") or {}
     tables, profiles = params.get("tables") or {}, params.get("profiles") or {}
@@ -295,15 +293,59 @@ def find(params: dict, run: str, profile: str | None = None) -> dict:
     return by_id[run]
 
 
-PACK_GROUP = "pack"
+def teacher_runs(runs_: list[dict]) -> set[str]:
+    return {r["teacher_run"] for r in runs_ if r["teacher_run"]}
 
 
-def packing_group(params: dict, run: dict) -> str | None:
-    """The Snakemake job group of a run: small students share SLURM GPU jobs (params `packing`)."""
-    packing = params.get("packing") or {}
-    if packing.get("group_size", 1) > 1 and run["student"] in (packing.get("models") or []):
-        return PACK_GROUP
-    return None
+def cohort_max_size(params: dict) -> int:
+    return int((params.get("cohort") or {}).get("max_size", 8))
+
+
+def cohorts(params: dict, profile: str | None = None) -> list[dict]:
+    """The runs of the profile grouped into cohorts: the jobs of Snakemake and the stages of DVC.
+
+    A cohort is a set of runs that share a data stream (data set, protocol, seed: at.data.stream)
+    and of which none needs another's output. Teachers are trained first: a run that some other
+    run learns from is in a cohort of level 0, every other run in level 1 (teachers are always
+    baselines, so no chain is longer). Within a level, runs are grouped by student model (members
+    of similar cost; a model's runs from one teacher stay together, so that teacher's forward runs
+    once per batch for all of them), and a group larger than params.yaml's `cohort.max_size` is
+    split. Cohort ids read like `cifar10/wrn-16-1/seed0/cohort0`; each run is in exactly one.
+    """
+    profile = profile_name(params, profile)
+    selected = runs(params, profile)
+    teachers = teacher_runs(selected)
+    limit = cohort_max_size(params)
+    groups: dict[tuple, list[dict]] = {}
+    for run in selected:
+        level = 0 if run["id"] in teachers else 1
+        segment = _segment(params, run["dataset"], run["protocol_name"])
+        key = (segment, _model_segment(run["student"], run["weights"]), run["seed"], level)
+        groups.setdefault(key, []).append(run)
+    found: list[dict] = []
+    counters: dict[tuple, int] = {}
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3])):
+        segment, model, seed, level = key
+        members = sorted(groups[key], key=lambda r: (r["teacher_run"] or "", r["id"]))
+        for start in range(0, len(members), limit):
+            n = counters.get(key[:3], 0)
+            counters[key[:3]] = n + 1
+            chunk = members[start:start + limit]
+            found.append({
+                "id": f"{segment}/{model}/seed{seed}/cohort{n}", "profile": profile, "level": level,
+                "runs": [r["id"] for r in chunk],
+                "teacher_runs": sorted({r["teacher_run"] for r in chunk if r["teacher_run"]}),
+                "dataset": chunk[0]["dataset"],
+            })
+    return sorted(found, key=lambda c: c["id"])
+
+
+def find_cohort(params: dict, cohort: str, profile: str | None = None) -> dict:
+    by_id = {c["id"]: c for c in cohorts(params, profile)}
+    if cohort not in by_id:
+        raise ParamsError(f"cohort {cohort!r} is not in the {profile_name(params, profile)} profile's grid "
+                          f"(`python -m at runs --cohorts --profile ...` lists them)")
+    return by_id[cohort]
 
 
 def protocol_of(params: dict, run: dict) -> dict:

@@ -129,10 +129,12 @@ class RunTracker:
             return resume_run_id
         if self.id_file.exists():
             orphan = self.id_file.read_text().strip()
-            try:
-                _retry(self.client.delete_run, orphan)
-            except Exception:
-                pass  # already deleted or in another store: nothing to clean
+            # a FINISHED run is a result (a forced retrain starts a new one beside it), never an orphan
+            if not run_is_finished(orphan):
+                try:
+                    _retry(self.client.delete_run, orphan)
+                except Exception:
+                    pass  # already deleted or in another store: nothing to clean
         experiment_id = init_store()
         all_tags = {RUN_ID_TAG: self.spec["id"], "mlflow.runName": self.spec["id"], **tags}
         run = _retry(self.client.create_run, experiment_id, run_name=self.spec["id"],
@@ -196,3 +198,11 @@ class RunTracker:
     def failed(self) -> None:
         if self.run_id is not None:
             _retry(self.client.set_terminated, self.run_id, "FAILED")
+
+
+def run_is_finished(run_id: str) -> bool:
+    """Whether the MLflow run exists and is FINISHED (False where it cannot be read)."""
+    try:
+        return _retry(_client().get_run, run_id).info.status == "FINISHED"
+    except Exception:
+        return False

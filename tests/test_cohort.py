@@ -1,0 +1,312 @@
+"""Cohorts: runs sharing a data stream train together and end exactly as they would alone.
+
+The data-stream contract (at.data.stream), the exactness of a cohort against solo runs (CPU,
+float32: weights, histories and metrics bit-identical), resume of members that stand at
+different positions, a real cohort process killed with SIGKILL and restarted, SIGTERM, a
+finished run left alone, and outputs written again from the final state.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from at import checkpoint, cohort, params as params_mod
+from at.data import sources
+from at.data.stream import DataStream, stream_key
+from at.precision import Arithmetic
+from at.train import EXIT_INTERRUPTED, Options, train, train_cohort
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING = {"images_per_s", "epoch_time_s", "wall_time_s"}
+CPU = Arithmetic(torch.device("cpu"), "float32")
+
+
+@pytest.fixture(autouse=True)
+def private_mlflow(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, cifar_mini_dir):
+    tmp = tmp_path_factory.mktemp("cohort-teacher")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlruns.db'}")
+    spec = make_spec(tmp / "teacher", cifar_mini_dir, "wrn-10-2", "baseline", epochs=1)
+    train(spec, Options(progress=False, threads=1))
+    return tmp / "teacher" / "checkpoint.pt"
+
+
+def make_spec(out: Path, data_dir: Path, student: str, method: str, teacher: Path | None = None,
+              epochs: int = 2, seed: int = 0, **protocol) -> dict:
+    params = params_mod.load(REPO / "params.yaml")
+    proto = params_mod.protocol(params, "cifar")
+    proto.update({"epochs": epochs, "batch_size": 32, "train_subset": 256, "test_subset": 128,
+                  "lr_drops": [1], "precision": "float32", **protocol})
+    return {"id": f"test/{out.name}", "dataset": "cifar10", "data_dir": str(data_dir), "student": student,
+            "weights": None, "teacher": "wrn-10-2" if teacher else None, "teacher_weights": None,
+            "teacher_checkpoint": str(teacher) if teacher else None, "method_name": method,
+            "method": params_mod.method(params, method), "seed": seed, "out_dir": str(out),
+            "num_classes": 10, "protocol": proto, "profile": "custom"}
+
+
+def members(root: Path, data_dir: Path, teacher: Path, epochs: int = 2) -> list[dict]:
+    """A mixed cohort: the baseline, three teacher methods (one teacher forward shared), a NIN
+    with dropout (its own random stream) and F-ActT (a projection initialised from the RNG)."""
+    return [
+        make_spec(root / "baseline", data_dir, "wrn-10-1", "baseline", epochs=epochs),
+        make_spec(root / "at", data_dir, "wrn-10-1", "at-sum-p2", teacher, epochs=epochs),
+        make_spec(root / "kd", data_dir, "wrn-10-1", "kd", teacher, epochs=epochs),
+        make_spec(root / "factt", data_dir, "wrn-10-1", "factt", teacher, epochs=epochs),
+        make_spec(root / "nin", data_dir, "nin-thin", "baseline", epochs=epochs),
+    ]
+
+
+def _history(out: Path) -> list[dict]:
+    with open(Path(out) / "history.csv") as f:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = checkpoint.load(Path(a) / "checkpoint.pt"), checkpoint.load(Path(b) / "checkpoint.pt")
+    for part in ("model", "objective"):
+        assert wa[part].keys() == wb[part].keys()
+        for k in wa[part]:
+            assert torch.equal(wa[part][k], wb[part][k]), f"{a.name}: {part} differs at {k}"
+    assert _history(a) == _history(b), f"{a.name}: histories differ"
+    ma, mb = (json.loads((Path(p) / "metrics.json").read_text()) for p in (a, b))
+    assert {k: v for k, v in ma.items() if k not in TIMING | {"run_id"}} == \
+        {k: v for k, v in mb.items() if k not in TIMING | {"run_id"}}
+
+
+def relocate(specs: list[dict], root: Path) -> list[dict]:
+    moved = copy.deepcopy(specs)
+    for spec in moved:
+        spec["out_dir"] = str(root / Path(spec["out_dir"]).name)
+    return moved
+
+
+# ------------------------------------------------------------------------------------------------
+# The data-stream contract
+
+
+def test_the_stream_depends_on_data_keys_and_seed_only(cifar_mini_dir):
+    a = make_spec(Path("a"), cifar_mini_dir, "wrn-10-1", "baseline")
+    b = make_spec(Path("b"), cifar_mini_dir, "nin-thin", "at-sum-p2", Path("t.pt"), lr=0.5, epochs=7,
+                  weight_decay=0.0)
+    assert stream_key(a) == stream_key(b), "model, method, lr, epochs and weight decay must not matter"
+    for change in ({"seed": 1}, {"protocol": {**a["protocol"], "augment": "flip"}},
+                   {"protocol": {**a["protocol"], "batch_size": 64}},
+                   {"protocol": {**a["protocol"], "train_subset": 128}}):
+        assert stream_key({**a, **change}) != stream_key(a), change
+
+    def batches(spec, epochs=2):
+        data = sources.load(spec, torch.device("cpu"))
+        stream = DataStream(data, spec["seed"], spec["protocol"]["batch_size"], torch.device("cpu"))
+        out = []
+        for _ in range(epochs):
+            stream.start_epoch()
+            out += [(x.clone(), y.clone()) for x, y in stream.batches(0)]
+        return out
+
+    first, second = batches(a), batches(b)
+    assert len(first) == 16
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(first, second))
+    other_seed = batches({**a, "seed": 1})
+    assert not torch.equal(first[0][0], other_seed[0][0]), "another seed must give another stream"
+    assert not torch.equal(first[0][0], first[8][0]), "epochs must differ (new order and crops)"
+
+
+def test_runs_with_different_streams_are_refused_as_a_cohort(cifar_mini_dir, tmp_path):
+    a = make_spec(tmp_path / "a", cifar_mini_dir, "wrn-10-1", "baseline")
+    b = make_spec(tmp_path / "b", cifar_mini_dir, "wrn-10-1", "baseline", seed=1)
+    with pytest.raises(ValueError, match=r"streams differ in \['seed'\]"):
+        cohort.check_shared_stream([a, b])
+    with pytest.raises(ValueError, match="epochs"):
+        cohort.check_shared_stream([a, {**a, "id": "x", "out_dir": str(tmp_path / "x"),
+                                        "protocol": {**a["protocol"], "epochs": 3}}])
+    with pytest.raises(ValueError, match="twice"):
+        cohort.check_shared_stream([a, a])
+
+
+# ------------------------------------------------------------------------------------------------
+# Exactness
+
+
+@pytest.mark.slow
+def test_a_cohort_ends_bit_identical_to_each_run_alone(tmp_path, cifar_mini_dir, teacher):
+    specs = members(tmp_path / "cohort", cifar_mini_dir, teacher)
+    results = train_cohort(specs, Options(progress=False, threads=1))
+    assert [r["run_id"] for r in results] == [s["id"] for s in specs]
+    for spec in relocate(specs, tmp_path / "alone"):
+        train(spec, Options(progress=False, threads=1))
+    for spec in specs:
+        assert_same_run(Path(spec["out_dir"]), tmp_path / "alone" / Path(spec["out_dir"]).name)
+    metrics = json.loads((tmp_path / "cohort" / "at" / "metrics.json").read_text())
+    assert metrics["precision"] == "float32"
+
+
+class StopAfter:
+    """A SIGTERM flag that is raised after `n` checks: the loop checks once per step and once at
+    each epoch end, so a test can stop a cohort at an exact position (the real signal is tested
+    with real processes below)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    @property
+    def raised(self) -> bool:
+        self.n -= 1
+        return self.n < 0
+
+
+@pytest.mark.slow
+def test_members_resumed_at_different_positions_catch_up_exactly(tmp_path, cifar_mini_dir, teacher):
+    reference = members(tmp_path / "reference", cifar_mini_dir, teacher, epochs=3)
+    train_cohort(reference, Options(progress=False, threads=1))
+
+    specs = relocate(reference, tmp_path / "resumed")
+    # stop at the end of epoch 1 (8 step checks, the last of which cannot interrupt, then the
+    # epoch-end check), keep the baseline's state there, then stop 3 steps into epoch 2
+    with pytest.raises(cohort.Interrupted):
+        cohort.run(specs, CPU, progress=False, sigterm=StopAfter(7))
+    behind = tmp_path / "baseline-epoch1.pt"
+    shutil.copy(Path(specs[0]["out_dir"]) / "last.pt", behind)
+    with pytest.raises(cohort.Interrupted):
+        cohort.run(specs, CPU, progress=False, sigterm=StopAfter(2))
+    saved = [checkpoint.load(Path(s["out_dir"]) / "last.pt") for s in specs]
+    assert {(s["epoch"], s["step"]) for s in saved} == {(1, 3)}, "SIGTERM saves every member mid-epoch"
+    shutil.copy(behind, Path(specs[0]["out_dir"]) / "last.pt")   # as if killed between two saves
+    cohort.run(specs, CPU, progress=False)
+    for spec in specs:
+        assert_same_run(Path(spec["out_dir"]), tmp_path / "reference" / Path(spec["out_dir"]).name)
+
+
+def _spec_file(path: Path, specs: list[dict]) -> Path:
+    path.write_text(yaml.safe_dump(specs))
+    return path
+
+
+def _cli(spec_file: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "at", "--params", str(REPO / "params.yaml"), "train", "--spec",
+            str(spec_file), "--threads", "1", "--no-progress", *extra]
+
+
+def _env(tmp_path: Path) -> dict:
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}", "PYTHONPATH": str(REPO)}
+
+
+@pytest.mark.slow
+def test_a_cohort_process_killed_mid_epoch_resumes_every_member_exactly(tmp_path, cifar_mini_dir, teacher):
+    # more images per epoch, so that the kill surely lands inside epoch 2
+    specs = [make_spec(tmp_path / "cohort" / name, cifar_mini_dir, "wrn-10-1", method, teacher if method != "baseline"
+                       else None, epochs=2, train_subset=1024)
+             for name, method in (("baseline", "baseline"), ("at", "at-sum-p2"), ("kd", "kd"))]
+    spec_file = _spec_file(tmp_path / "cohort.yaml", specs)
+    proc = subprocess.Popen(_cli(spec_file), env=_env(tmp_path), cwd=tmp_path)
+    last = [Path(s["out_dir"]) / "last.pt" for s in specs]
+    deadline = time.time() + 600
+    while not all(p.exists() for p in last):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [checkpoint.load(p)["epoch"] for p in last] == [1, 1, 1], "the kill must land inside epoch 2"
+    done = subprocess.run(_cli(spec_file), env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("resuming from") == 3
+
+    for spec in relocate(specs, tmp_path / "alone"):
+        train(spec, Options(progress=False, threads=1))
+    for spec in specs:
+        assert_same_run(Path(spec["out_dir"]), tmp_path / "alone" / Path(spec["out_dir"]).name)
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    for spec in specs:
+        run_id = (Path(spec["out_dir"]) / "mlflow_run_id").read_text().strip()
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(run_id, "test_error")) == [1, 2]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_every_member_mid_epoch_and_exits_for_a_retry(tmp_path, cifar_mini_dir, teacher):
+    specs = [make_spec(tmp_path / name, cifar_mini_dir, "wrn-10-1", method, teacher if method != "baseline" else None,
+                       epochs=1, train_subset=2048)
+             for name, method in (("baseline", "baseline"), ("at", "at-sum-p2"))]
+    spec_file = _spec_file(tmp_path / "cohort.yaml", specs)
+    proc = subprocess.Popen(_cli(spec_file), env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    # the MLflow run ids appear once training is about to start; epoch 1 has 64 steps
+    ids = [Path(s["out_dir"]) / "mlflow_run_id" for s in specs]
+    while not all(p.exists() for p in ids):
+        assert proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED
+    saved = [checkpoint.load(Path(s["out_dir"]) / "last.pt") for s in specs]
+    positions = {(s["epoch"], s["step"]) for s in saved}
+    assert len(positions) == 1 and 0 < saved[0]["step"] < 64, f"expected one mid-epoch position, got {positions}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Finished runs
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_left_alone_and_outputs_come_back_from_the_final_state(tmp_path, cifar_mini_dir, teacher):
+    own_teacher = tmp_path / "teacher.pt"
+    shutil.copy(teacher, own_teacher)
+    specs = members(tmp_path / "c", cifar_mini_dir, own_teacher, epochs=1)[:2]
+    train_cohort(specs, Options(progress=False, threads=1))
+    out = Path(specs[1]["out_dir"])
+    before = {name: (out / name).read_bytes() for name in ("checkpoint.pt", "metrics.json", "history.csv")}
+    mtimes = {name: (out / name).stat().st_mtime_ns for name in before}
+    spec_file = _spec_file(tmp_path / "c.yaml", specs)
+
+    again = subprocess.run(_cli(spec_file), env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("already finished") == 2 and "epoch 1/1" not in again.stdout
+    assert {name: (out / name).stat().st_mtime_ns for name in before} == mtimes, "a finished run must not be touched"
+
+    # Snakemake and DVC delete a job's outputs before re-running it (a run added to its cohort):
+    # the outputs come back from the final state, identical, without training
+    for name in before:
+        (out / name).unlink()
+    again = subprocess.run(_cli(spec_file), env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "writing its outputs again" in again.stdout and "epoch 1/1" not in again.stdout
+    assert {name: (out / name).read_bytes() for name in ("metrics.json", "history.csv")} == \
+        {name: before[name] for name in ("metrics.json", "history.csv")}
+    restored, original = checkpoint.load(out / "checkpoint.pt"), torch.load(io.BytesIO(before["checkpoint.pt"]))
+    assert restored.keys() == original.keys() and restored["history"] == original["history"]
+    assert all(torch.equal(restored["model"][k], original["model"][k]) for k in original["model"])
+
+    # a retrained teacher (same path, other bytes) is a changed run: its student trains again
+    saved_teacher = checkpoint.load(own_teacher)
+    saved_teacher["model"] = {k: v * 1.01 if v.is_floating_point() else v for k, v in saved_teacher["model"].items()}
+    checkpoint.save(saved_teacher, own_teacher)
+    again = subprocess.run(_cli(spec_file), env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("already finished") == 1 and again.stdout.count("epoch 1/1") == 1, again.stdout
+
+    forced = subprocess.run(_cli(spec_file, "--force"), env=_env(tmp_path), cwd=tmp_path, capture_output=True,
+                            text=True)
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stdout.count("epoch 1/1") == 2
+    assert_same_run(out, out)  # still loadable and whole
