@@ -108,7 +108,7 @@ def _manual_total(spec, objective, student, teacher, x, y, progress):
         elif kind == "factt":
             value = 0.0
             for i in (0, 1):
-                w = objective.factt_projections[str(i)].proj.weight
+                w = objective.term_state["factt"][str(i)].proj.weight
                 s = F.normalize(F.conv2d(s_taps[i], w).flatten(1))
                 t = F.normalize(t_taps[i].flatten(1))
                 value = value + (s - t).pow(2).sum(1).mean() / (s_taps[i].shape[2] * s_taps[i].shape[3])
@@ -216,9 +216,9 @@ BAD_SPECS = [
     ({"terms": []}, "non-empty list"),
     ({"terms": [{"type": "ce"}], "name": "x"}, "unknown key 'name'"),
     ({"terms": ["ce"]}, "must be a mapping"),
-    ({"terms": [{"type": "attention"}]}, "unknown type 'attention'; allowed: ce, kd, at"),
-    ({"terms": [{"beta": 1}]}, "unknown type None"),
-    ({"terms": [_at(mappin="sum")]}, "unknown key 'mappin'; allowed: beta, form, layers, mapping, p"),
+    ({"terms": [{"type": "attention"}]}, "unknown term type 'attention'; allowed: ce, kd, at, factt, grad_at, symmetry, min_l2"),
+    ({"terms": [{"beta": 1}]}, "unknown term type None"),
+    ({"terms": [_at(mappin="sum")]}, "unknown key 'mappin'; allowed: beta, form, layers, mapping, name, p, schedule, type"),
     ({"terms": [_at(mapping="mean")]}, "unknown mapping 'mean'; allowed: sum, max"),
     ({"terms": [_at(p=0)]}, "p must be a finite number > 0, got 0"),
     ({"terms": [_at(p=-2)]}, "p must be"),
@@ -298,7 +298,7 @@ def test_objective_owns_only_the_projections():
     student, teacher = _nets()
     objective = Objective({"terms": METHODS["factt"]}, student, teacher, INPUT_SHAPE)
     # student taps (2, 8, 8) and (4, 4, 4), teacher (3, 8, 8) and (6, 4, 4): two 1x1 convs
-    assert sorted(objective.state_dict()) == ["factt_projections.0.proj.weight", "factt_projections.1.proj.weight"]
+    assert sorted(objective.state_dict()) == ["term_state.factt.0.proj.weight", "term_state.factt.1.proj.weight"]
     assert [tuple(p.shape) for p in objective.parameters()] == [(3, 2, 1, 1), (6, 4, 1, 1)]
     assert all(p.dtype == torch.float64 for p in objective.parameters())
     assert list(Objective({"terms": METHODS["at-sum-p2"]}, student, teacher, INPUT_SHAPE).parameters()) == []
