@@ -6,6 +6,12 @@ A method spec is a plain dict (from YAML):
                {"type": "at", "mapping": "sum", "p": 2, "form": "code", "beta": 1000,
                 "schedule": "lr"}]}
 
+Every term has a type (a TermType record of at.term_type's registry: the built-in ones are in
+at.terms, `register_term` adds more), an optional `name` (default: its type; unique in the
+method: it keys StepResult.terms), `beta` and `schedule`. A spec may list `plugins`: modules
+imported before its terms are checked, which register the term types they define (how a
+user's type reaches `python -m at train`).
+
 The step loss is sum_k beta_k * s_k(progress) * term_k, where s_k is the term's schedule:
 "constant" (1), "lr" (current lr / initial lr: the weight decays with the learning-rate drops;
 this is our choice for the paper's unpublished decaying beta of AT+KD), "linear"
@@ -24,7 +30,6 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import at.terms  # noqa: F401  (registers the built-in term types)
