@@ -16,11 +16,15 @@ equal normalised maps or distributions, and bf16 roundings of those maps change 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 from at.attention import MAPPINGS, at_loss
 from at.distill import ActivationProjection, factt_loss, kd_loss
+from at.method import Objective, Progress
 
 RTOL = 1e-5
 BF16_MISS = 1e-3
@@ -54,10 +58,11 @@ def _kd_formula(zs, zt, y, T, alpha):
 
 
 def _factt_formula(s, t):
+    height, width = s.shape[2:]
     s, t = s.flatten(1), t.flatten(1)
     s = s / s.pow(2).sum(dim=1, keepdim=True).sqrt()
     t = t / t.pow(2).sum(dim=1, keepdim=True).sqrt()
-    return (s - t).pow(2).sum(dim=1).mean() / 64  # H * W = 8 * 8
+    return (s - t).pow(2).sum(dim=1).mean() / (height * width)
 
 
 def _close_pair(shape, seed):
@@ -118,3 +123,49 @@ def test_factt_loss_under_bf16_autocast_matches_float64():
         ours = factt_loss(projected, t)
     assert projected.dtype == torch.bfloat16
     _check(ours, projected.detach(), t, _factt_formula)
+
+
+class _ConvTaps(nn.Module):
+    """conv-tanh (8x8 tap) -> conv stride 2-tanh (4x4 tap) -> mean -> linear; no BN, so a
+    second forward pass gives the same taps."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        a = torch.tanh(self.conv1(x))
+        b = torch.tanh(self.conv2(a))
+        return self.fc(b.mean((2, 3))), [a, b]
+
+
+def test_objective_terms_under_bf16_autocast_match_float64_from_the_networks_outputs():
+    # the student is the teacher with its weights moved by 2%: close, as above
+    torch.manual_seed(0)
+    teacher = _ConvTaps().eval().requires_grad_(False)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    with torch.no_grad():
+        for w in student.parameters():
+            w.add_(CLOSENESS * w.abs().mean() * torch.randn_like(w))
+    spec = {"terms": [{"type": "kd"}, {"type": "at", "schedule": "lr"}, {"type": "factt", "name": "factt_1",
+                                                                          "layers": [1], "beta": 10.0}]}
+    objective = Objective(spec, student, teacher, (3, 8, 8))
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    progress = Progress(0, 2, lr_factor=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = objective(x, y, progress)
+        s_logits, s_taps = student(x)
+        t_logits, t_taps = teacher(x)
+    assert all(a.dtype == torch.bfloat16 for a in [s_logits, t_logits, *s_taps, *t_taps])
+    assert all(v.dtype == torch.float32 for v in result.terms.values())
+    d = [a.detach().double() for a in (s_logits, t_logits, *s_taps, *t_taps)]
+    s_logits, t_logits, s_taps, t_taps = d[0], d[1], d[2:4], d[4:6]
+    reference = {
+        "kd": _kd_formula(s_logits, t_logits, y, 4, 0.9),
+        "at": 1000 * 0.5 * sum(_at_formula(s_taps[i], t_taps[i], "sum", 2, "code") for i in (0, 1)),
+        "factt_1": 10 * _factt_formula(s_taps[1], t_taps[1]),  # equal widths: no projection
+    }
+    for name, value in reference.items():
+        assert _relative(result.terms[name], value) < RTOL, (name, _relative(result.terms[name], value))
