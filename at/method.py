@@ -147,7 +147,9 @@ def _check_term(index: int, raw: object) -> Term:
         schedule = one_of(SCHEDULES)("schedule", raw.get("schedule", "constant"))
         name = raw.get("name", record.name)
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-            raise ValueError(f"name must be letters, digits, '_' or '-' (not starting with a digit or '-'), got {name!r}")
+            raise ValueError(
+                f"name must be letters, digits, '_' or '-' (not starting with a digit or '-'), got {name!r}"
+            )
         if hasattr(nn.ModuleDict(), name):
             raise ValueError(f"name {name!r} is taken by torch's ModuleDict, which holds term state; choose another")
     except ValueError as e:
