@@ -24,6 +24,7 @@ it); `Objective` builds the terms for a given student/teacher pair and computes 
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import math
 import re
@@ -140,7 +141,7 @@ def _check_term(index: int, raw: object) -> Term:
             elif option.default is REQUIRED:
                 raise ValueError(f"key {key!r} is required (term type {record.name!r} has no default)")
             else:
-                options[key] = option.default
+                options[key] = copy.deepcopy(option.default)  # a list default is not shared
         if "beta" not in raw and record.beta is REQUIRED:
             raise ValueError(f"key 'beta' is required (term type {record.name!r} has no default weight)")
         beta = non_negative_number("beta", raw.get("beta", record.beta))
