@@ -8,6 +8,8 @@ L2-normalised per sample:
     F_max^p(A) = max_c |A_c|^p          (mapping="max")
     Q = vec(F(A)) / ||vec(F(A))||_2
 
+The mappings are the registry MAPPINGS (name -> function); `register_mapping` adds one.
+
 Gradient-based attention (section 3.2): the attention of a network W on an input x is the input
 gradient J = dL(W, x)/dx, and a loss on J is trained by double backpropagation.
 
@@ -18,13 +20,15 @@ the method spec (see at.method), not here.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-MAPPINGS = ("sum", "max")
+from at.registry import Registry
+
 FORMS = ("code", "paper")
 
 # Same floor as F.normalize's default: an all-zero map stays all-zero instead of 0/0 = NaN.
@@ -32,9 +36,8 @@ NORM_EPS = 1e-12
 
 
 def check_mapping(mapping: str, p: float) -> None:
-    """Raise ValueError unless `mapping` is a known mapping and `p` a positive number."""
-    if mapping not in MAPPINGS:
-        raise ValueError(f"unknown attention mapping {mapping!r}; allowed: {', '.join(MAPPINGS)}")
+    """Raise ValueError unless `mapping` is a registered mapping and `p` a positive number."""
+    MAPPINGS.get_or_raise(mapping)
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0 or p == float("inf"):
         raise ValueError(f"attention exponent p must be a finite number > 0, got {p!r}")
 
@@ -60,7 +63,8 @@ def full_precision(t: Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _abs_pow(a: Tensor, p: float) -> Tensor:
+def abs_pow(a: Tensor, p: float) -> Tensor:
+    """|a|^p elementwise, with a zero (not NaN) gradient at a == 0 for 0 < p < 1."""
     a = a.abs()
     if p == 1:
         return a
@@ -73,19 +77,67 @@ def _abs_pow(a: Tensor, p: float) -> Tensor:
     return torch.where(nonzero, safe.pow(p), torch.zeros_like(a))
 
 
+# ---------------------------------------------------------------------------------------------
+# Mappings: name -> F(activation, p), (B, C, H, W) -> (B, H, W), before normalisation. They get
+# the activation in at least float32 with autocast off.
+
+Mapping = Callable[[Tensor, float], Tensor]
+
+
+def _check_mapping_entry(name: str, function: object) -> None:
+    if not callable(function):
+        raise TypeError(f"attention mapping {name!r} needs a function F(activation, p), got {function!r}")
+    try:
+        inspect.signature(function).bind(None, None)
+    except TypeError as e:
+        raise TypeError(f"attention mapping {name!r}: its function must take (activation, p): {e}") from None
+    except ValueError:  # a builtin without a signature: accept, the first call will tell
+        pass
+
+
+MAPPINGS: Registry[Mapping] = Registry("attention mapping", _check_mapping_entry)
+
+
+def register_mapping(name: str, function: Mapping) -> Mapping:
+    """Make `name` a mapping of `at_loss`/`attention_map` (and of the `at` term's `mapping` key).
+
+    `function(activation, p)` reduces a (B, C, H, W) activation over its channels to (B, H, W);
+    it receives the activation in at least float32 with autocast off, and the result is
+    L2-normalised by `attention_map`. Use `abs_pow` for |A|^p.
+    """
+    return MAPPINGS.register(name, function)
+
+
+def _sum_map(activation: Tensor, p: float) -> Tensor:
+    return abs_pow(activation, p).sum(dim=1)
+
+
+def _max_map(activation: Tensor, p: float) -> Tensor:
+    return abs_pow(activation, p).amax(dim=1)
+
+
+register_mapping("sum", _sum_map)
+register_mapping("max", _max_map)
+
+
 def attention_map(activation: Tensor, mapping: str = "sum", p: float = 2) -> Tensor:
     """(B, C, H, W) activation -> (B, H*W) attention map, L2-normalised per sample.
 
     Computed in at least float32 even under autocast. An all-zero map stays zero (no NaN).
     """
     check_mapping(mapping, p)
+    reduce_channels = MAPPINGS[mapping]
     if activation.ndim != 4:
         raise ValueError(
             f"attention_map expects a (B, C, H, W) activation, got shape {tuple(activation.shape)}"
         )
     with full_precision(activation):
-        powered = _abs_pow(at_least_float32(activation), p)
-        reduced = powered.sum(dim=1) if mapping == "sum" else powered.amax(dim=1)
+        reduced = reduce_channels(at_least_float32(activation), p)
+        expected = (activation.shape[0], *activation.shape[2:])
+        if tuple(reduced.shape) != expected:
+            raise ValueError(
+                f"attention mapping {mapping!r} returned shape {tuple(reduced.shape)}, expected (B, H, W) = {expected}"
+            )
         return F.normalize(reduced.flatten(1), p=2, dim=1, eps=NORM_EPS)
 
 
@@ -217,11 +269,13 @@ def min_l2_loss(j: Tensor) -> Tensor:
 __all__ = [
     "FORMS",
     "MAPPINGS",
+    "abs_pow",
     "at_loss",
     "attention_map",
     "forward_with_input_gradient",
     "grad_at_loss",
     "input_gradient",
     "min_l2_loss",
+    "register_mapping",
     "symmetry_loss",
 ]

@@ -6,6 +6,12 @@ A method spec is a plain dict (from YAML):
                {"type": "at", "mapping": "sum", "p": 2, "form": "code", "beta": 1000,
                 "schedule": "lr"}]}
 
+Every term has a type (a TermType record of at.term_type's registry: the built-in ones are in
+at.terms, `register_term` adds more), an optional `name` (default: its type; unique in the
+method: it keys StepResult.terms), `beta` and `schedule`. A spec may list `plugins`: modules
+imported before its terms are checked, which register the term types they define (how a
+user's type reaches `python -m at train`).
+
 The step loss is sum_k beta_k * s_k(progress) * term_k, where s_k is the term's schedule:
 "constant" (1), "lr" (current lr / initial lr: the weight decays with the learning-rate drops;
 this is our choice for the paper's unpublished decaying beta of AT+KD), "linear"
@@ -18,49 +24,34 @@ it); `Objective` builds the terms for a given student/teacher pair and computes 
 from __future__ import annotations
 
 import contextlib
+import copy
+import importlib
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from at.attention import (
-    FORMS,
-    MAPPINGS,
-    at_least_float32,
-    at_loss,
-    check_form,
-    check_mapping,
-    forward_with_input_gradient,
-    full_precision,
-    grad_at_loss,
-    min_l2_loss,
-    symmetry_loss,
+import at.terms  # noqa: F401  (registers the built-in term types)
+from at.attention import at_least_float32, forward_with_input_gradient, full_precision
+from at.term_type import (
+    COMMON_KEYS,
+    REQUIRED,
+    TERM_TYPES,
+    BoundTerm,
+    StepInputs,
+    TermType,
+    non_negative_number,
+    one_of,
+    register_term,
 )
-from at.distill import ActivationProjection, check_kd_params, factt_loss, kd_loss
 
-_REQUIRED = object()  # a key without default: the paper gives no value, the spec must
-
-
-# Term type -> its keys and their defaults (besides "type" and "schedule", which every term has).
-# Defaults: ce/kd/at from the paper and the authors' code (T=4, alpha=0.9, beta=1000 with the
-# "code" form). factt: beta=1000 because our F-ActT is normalised to the same range as AT's
-# "code" form (see at.distill). The gradient terms' weights were never published: required.
-TERM_KEYS: dict[str, dict[str, object]] = {
-    "ce": {"beta": 1.0},
-    "kd": {"T": 4.0, "alpha": 0.9, "beta": 1.0},
-    "at": {"mapping": "sum", "p": 2, "form": "code", "beta": 1000.0, "layers": "all"},
-    "factt": {"beta": 1000.0, "layers": "all"},
-    "grad_at": {"beta": _REQUIRED},
-    "symmetry": {"beta": _REQUIRED},
-    "min_l2": {"beta": _REQUIRED},
-}
-TERM_TYPES = tuple(TERM_KEYS)
 SCHEDULES = ("constant", "lr", "linear")
-TEACHER_TERMS = frozenset({"kd", "at", "factt", "grad_at"})
-TAP_TERMS = frozenset({"at", "factt"})
-GRADIENT_TERMS = frozenset({"grad_at", "symmetry", "min_l2"})
+SPEC_KEYS = ("terms", "plugins")
+# A term's name keys StepResult.terms, the history.csv column loss_<name>, the MLflow metric and
+# (for terms with state) a submodule of the Objective: letters, digits, _ and -, not a dot.
+NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
 @dataclass(frozen=True)
@@ -83,7 +74,7 @@ class Progress:
 @dataclass
 class StepResult:
     """loss: the step's total (to backpropagate); logits: the student's on x; terms: each
-    term's WEIGHTED contribution beta_eff * term, detached, keyed by term type."""
+    term's WEIGHTED contribution beta_eff * term, detached, keyed by term name."""
 
     loss: Tensor
     logits: Tensor
@@ -103,8 +94,10 @@ class TeacherOutput:
 
 @dataclass(frozen=True)
 class Term:
-    """One resolved term of a method: its type, weight, schedule and type-specific options."""
+    """One resolved term of a method: its name (unique in the method; default: its type), type,
+    weight, schedule and type-specific options (defaults filled in)."""
 
+    name: str
     type: str
     beta: float
     schedule: str
@@ -129,90 +122,89 @@ def schedule_factor(schedule: str, progress: Progress) -> float:
 # Spec checking
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_term(index: int, raw: object) -> Term:
     where = f"method term {index}"
     if not isinstance(raw, dict):
         raise ValueError(f"{where} must be a mapping with a 'type' key, got {raw!r}")
-    kind = raw.get("type")
-    if kind not in TERM_KEYS:
-        raise ValueError(f"{where}: unknown type {kind!r}; allowed: {', '.join(TERM_TYPES)}")
-    where = f"method term {index} (type {kind!r})"
-    allowed = {"type", "schedule", *TERM_KEYS[kind]}
+    record = _known_type(where, raw.get("type"))
+    where = f"method term {index} (type {record.name!r})"
+    keys = record.keys()
+    allowed = [*COMMON_KEYS, *keys]
     for key in raw:
         if key not in allowed:
             raise ValueError(f"{where}: unknown key {key!r}; allowed: {', '.join(sorted(allowed))}")
-    values = {}
-    for key, default in TERM_KEYS[kind].items():
-        if key in raw:
-            values[key] = raw[key]
-        elif default is _REQUIRED:
-            raise ValueError(f"{where}: key {key!r} is required (the paper gives no value)")
-        else:
-            values[key] = default
-
-    beta = values.pop("beta")
-    if not _is_number(beta) or beta < 0:
-        raise ValueError(f"{where}: beta must be a finite number >= 0, got {beta!r}")
-    schedule = raw.get("schedule", "constant")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"{where}: unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
-
-    if "mapping" in values and values["mapping"] not in MAPPINGS:
-        raise ValueError(
-            f"{where}: unknown mapping {values['mapping']!r}; allowed: {', '.join(MAPPINGS)}"
-        )
-    if "p" in values and (not _is_number(values["p"]) or values["p"] <= 0):
-        raise ValueError(f"{where}: p must be a finite number > 0, got {values['p']!r}")
-    if "form" in values and values["form"] not in FORMS:
-        raise ValueError(f"{where}: unknown form {values['form']!r}; allowed: {', '.join(FORMS)}")
-    if "T" in values and (not _is_number(values["T"]) or values["T"] <= 0):
-        raise ValueError(f"{where}: T must be a finite number > 0, got {values['T']!r}")
-    if "alpha" in values and (not _is_number(values["alpha"]) or not 0 <= values["alpha"] <= 1):
-        raise ValueError(f"{where}: alpha must be a number in [0, 1], got {values['alpha']!r}")
-    if "layers" in values:
-        layers = values["layers"]
-        ok = layers == "all" or (
-            isinstance(layers, list)
-            and len(layers) > 0
-            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
-            and len(set(layers)) == len(layers)
-        )
-        if not ok:
+    try:
+        options = {}
+        for key, option in keys.items():
+            if key in raw:
+                options[key] = option.check(key, raw[key])
+            elif option.default is REQUIRED:
+                raise ValueError(f"key {key!r} is required (term type {record.name!r} has no default)")
+            else:
+                options[key] = copy.deepcopy(option.default)  # a list default is not shared
+        if "beta" not in raw and record.beta is REQUIRED:
+            raise ValueError(f"key 'beta' is required (term type {record.name!r} has no default weight)")
+        beta = non_negative_number("beta", raw.get("beta", record.beta))
+        schedule = one_of(SCHEDULES)("schedule", raw.get("schedule", "constant"))
+        name = raw.get("name", record.name)
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             raise ValueError(
-                f"{where}: layers must be 'all' or a non-empty list of distinct tap indices "
-                f">= 0, got {layers!r}"
+                f"name must be letters, digits, '_' or '-' (not starting with a digit or '-'), got {name!r}"
             )
-        values["layers"] = "all" if layers == "all" else list(layers)
-    # The library functions check again; calling them keeps one definition of what is valid.
-    if kind == "at":
-        check_mapping(values["mapping"], values["p"])
-        check_form(values["form"])
-    if kind == "kd":
-        check_kd_params(values["T"], values["alpha"])
-    return Term(type=kind, beta=float(beta), schedule=schedule, options=values)
+        if hasattr(nn.ModuleDict(), name):
+            raise ValueError(f"name {name!r} is taken by torch's ModuleDict, which holds term state; choose another")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return Term(name=name, type=record.name, beta=float(beta), schedule=schedule, options=options)
+
+
+def _known_type(where: str, kind: object) -> TermType:
+    try:
+        return TERM_TYPES.get_or_raise(kind)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def import_plugins(modules: object) -> None:
+    """Import the modules of a method's `plugins` list: each registers its term types (and
+    attention mappings) at import. They must be importable where the spec is read, i.e. by
+    `python -m at train`: installed, or on PYTHONPATH (the repository root is on it when
+    Snakemake runs the workflow)."""
+    if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
+        raise ValueError(f"method spec: plugins must be a list of importable module names, got {modules!r}")
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # one clear line, whatever went wrong inside the plugin
+            raise ValueError(
+                f"method spec: plugin {module!r} could not be imported ({type(e).__name__}: {e}); "
+                "it must be importable by `python -m at train` (installed, or on PYTHONPATH)"
+            ) from e
 
 
 def resolve_method(spec: object) -> list[Term]:
-    """Check a method spec and return its terms with defaults filled in."""
+    """Check a method spec and return its terms with defaults filled in (importing its plugins
+    first, so that the term types they register are known)."""
     if not isinstance(spec, dict):
         raise ValueError(f"a method spec must be a mapping with key 'terms', got {spec!r}")
     for key in spec:
-        if key != "terms":
-            raise ValueError(f"method spec: unknown key {key!r}; allowed: terms")
+        if key not in SPEC_KEYS:
+            raise ValueError(f"method spec: unknown key {key!r}; allowed: {', '.join(SPEC_KEYS)}")
+    if "plugins" in spec:
+        import_plugins(spec["plugins"])
     raw_terms = spec.get("terms")
     if not isinstance(raw_terms, list) or not raw_terms:
         raise ValueError(f"method spec: 'terms' must be a non-empty list, got {raw_terms!r}")
     terms = [_check_term(i, raw) for i, raw in enumerate(raw_terms)]
     seen: set[str] = set()
     for term in terms:
-        # Terms are reported by type (history.csv columns loss_<type>): one of each.
-        if term.type in seen:
-            raise ValueError(f"method spec: term type {term.type!r} appears twice; give each type once")
-        seen.add(term.type)
+        # Terms are reported by name (history.csv columns loss_<name>): one term per name.
+        if term.name in seen:
+            raise ValueError(
+                f"method spec: term name {term.name!r} appears twice; give the terms distinct "
+                "'name' keys (a term's name defaults to its type)"
+            )
+        seen.add(term.name)
     return terms
 
 
@@ -224,13 +216,13 @@ def validate_method(spec: object) -> None:
 
 
 def requires_teacher(spec: object) -> bool:
-    """Whether the method has a term that needs a teacher (kd, at, factt, grad_at)."""
-    return any(term.type in TEACHER_TERMS for term in resolve_method(spec))
+    """Whether the method has a term whose type needs a teacher (kd, at, factt, grad_at, ...)."""
+    return any(TERM_TYPES[term.type].needs_teacher for term in resolve_method(spec))
 
 
 def term_names(spec: object) -> list[str]:
     """The keys of StepResult.terms for this method, in spec order."""
-    return [term.type for term in resolve_method(spec)]
+    return [term.name for term in resolve_method(spec)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,17 +258,19 @@ def _dry_run(model: nn.Module, input_shape: tuple[int, ...], who: str) -> tuple[
 class Objective(nn.Module):
     """The loss of one training step of a method, for one student (and teacher).
 
-    Its only parameters/state are the F-ActT projections: add `objective.parameters()` to the
-    optimizer and save `objective.state_dict()` in the checkpoint. The student and teacher are
-    kept outside its module tree (their state dicts stay separate); the trainer owns them,
-    moves them to the device, freezes the teacher (eval mode, requires_grad False: checked at
-    every step) and sets the student's mode.
+    Its only parameters/state are those of its terms (the F-ActT projections), in the
+    submodule `term_state.<term name>`: add `objective.parameters()` to the optimizer and save
+    `objective.state_dict()` in the checkpoint. The student and teacher are kept outside its
+    module tree (their state dicts stay separate); the trainer owns them, moves them to the
+    device, freezes the teacher (eval mode, requires_grad False: checked at every step) and
+    sets the student's mode.
 
     Precision: without gradient terms the networks run under the caller's autocast and every
-    loss is computed in float32. With a gradient term (grad_at, symmetry, min_l2) the whole
-    step, networks included, runs with autocast off (float32): the input gradients are
-    differentiated a second time, and we prefer an exact double backprop to bf16 speed there
-    (the paper's gradient experiments use the small NIN-thin).
+    loss is computed in float32. With a gradient term (one that reads input gradients:
+    grad_at, symmetry, min_l2) the whole step, networks included, runs with autocast off
+    (float32): the input gradients are differentiated a second time, and we prefer an exact
+    double backprop to bf16 speed there (the paper's gradient experiments use the small
+    NIN-thin).
     """
 
     def __init__(
@@ -288,63 +282,74 @@ class Objective(nn.Module):
     ) -> None:
         super().__init__()
         self.terms = resolve_method(spec)
-        kinds = {term.type for term in self.terms}
-        need_teacher = sorted(kinds & TEACHER_TERMS)
+        self._types = [TERM_TYPES[term.type] for term in self.terms]
+        need_teacher = [term.name for term, kind in zip(self.terms, self._types) if kind.needs_teacher]
         if need_teacher and teacher is None:
             raise ValueError(f"method terms {need_teacher} need a teacher, but none was given")
         self.needs_teacher = bool(need_teacher)
-        self.needs_teacher_gradient = "grad_at" in kinds
-        self.has_gradient_terms = bool(kinds & GRADIENT_TERMS)
+        self._gradients = frozenset().union(*(kind.input_gradients for kind in self._types))
+        self.needs_teacher_gradient = "teacher" in self._gradients
+        self.has_gradient_terms = bool(self._gradients)
         # A plain tuple: nn.Module does not register what it holds as submodules.
         self._nets = (student, teacher if self.needs_teacher else None)
-        self.factt_projections = nn.ModuleDict()
-        self.layers: dict[str, list[int]] = {}
-        if kinds & (TAP_TERMS | {"kd"}):
+        self.term_state = nn.ModuleDict()
+        self._bound = [BoundTerm(term.name, term.options) for term in self.terms]
+        if any(kind.compares_logits or kind.tap_pairs for kind in self._types):
             self._check_shapes(tuple(input_shape))
 
     @property
     def term_names(self) -> list[str]:
-        return [term.type for term in self.terms]
+        return [term.name for term in self.terms]
 
     def _check_shapes(self, input_shape: tuple[int, ...]) -> None:
+        """Check what each term compares on a dry run, pick its tap pairs and build its state."""
         student, teacher = self._nets
         s_logits, s_taps = _dry_run(student, input_shape, "student")
         t_logits, t_taps = _dry_run(teacher, input_shape, "teacher")
-        for term in self.terms:
-            if term.type == "kd" and s_logits.shape != t_logits.shape:
+        for term, kind, bound in zip(self.terms, self._types, self._bound):
+            where = f"term {term.name!r}"
+            if kind.compares_logits and s_logits.shape != t_logits.shape:
                 raise ValueError(
-                    f"term 'kd': student logits {tuple(s_logits.shape[1:])} and teacher logits "
+                    f"{where}: student logits {tuple(s_logits.shape[1:])} and teacher logits "
                     f"{tuple(t_logits.shape[1:])} differ in the number of classes"
                 )
-            if term.type not in TAP_TERMS:
+            if not kind.tap_pairs:
                 continue
             layers = term.options["layers"]
             if layers == "all":
                 if len(s_taps) != len(t_taps):
                     raise ValueError(
-                        f"term {term.type!r} with layers 'all': the student has {len(s_taps)} taps "
+                        f"{where} with layers 'all': the student has {len(s_taps)} taps "
                         f"and the teacher {len(t_taps)}; list the tap indices to pair"
                     )
                 layers = list(range(len(s_taps)))
+            pairs = []
             for i in layers:
                 if i >= len(s_taps) or i >= len(t_taps):
                     raise ValueError(
-                        f"term {term.type!r}: tap index {i} out of range (student has "
+                        f"{where}: tap index {i} out of range (student has "
                         f"{len(s_taps)} taps, teacher {len(t_taps)})"
                     )
                 s_shape, t_shape = tuple(s_taps[i].shape[1:]), tuple(t_taps[i].shape[1:])
-                if len(s_shape) != 3 or len(t_shape) != 3 or s_shape[1:] != t_shape[1:]:
+                if len(s_shape) != 3 or len(t_shape) != 3:
                     raise ValueError(
-                        f"term {term.type!r}: tap {i} has (C, H, W) {s_shape} in the student and "
+                        f"{where}: tap {i} must be (C, H, W) activations, got {s_shape} in the "
+                        f"student and {t_shape} in the teacher"
+                    )
+                if kind.same_spatial and s_shape[1:] != t_shape[1:]:
+                    raise ValueError(
+                        f"{where}: tap {i} has (C, H, W) {s_shape} in the student and "
                         f"{t_shape} in the teacher; spatial sizes must match"
                     )
-                if term.type == "factt":
-                    projection = ActivationProjection(s_shape[0], t_shape[0])
-                    first = next(iter(student.parameters()), None)
-                    if first is not None:
-                        projection = projection.to(device=first.device, dtype=first.dtype)
-                    self.factt_projections[str(i)] = projection
-            self.layers[term.type] = list(layers)
+                pairs.append((i, s_shape, t_shape))
+            bound.layers = list(layers)
+            if kind.build is not None:
+                state = kind.build(pairs)
+                first = next(iter(student.parameters()), None)
+                if first is not None:
+                    state = state.to(device=first.device, dtype=first.dtype)
+                self.term_state[term.name] = state
+                bound.state = state
 
     def _check_frozen(self, teacher: nn.Module) -> None:
         if any(module.training for module in teacher.modules()):
@@ -386,67 +391,47 @@ class Objective(nn.Module):
         student = self._nets[0]
         if self.needs_teacher and teacher_output is None:
             teacher_output = self.teacher_output(x, y)
-        kinds = {term.type for term in self.terms}
-        j = {}
+        gradients: dict[str, Tensor] = {}
         t_logits = t_taps = None
         if teacher_output is not None:
             t_logits, t_taps = teacher_output.logits, teacher_output.taps
-            j["teacher"] = teacher_output.input_gradient
+            if teacher_output.input_gradient is not None:
+                gradients["teacher"] = teacher_output.input_gradient
         with self._precision(x):
             if self.has_gradient_terms:
                 x = at_least_float32(x)
-                output, j["student"] = forward_with_input_gradient(student, x, y, create_graph=True)
+            if self._gradients & {"student", "student_flipped"}:
+                output, gradients["student"] = forward_with_input_gradient(student, x, y, create_graph=True)
                 s_logits, s_taps = _split_output(output, "student")
-                if "symmetry" in kinds:
-                    _, j["student_flipped"] = forward_with_input_gradient(
+                if "student_flipped" in self._gradients:
+                    _, gradients["student_flipped"] = forward_with_input_gradient(
                         student, x.flip(-1), y, create_graph=True
                     )
             else:
                 s_logits, s_taps = _split_output(student(x), "student")
+            step = StepInputs(y, s_logits, s_taps, t_logits, t_taps, gradients)
 
             contributions: dict[str, Tensor] = {}
-            for term in self.terms:
-                value = self._term_value(term, y, s_logits, s_taps, t_logits, t_taps, j)
-                contributions[term.type] = (term.beta * term.factor(progress)) * value
+            for term, kind, bound in zip(self.terms, self._types, self._bound):
+                contributions[term.name] = (term.beta * term.factor(progress)) * kind.value(step, bound)
             loss = sum(contributions.values())
         terms = {name: value.detach() for name, value in contributions.items()}
         return StepResult(loss=loss, logits=s_logits, terms=terms)
 
-    def _term_value(self, term, y, s_logits, s_taps, t_logits, t_taps, j) -> Tensor:
-        o = term.options
-        if term.type == "ce":
-            return F.cross_entropy(at_least_float32(s_logits), y)
-        if term.type == "kd":
-            return kd_loss(s_logits, t_logits, y, T=o["T"], alpha=o["alpha"])
-        if term.type == "at":
-            return sum(
-                at_loss(s_taps[i], t_taps[i], mapping=o["mapping"], p=o["p"], form=o["form"])
-                for i in self.layers["at"]
-            )
-        if term.type == "factt":
-            return sum(
-                factt_loss(self.factt_projections[str(i)](s_taps[i]), t_taps[i])
-                for i in self.layers["factt"]
-            )
-        if term.type == "grad_at":
-            return grad_at_loss(j["student"], j["teacher"])
-        if term.type == "symmetry":
-            return symmetry_loss(j["student"], j["student_flipped"])
-        if term.type == "min_l2":
-            return min_l2_loss(j["student"])
-        raise AssertionError(f"unhandled term type {term.type!r}")  # resolve_method forbids it
-
 
 __all__ = [
-    "GRADIENT_TERMS",
     "SCHEDULES",
-    "TEACHER_TERMS",
     "TERM_TYPES",
+    "BoundTerm",
     "Objective",
     "Progress",
+    "StepInputs",
     "StepResult",
     "TeacherOutput",
     "Term",
+    "TermType",
+    "import_plugins",
+    "register_term",
     "requires_teacher",
     "resolve_method",
     "schedule_factor",

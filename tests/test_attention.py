@@ -12,11 +12,14 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.func import functional_call
 
 from at.attention import (
+    MAPPINGS,
+    abs_pow,
     at_loss,
     attention_map,
     grad_at_loss,
     input_gradient,
     min_l2_loss,
+    register_mapping,
     symmetry_loss,
 )
 
@@ -41,6 +44,53 @@ def test_attention_map_hand_worked(mapping, p):
     got = attention_map(HAND, mapping=mapping, p=p)
     assert got.shape == (1, 4)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+# Every registered mapping, worked by hand on HAND before normalisation: (p, raw map) pairs. A
+# mapping registered without a hand case here fails the test below.
+HAND_BY_MAPPING = {
+    "sum": [(1, [3, 3, 1, 3]), (2, [5, 5, 1, 9]), (0.5, [1 + 2**0.5, 2**0.5 + 1, 1, 3**0.5])],
+    "max": [(1, [2, 2, 1, 3]), (2, [4, 4, 1, 9]), (0.5, [2**0.5, 2**0.5, 1, 3**0.5])],
+}
+
+
+def test_every_registered_mapping_equals_its_hand_computation():
+    assert list(MAPPINGS) == list(HAND_BY_MAPPING)
+    for mapping, cases in HAND_BY_MAPPING.items():
+        for p, raw in cases:
+            norm = math.sqrt(sum(v * v for v in raw))
+            expected = torch.tensor([[v / norm for v in raw]], dtype=torch.float64)
+            got = attention_map(HAND, mapping=mapping, p=p)
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=f"{mapping} p={p}")
+
+
+def test_a_new_mapping_is_one_registry_entry():
+    from at.method import validate_method
+
+    def min_map(activation, p):
+        return abs_pow(activation, p).amin(dim=1)
+
+    with pytest.raises(ValueError, match="unknown attention mapping 'min'; allowed: sum, max"):
+        attention_map(HAND, "min", 1)
+    register_mapping("min", min_map)
+    try:
+        # min_c |A_c| of HAND = [1, 1, 0, 0]: neither F_sum nor F_max, so no fallback can pass
+        expected = torch.tensor([[1, 1, 0, 0]], dtype=torch.float64) / math.sqrt(2)
+        torch.testing.assert_close(attention_map(HAND, "min", 1), expected, rtol=1e-12, atol=1e-12)
+        validate_method({"terms": [{"type": "at", "mapping": "min"}]})
+    finally:
+        MAPPINGS.unregister("min")
+    with pytest.raises(ValueError, match="unknown mapping 'min'; allowed: sum, max"):
+        validate_method({"terms": [{"type": "at", "mapping": "min"}]})
+
+
+def test_a_mapping_that_does_not_reduce_the_channels_is_refused():
+    register_mapping("identity", lambda activation, p: activation)
+    try:
+        with pytest.raises(ValueError, match=r"mapping 'identity' returned shape \(1, 2, 2, 2\), expected \(B, H, W\)"):
+            attention_map(HAND, "identity", 1)
+    finally:
+        MAPPINGS.unregister("identity")
 
 
 def test_sum_and_max_differ_and_p_matters():

@@ -7,12 +7,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from at.attention import at_loss
-from at.distill import kd_loss
+from at.attention import (
+    at_least_float32,
+    at_loss,
+    forward_with_input_gradient,
+    grad_at_loss,
+    min_l2_loss,
+    symmetry_loss,
+)
+from at.distill import factt_loss, kd_loss
 from at.method import (
     Objective,
     Progress,
     requires_teacher,
+    resolve_method,
     schedule_factor,
     term_names,
     validate_method,
@@ -108,7 +116,7 @@ def _manual_total(spec, objective, student, teacher, x, y, progress):
         elif kind == "factt":
             value = 0.0
             for i in (0, 1):
-                w = objective.factt_projections[str(i)].proj.weight
+                w = objective.term_state["factt"][str(i)].proj.weight
                 s = F.normalize(F.conv2d(s_taps[i], w).flatten(1))
                 t = F.normalize(t_taps[i].flatten(1))
                 value = value + (s - t).pow(2).sum(1).mean() / (s_taps[i].shape[2] * s_taps[i].shape[3])
@@ -159,6 +167,99 @@ def test_every_method_builds_and_total_equals_hand_sum(name):
     assert all(p.grad is None for p in teacher.parameters())
     for p in objective.parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def _pre_refactor_terms(spec, objective, student, teacher, x, y, progress):
+    """The step's weighted terms as at.method computed them before term types became records
+    (commit 90ee42e: one if-chain per type), from the same library calls in the same order."""
+    terms = resolve_method(spec)
+    kinds = {term.type for term in terms}
+    j = {}
+    if "grad_at" in kinds:
+        t_output, j["teacher"] = forward_with_input_gradient(teacher, x, y, create_graph=False)
+        t_logits, t_taps = t_output
+    elif kinds & {"kd", "at", "factt"}:
+        with torch.no_grad():
+            t_logits, t_taps = teacher(x)
+    if kinds & {"grad_at", "symmetry", "min_l2"}:
+        output, j["student"] = forward_with_input_gradient(student, x, y, create_graph=True)
+        s_logits, s_taps = output
+        if "symmetry" in kinds:
+            _, j["student_flipped"] = forward_with_input_gradient(student, x.flip(-1), y, create_graph=True)
+    else:
+        s_logits, s_taps = student(x)
+    contributions = {}
+    for term in terms:
+        o = term.options
+        layers = [0, 1] if o.get("layers") == "all" else o.get("layers")
+        if term.type == "ce":
+            value = F.cross_entropy(at_least_float32(s_logits), y)
+        elif term.type == "kd":
+            value = kd_loss(s_logits, t_logits, y, T=o["T"], alpha=o["alpha"])
+        elif term.type == "at":
+            value = sum(at_loss(s_taps[i], t_taps[i], mapping=o["mapping"], p=o["p"], form=o["form"]) for i in layers)
+        elif term.type == "factt":
+            value = sum(factt_loss(objective.term_state["factt"][str(i)](s_taps[i]), t_taps[i]) for i in layers)
+        elif term.type == "grad_at":
+            value = grad_at_loss(j["student"], j["teacher"])
+        elif term.type == "symmetry":
+            value = symmetry_loss(j["student"], j["student_flipped"])
+        else:
+            value = min_l2_loss(j["student"])
+        contributions[term.type] = (term.beta * schedule_factor(term.schedule, progress)) * value
+    return contributions
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_is_bit_identical_to_the_pre_refactor_composition(name):
+    spec = {"terms": copy.deepcopy(METHODS[name])}
+    student, teacher = _nets()
+    student.eval()  # the two computations must see the same BN statistics
+    objective = Objective(spec, student, teacher, input_shape=INPUT_SHAPE)
+    x, y = _batch()
+    result = objective(x, y, PROGRESS)
+    before = _pre_refactor_terms(spec, objective, student, teacher, x, y, PROGRESS)
+    assert list(result.terms) == list(before)
+    for key in before:
+        assert torch.equal(result.terms[key], before[key].detach()), key
+    assert torch.equal(result.loss.detach(), sum(before.values()).detach())
+
+
+def test_two_terms_of_one_type_coexist_under_distinct_names():
+    spec = {"terms": [
+        {"type": "ce"},
+        _at(name="at_early", layers=[0], p=2),
+        _at(name="at_late", layers=[1], mapping="max", p=4, beta=10.0, schedule="linear"),
+        {"type": "factt", "name": "factt_early", "layers": [0]},
+        {"type": "factt", "name": "factt_late", "layers": [1], "beta": 3.0},
+    ]}
+    assert term_names(spec) == ["ce", "at_early", "at_late", "factt_early", "factt_late"]
+    student, teacher = _nets()
+    student.eval()
+    objective = Objective(spec, student, teacher, INPUT_SHAPE)
+    # each F-ActT term owns the projection of its own layer only
+    assert sorted(objective.state_dict()) == [
+        "term_state.factt_early.0.proj.weight", "term_state.factt_late.1.proj.weight"]
+    x, y = _batch()
+    result = objective(x, y, PROGRESS)
+    assert list(result.terms) == term_names(spec) == objective.term_names
+    s_logits, s_taps = student(x)
+    t_logits, t_taps = teacher(x)
+
+    def q(a, reduce, p):  # the attention map, written out in float64
+        m = reduce(a.abs().pow(p))
+        return m.flatten(1) / m.flatten(1).norm(dim=1, keepdim=True)
+
+    early = ((q(s_taps[0], lambda a: a.sum(1), 2) - q(t_taps[0], lambda a: a.sum(1), 2)) ** 2).mean()
+    late = ((q(s_taps[1], lambda a: a.amax(1), 4) - q(t_taps[1], lambda a: a.amax(1), 4)) ** 2).mean()
+    torch.testing.assert_close(result.terms["at_early"], 1000 * early.detach(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(result.terms["at_late"], 10 * 0.7 * late.detach(), rtol=1e-10, atol=0)
+    for name, i, beta in (("factt_early", 0, 1000.0), ("factt_late", 1, 3.0)):
+        w = objective.term_state[name][str(i)].proj.weight
+        s = F.normalize(F.conv2d(s_taps[i], w).flatten(1))
+        t = F.normalize(t_taps[i].flatten(1))
+        want = beta * (s - t).pow(2).sum(1).mean() / (s_taps[i].shape[2] * s_taps[i].shape[3])
+        torch.testing.assert_close(result.terms[name], want.detach(), rtol=1e-10, atol=0)
 
 
 def test_every_nonbaseline_term_changes_the_loss():
@@ -216,9 +317,11 @@ BAD_SPECS = [
     ({"terms": []}, "non-empty list"),
     ({"terms": [{"type": "ce"}], "name": "x"}, "unknown key 'name'"),
     ({"terms": ["ce"]}, "must be a mapping"),
-    ({"terms": [{"type": "attention"}]}, "unknown type 'attention'; allowed: ce, kd, at"),
-    ({"terms": [{"beta": 1}]}, "unknown type None"),
-    ({"terms": [_at(mappin="sum")]}, "unknown key 'mappin'; allowed: beta, form, layers, mapping, p"),
+    ({"terms": [{"type": "attention"}]},
+     "unknown term type 'attention'; allowed: ce, kd, at, factt, grad_at, symmetry, min_l2"),
+    ({"terms": [{"beta": 1}]}, "unknown term type None"),
+    ({"terms": [_at(mappin="sum")]},
+     "unknown key 'mappin'; allowed: beta, form, layers, mapping, name, p, schedule, type"),
     ({"terms": [_at(mapping="mean")]}, "unknown mapping 'mean'; allowed: sum, max"),
     ({"terms": [_at(p=0)]}, "p must be a finite number > 0, got 0"),
     ({"terms": [_at(p=-2)]}, "p must be"),
@@ -240,7 +343,15 @@ BAD_SPECS = [
     ({"terms": [{"type": "grad_at"}]}, "key 'beta' is required"),
     ({"terms": [{"type": "symmetry"}]}, "key 'beta' is required"),
     ({"terms": [{"type": "min_l2"}]}, "key 'beta' is required"),
-    ({"terms": [{"type": "ce"}, {"type": "ce"}]}, "appears twice"),
+    ({"terms": [{"type": "ce"}, {"type": "ce"}]}, "term name 'ce' appears twice; give the terms distinct 'name' keys"),
+    ({"terms": [{"type": "ce", "name": "x"}, _at(name="x")]}, "term name 'x' appears twice"),
+    ({"terms": [_at(), _at(layers=[1])]}, "term name 'at' appears twice"),
+    ({"terms": [{"type": "ce", "name": ""}]}, "name must be letters, digits"),
+    ({"terms": [{"type": "ce", "name": "loss.ce"}]}, "name must be letters, digits"),
+    ({"terms": [{"type": "ce", "name": "2ce"}]}, "name must be letters, digits"),
+    ({"terms": [{"type": "ce", "name": 3}]}, "name must be letters, digits"),
+    ({"terms": [{"type": "factt", "name": "update"}]}, "name 'update' is taken by torch's ModuleDict"),
+    ({"terms": [{"type": "ce"}], "plugins": "x"}, "plugins must be a list"),
 ]
 
 
@@ -263,6 +374,7 @@ def test_validate_method_accepts_every_named_method_and_helpers():
     assert not requires_teacher({"terms": METHODS["symmetry"]})
     assert requires_teacher({"terms": METHODS["grad_at"]})
     assert term_names({"terms": METHODS["at+kd"]}) == ["kd", "at"]
+    assert term_names({"terms": [{"type": "ce", "name": "xent"}, _at(name="at_0", layers=[0])]}) == ["xent", "at_0"]
 
 
 @pytest.mark.parametrize("name", ["kd", "at-sum-p2", "factt", "grad_at"])
@@ -298,7 +410,7 @@ def test_objective_owns_only_the_projections():
     student, teacher = _nets()
     objective = Objective({"terms": METHODS["factt"]}, student, teacher, INPUT_SHAPE)
     # student taps (2, 8, 8) and (4, 4, 4), teacher (3, 8, 8) and (6, 4, 4): two 1x1 convs
-    assert sorted(objective.state_dict()) == ["factt_projections.0.proj.weight", "factt_projections.1.proj.weight"]
+    assert sorted(objective.state_dict()) == ["term_state.factt.0.proj.weight", "term_state.factt.1.proj.weight"]
     assert [tuple(p.shape) for p in objective.parameters()] == [(3, 2, 1, 1), (6, 4, 1, 1)]
     assert all(p.dtype == torch.float64 for p in objective.parameters())
     assert list(Objective({"terms": METHODS["at-sum-p2"]}, student, teacher, INPUT_SHAPE).parameters()) == []

@@ -1,0 +1,95 @@
+"""The built-in loss-term types, one TermType record each (see at.term_type).
+
+Default weights: ce/kd/at from the paper and the authors' code (T=4, alpha=0.9, beta=1000 with
+the "code" form). factt: beta=1000 because our F-ActT is normalised to the same range as AT's
+"code" form (see at.distill). The gradient terms' weights were never published: required.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from at.attention import (
+    FORMS,
+    MAPPINGS,
+    at_least_float32,
+    at_loss,
+    grad_at_loss,
+    min_l2_loss,
+    symmetry_loss,
+)
+from at.distill import ActivationProjection, factt_loss, kd_loss
+from at.term_type import (
+    REQUIRED,
+    BoundTerm,
+    Option,
+    StepInputs,
+    TermType,
+    one_of,
+    positive_number,
+    register_term,
+    unit_interval,
+)
+
+
+def _ce(step: StepInputs, term: BoundTerm) -> Tensor:
+    return F.cross_entropy(at_least_float32(step.student_logits), step.labels)
+
+
+def _kd(step: StepInputs, term: BoundTerm) -> Tensor:
+    o = term.options
+    return kd_loss(step.student_logits, step.teacher_logits, step.labels, T=o["T"], alpha=o["alpha"])
+
+
+def _at(step: StepInputs, term: BoundTerm) -> Tensor:
+    o = term.options
+    return sum(
+        at_loss(step.student_taps[i], step.teacher_taps[i], mapping=o["mapping"], p=o["p"], form=o["form"])
+        for i in term.layers
+    )
+
+
+def _factt_projections(pairs) -> nn.Module:
+    # keyed by tap index; the learned projection of the student's tap to the teacher's channels
+    return nn.ModuleDict({str(i): ActivationProjection(s[0], t[0]) for i, s, t in pairs})
+
+
+def _factt(step: StepInputs, term: BoundTerm) -> Tensor:
+    return sum(
+        factt_loss(term.state[str(i)](step.student_taps[i]), step.teacher_taps[i]) for i in term.layers
+    )
+
+
+def _grad_at(step: StepInputs, term: BoundTerm) -> Tensor:
+    return grad_at_loss(step.input_gradients["student"], step.input_gradients["teacher"])
+
+
+def _symmetry(step: StepInputs, term: BoundTerm) -> Tensor:
+    return symmetry_loss(step.input_gradients["student"], step.input_gradients["student_flipped"])
+
+
+def _min_l2(step: StepInputs, term: BoundTerm) -> Tensor:
+    return min_l2_loss(step.input_gradients["student"])
+
+
+CE = register_term(TermType("ce", _ce, beta=1.0))
+KD = register_term(TermType(
+    "kd", _kd, beta=1.0, needs_teacher=True, compares_logits=True,
+    options={"T": Option(4.0, positive_number), "alpha": Option(0.9, unit_interval)},
+))
+AT = register_term(TermType(
+    "at", _at, beta=1000.0, needs_teacher=True, tap_pairs=True,
+    options={"mapping": Option("sum", one_of(MAPPINGS)), "p": Option(2, positive_number),
+             "form": Option("code", one_of(FORMS))},
+))
+FACTT = register_term(TermType(
+    "factt", _factt, beta=1000.0, needs_teacher=True, tap_pairs=True, build=_factt_projections,
+))
+GRAD_AT = register_term(TermType(
+    "grad_at", _grad_at, beta=REQUIRED, needs_teacher=True, input_gradients=frozenset({"student", "teacher"}),
+))
+SYMMETRY = register_term(TermType(
+    "symmetry", _symmetry, beta=REQUIRED, input_gradients=frozenset({"student", "student_flipped"}),
+))
+MIN_L2 = register_term(TermType("min_l2", _min_l2, beta=REQUIRED, input_gradients=frozenset({"student"})))
