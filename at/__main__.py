@@ -69,6 +69,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_download(args) -> int:
+    from at.data.download import DownloadError
+
+    try:
+        return _download(args)
+    except DownloadError as e:  # an OSError (network, missing path): one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _download(args) -> int:
     from at.data import cifar, folders
 
     params = params_mod.load(args.params)

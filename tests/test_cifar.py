@@ -132,7 +132,7 @@ def test_prepare_with_wrong_md5_leaves_nothing(served_tarballs, tmp_path):
     root = tmp_path / "data"
     with pytest.raises(ChecksumError, match=cifar.DEFAULT_MD5):
         cifar.prepare(root, server.url("cifar-10-python.tar.gz"))
-    assert os.listdir(root) == []
+    assert os.listdir(tmp_path) == ["served"]  # not even an empty data folder
 
 
 def test_prepare_refuses_an_archive_without_the_batches(tmp_path):

@@ -62,7 +62,7 @@ class Cifar:
         )
 
 
-def prepare(root: str | os.PathLike, url: str = DEFAULT_URL, md5: str = DEFAULT_MD5) -> Path:
+def prepare(root: str | os.PathLike, url: str = DEFAULT_URL, md5: str = DEFAULT_MD5, *, progress: bool = True) -> Path:
     """Fetches and unpacks the archive into ``root``; returns ``root/cifar-10-batches-py``.
 
     ``url`` may be a local path or file:// URL (a local copy), with that copy's md5.
@@ -73,7 +73,8 @@ def prepare(root: str | os.PathLike, url: str = DEFAULT_URL, md5: str = DEFAULT_
         raise ValueError("CIFAR-10 needs an md5 (DEFAULT_MD5 for the official archive)")
     root = Path(root)
     required = [f"{BATCH_FOLDER}/{name}" for name in (META, *TRAIN_BATCHES, TEST_BATCH)]
-    prepare_archive(root, "cifar10", Remote(url, md5), contains=required)
+    prepare_archive(root, "cifar10", Remote(url, md5), contains=required,
+                    verify=lambda folder: load(folder / BATCH_FOLDER), progress=progress)
     return root / BATCH_FOLDER
 
 

@@ -75,12 +75,13 @@ class ImageSplits:
 # CUB-200-2011
 
 
-def prepare_cub(root: str | os.PathLike, url: str = CUB_URL, md5: str = CUB_MD5) -> Path:
+def prepare_cub(root: str | os.PathLike, url: str = CUB_URL, md5: str = CUB_MD5, *, progress: bool = True) -> Path:
     """Fetches and unpacks CUB_200_2011.tgz into ``root``; returns ``root/CUB_200_2011``."""
     if md5 is None:
         raise ValueError("CUB-200-2011 needs an md5 (CUB_MD5 for the official archive)")
     root = Path(root)
-    prepare_archive(root, "cub200", Remote(url, md5), contains=[f"{CUB_FOLDER}/{n}" for n in CUB_FILES])
+    prepare_archive(root, "cub200", Remote(url, md5), contains=[f"{CUB_FOLDER}/{n}" for n in CUB_FILES],
+                    verify=lambda folder: load_cub(folder / CUB_FOLDER), progress=progress)
     return root / CUB_FOLDER
 
 
@@ -160,6 +161,8 @@ def prepare_indoor(
     test_list_url: str = INDOOR_TEST_LIST_URL,
     train_list_md5: str | None = None,
     test_list_md5: str | None = None,
+    *,
+    progress: bool = True,
 ) -> Path:
     """Fetches the Indoor-67 images and the official split lists into ``root``; returns ``root``.
 
@@ -177,6 +180,8 @@ def prepare_indoor(
             INDOOR_TRAIN_LIST: Remote(train_list_url, train_list_md5),
             INDOOR_TEST_LIST: Remote(test_list_url, test_list_md5),
         },
+        verify=load_indoor,
+        progress=progress,
     )
     return root
 
