@@ -224,11 +224,11 @@ def not_run(params: dict, profile: str) -> dict[str, str]:
     for table in params.get("tables") or {}:
         if selected is not None and table not in selected and table not in reasons:
             reasons[table] = f"not part of the {profile} profile"
-    imagenet = (params.get("data") or {}).get("imagenet") or {}
     for name, table in (params.get("tables") or {}).items():
         datasets = {table.get("dataset")} | {c.get("dataset") for c in (table.get("columns") or {}).values()}
-        if "imagenet" in datasets and not imagenet.get("folder") and name not in reasons:
-            reasons[name] = "no ImageNet folder given (set data.imagenet.folder in params.yaml)"
+        for d in sorted(d for d in datasets if d in data_sets.DATASETS and data_sets.get(d).user_folder):
+            if not ((params.get("data") or {}).get(d) or {}).get("folder") and name not in reasons:
+                reasons[name] = f"no {data_sets.get(d).title} folder given (set data.{d}.folder in params.yaml)"
     return reasons
 
 

@@ -185,8 +185,11 @@ def check_augment(name: str, augment: str) -> None:
 
 def check_source(name: str, source) -> None:
     """Checks a params.yaml ``data`` entry against the data set's record."""
-    dataset = get(name)
     key = f"params.yaml: data.{name}"
+    if name not in DATASETS:
+        raise ParamsError(f"{key}: unknown data set; known: {', '.join(sorted(DATASETS))} "
+                          f"(a new one needs a record in at/data/datasets.py)")
+    dataset = DATASETS[name]
     if not isinstance(source, dict) or not isinstance(source.get("num_classes"), int) or source["num_classes"] <= 0:
         raise ParamsError(f"{key}.num_classes: must be a positive integer")
     if dataset.num_classes is not None and source["num_classes"] != dataset.num_classes:
