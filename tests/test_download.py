@@ -486,3 +486,10 @@ def test_cli_download_mistake_is_one_line(tmp_path, problem):
     for text in expected:
         assert text in lines[0] or text.replace(" ", "%20") in lines[0], lines[0]
     assert sorted(os.listdir(tmp_path)) == ["site"]
+
+
+def test_prepared_folder_has_umask_permissions_not_mkdtemps(cifar_site):
+    _, _, root, _ = cifar_site
+    umask = os.umask(0)
+    os.umask(umask)
+    assert root.stat().st_mode & 0o777 == 0o777 & ~umask

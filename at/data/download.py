@@ -477,6 +477,7 @@ def _staging(root: Path):
     """
     created = _make_parents(root)
     stage = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".staging", dir=root.parent))
+    os.chmod(stage, 0o777 & ~atomic._umask())  # it becomes the data folder: not mkdtemp's 0700
     try:
         yield stage
     except BaseException:
@@ -502,7 +503,10 @@ def _swap_in(stage: Path, root: Path) -> None:
     except BaseException:
         os.rename(old, root)
         raise
-    shutil.rmtree(old)
+    # the new data is in place: a copy of the old one that cannot be deleted is not a failure
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.lexists(old):
+        log.warning("could not remove the replaced data folder %s: delete it by hand", old)
 
 
 def _offer_existing(existing: Path, dest: Path) -> None:
@@ -537,7 +541,8 @@ def prepare_archive(
     every archive member read to its end (so a bad gzip CRC is seen), every path of
     ``contains`` present, and ``verify(folder)`` (the data set's real loader) passing. Only
     then does it replace ``root``, whose archive, tree and record stay untouched until that
-    moment; after any failure nothing of the attempt is left on disk.
+    moment; after any failure nothing of the attempt is left on disk. ``root`` is the data
+    set's own folder: it is replaced as a whole, anything else kept in it goes too.
     """
     root = Path(root)
     if root.is_symlink():
