@@ -5,7 +5,7 @@ it, its normalisation, its classes, the augmentations it implements and its usua
 folders) and the provenance line all read this table, so adding a data set is one record here
 (plus a loader module when its file format is new) and its source in params.yaml's ``data``.
 
-A record's functions import their loader module when called: the grid imports this table, and
+The image-folder records import at.data.folders when called: the grid imports this table, and
 must not pull in torchvision and PIL to compute run ids.
 """
 
@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from at.data import cifar
 from at.data.augment import CIFAR_MEAN as CIFAR10_MEAN
 from at.data.augment import CIFAR_STD as CIFAR10_STD
 from at.params import ParamsError
@@ -73,26 +74,15 @@ class Dataset:
 # The records
 
 
-def _cifar(layout_name: str):
-    from at.data import cifar
-
-    return getattr(cifar, layout_name)
-
-
-def _prepare_cifar(layout_name: str):
+def _prepare_cifar(layout: cifar.Layout):
     def prepare(root: Path, source: Mapping, progress: bool) -> Path:
-        from at.data import cifar
-
-        return cifar.prepare(root, source["url"], source.get("md5"), layout=_cifar(layout_name), progress=progress)
+        return cifar.prepare(root, source["url"], source.get("md5"), layout=layout, progress=progress)
 
     return prepare
 
 
-def _load_cifar(layout_name: str):
-    def load(folder: Path):
-        from at.data import cifar
-
-        layout = _cifar(layout_name)
+def _load_cifar(layout: cifar.Layout):
+    def load(folder: Path) -> cifar.Cifar:
         return cifar.load(Path(folder) / layout.folder, layout)
 
     return load
@@ -133,7 +123,7 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in [
     Dataset(
         name="cifar10", title="CIFAR-10", kind="tensor", protocol="cifar", augments=CIFAR_AUGMENTS,
         mean=CIFAR10_MEAN, std=CIFAR10_STD, num_classes=10,
-        prepare=_prepare_cifar("CIFAR10"), load=_load_cifar("CIFAR10"),
+        prepare=_prepare_cifar(cifar.CIFAR10), load=_load_cifar(cifar.CIFAR10),
         known_sources={
             "c58f30108f718f92721af3b95e74349a": "CIFAR-10 (official, 50000 train / 10000 test images)",
             "1c190744c9595cc62078be24b4b038fb": "CIFAR-10 mini subset (real images: the first 1017 of each "
@@ -142,7 +132,7 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in [
     Dataset(
         name="cifar100", title="CIFAR-100", kind="tensor", protocol="cifar", augments=CIFAR_AUGMENTS,
         mean=CIFAR100_MEAN, std=CIFAR100_STD, num_classes=100,
-        prepare=_prepare_cifar("CIFAR100"), load=_load_cifar("CIFAR100"),
+        prepare=_prepare_cifar(cifar.CIFAR100), load=_load_cifar(cifar.CIFAR100),
         known_sources={"eb9058c3a382ffc7106e4002c42a8d85":
                        "CIFAR-100 (official, 50000 train / 10000 test images, 100 fine labels)"}),
     Dataset(
