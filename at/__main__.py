@@ -94,21 +94,31 @@ def cmd_train(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from at.data import cifar, folders
+    from at.data.download import DownloadError
+
+    try:
+        return _download(args)
+    except DownloadError as e:  # an OSError (network, missing path): one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _download(args) -> int:
+    from at import grid
+    from at.data import datasets
 
     params = params_mod.load(args.params)
+    dataset = datasets.get(args.dataset)
     source = params_mod.data_source(params, args.dataset)
-    root = Path(args.root or f"data/{args.dataset}")
-    if args.dataset == "cifar10":
-        where = cifar.prepare(root, url=source["url"], md5=source["md5"])
-    elif args.dataset == "cub":
-        where = folders.prepare_cub(root, url=source["url"], md5=source["md5"])
-    elif args.dataset == "scenes":
-        where = folders.prepare_indoor(root, url=source["url"], md5=source.get("md5"),
-                                       train_list_url=source["train_list"], test_list_url=source["test_list"])
-    else:
-        raise params_mod.ParamsError(f"data set {args.dataset!r} has no download; "
-                                     f"downloadable: cifar10, cub, scenes (ImageNet is a user-given folder)")
+    datasets.check_source(args.dataset, source)
+    if not grid.needs_download(params, args.dataset):
+        raise params_mod.ParamsError(
+            f"{dataset.title} is not downloaded: it is read from the folder set in data.{args.dataset}.folder "
+            f"({source.get('folder') or 'not set'}); downloadable: "
+            f"{', '.join(n for n, d in sorted(datasets.DATASETS.items()) if not d.user_folder)}")
+    root = Path(args.root or grid.data_dir(args.dataset, params))
+    # a progress bar only for a person watching: in a log it is a screen of carriage returns
+    where = dataset.prepare(root, source, sys.stderr.isatty())
     print(f"{args.dataset} ready in {where}")
     return 0
 
@@ -146,12 +156,14 @@ def cmd_runs(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from at import grid, provenance, report
+    from at import grid, paper, provenance, report
 
     params, profile = _validated(args)
     runs = grid.runs(params, profile)
+    # the report renders the paper's tables: a table beyond them (params `beyond`) has no page yet
+    not_run = {t: why for t, why in grid.not_run(params, profile).items() if t in paper.table_names()}
     context = {"profile": profile, "description": provenance.describe(params, profile, runs),
-               "not_run": grid.not_run(params, profile)}
+               "not_run": not_run}
     # at.report takes cells as {table, row, column} only (it knows each cell's metric itself)
     cells_only = [{**run, "cells": [{k: c[k] for k in ("table", "row", "column")} for c in run["cells"]]}
                   for run in runs]

@@ -11,6 +11,7 @@ import copy
 from pathlib import Path
 
 from at import models, paper
+from at.data import datasets as data_sets
 from at.method import requires_teacher
 from at.params import ParamsError, method as resolve_method
 from at.train import validate_protocol
@@ -83,8 +84,7 @@ def validate(params: dict) -> None:
     data, protocols, methods = params.get("data") or {}, params.get("protocols") or {}, params.get("methods") or {}
     tables, profiles = params.get("tables") or {}, params.get("profiles") or {}
     for name, source in data.items():
-        if not isinstance(source, dict) or not isinstance(source.get("num_classes"), int) or source["num_classes"] <= 0:
-            raise _fail(f"data.{name}.num_classes", "must be a positive integer")
+        data_sets.check_source(name, source)
     for name, protocol in protocols.items():
         try:
             validate_protocol(protocol, f"protocols.{name}")
@@ -119,7 +119,9 @@ def validate(params: dict) -> None:
             _check_seeds(f"tables.{table_name}.seeds", table["seeds"])
         for row in table.get("rows") or {}:
             for column in table.get("columns") or {}:
-                _cell(params, table_name, row, column)
+                cell = _cell(params, table_name, row, column)
+                _check_augment(f"tables.{table_name} cell ({row}, {column})", cell["dataset"],
+                               protocols[cell["protocol"]])
         for model in table.get("teachers") or []:
             if not models.is_known(model):
                 raise _fail(f"tables.{table_name}.teachers", f"unknown model {model!r}", MODEL_FORMS)
@@ -128,7 +130,15 @@ def validate(params: dict) -> None:
                     raise _fail(f"tables.{table_name}", f"`teachers` needs the table's {k}")
     for profile in profiles:
         # resolving every run also checks that each student's teacher is trained by the grid
-        runs(params, profile)
+        for run in runs(params, profile):
+            _check_augment(f"profiles.{profile}, run {run['id']}", run["dataset"], protocol_of(params, run))
+
+
+def _check_augment(key: str, dataset: str, protocol: dict) -> None:
+    try:
+        data_sets.check_augment(dataset, protocol.get("augment", "crop_flip"))
+    except ParamsError as e:
+        raise _fail(key, str(e)) from None
 
 
 def _cell(params: dict, table_name: str, row: str, column: str) -> dict:
@@ -137,7 +147,9 @@ def _cell(params: dict, table_name: str, row: str, column: str) -> dict:
     key = f"tables.{table_name} cell ({row}, {column})"
     try:
         # the report renders cells beside the paper's numbers: each must be a cell of the paper
-        paper.check_cell(table_name, row, column)
+        # (tables beyond the paper, whose reference numbers come from elsewhere, are not checked)
+        if table_name in paper.table_names():
+            paper.check_cell(table_name, row, column)
     except (ValueError, KeyError) as e:
         raise _fail(key, f"not a cell of the paper's tables ({e})") from e
     for part, where in ((table["rows"][row], f"tables.{table_name}.rows.{row}"),
@@ -181,9 +193,8 @@ def _cell(params: dict, table_name: str, row: str, column: str) -> dict:
 
 
 def _segment(params: dict, dataset: str, protocol: str) -> str:
-    default = {"cifar10": "cifar", "cub": "finetune", "scenes": "finetune", "imagenet": "imagenet"}
     # the data set alone when it runs under its usual protocol, else both: ids stay short and unique
-    return dataset if default.get(dataset) == protocol else f"{dataset}-{protocol}"
+    return dataset if data_sets.usual_protocol(dataset) == protocol else f"{dataset}-{protocol}"
 
 
 def _model_segment(model: str, weights) -> str:
@@ -211,11 +222,11 @@ def not_run(params: dict, profile: str) -> dict[str, str]:
     for table in params.get("tables") or {}:
         if selected is not None and table not in selected and table not in reasons:
             reasons[table] = f"not part of the {profile} profile"
-    imagenet = (params.get("data") or {}).get("imagenet") or {}
     for name, table in (params.get("tables") or {}).items():
         datasets = {table.get("dataset")} | {c.get("dataset") for c in (table.get("columns") or {}).values()}
-        if "imagenet" in datasets and not imagenet.get("folder") and name not in reasons:
-            reasons[name] = "no ImageNet folder given (set data.imagenet.folder in params.yaml)"
+        for d in sorted(d for d in datasets if d in data_sets.DATASETS and data_sets.get(d).user_folder):
+            if not ((params.get("data") or {}).get(d) or {}).get("folder") and name not in reasons:
+                reasons[name] = f"no {data_sets.get(d).title} folder given (set data.{d}.folder in params.yaml)"
     return reasons
 
 
@@ -359,8 +370,21 @@ def resources_of(params: dict, profile: str) -> dict:
     return dict(prof.get("resources") or (params.get("resources") or {}).get("train") or {})
 
 
-def data_dir(dataset: str) -> str:
+def data_dir(dataset: str, params: dict | None = None) -> str:
+    """The folder a data set is read from: data/<name>, or for a data set the user supplies as a
+    folder (ImageNet) the folder params.yaml names in data.<name>.folder (needs ``params``)."""
+    if params is not None and data_sets.get(dataset).user_folder:
+        folder = ((params.get("data") or {}).get(dataset) or {}).get("folder")
+        if not folder:
+            raise ParamsError(f"params.yaml: data.{dataset}.folder: {dataset} is read from a folder you "
+                              f"supply; set it to the folder (with train/ and val/ inside)")
+        return str(folder)
     return f"data/{dataset}"
+
+
+def needs_download(params: dict, dataset: str) -> bool:
+    """Whether `python -m at download <dataset>` prepares the data set (False: a user's folder)."""
+    return not data_sets.get(dataset).user_folder
 
 
 def teacher_checkpoint(params: dict, run: dict) -> str | None:
@@ -373,7 +397,7 @@ def run_spec(params: dict, run: str | dict, profile: str | None = None) -> dict:
     """The spec that `python -m at train` runs (docs/interfaces.md)."""
     r = find(params, run, profile) if isinstance(run, str) else run
     return {
-        "id": r["id"], "dataset": r["dataset"], "data_dir": data_dir(r["dataset"]),
+        "id": r["id"], "dataset": r["dataset"], "data_dir": data_dir(r["dataset"], params),
         "student": r["student"], "weights": r["weights"],
         "teacher": r["teacher"], "teacher_weights": r["teacher_weights"],
         "teacher_checkpoint": teacher_checkpoint(params, r),
@@ -397,7 +421,7 @@ def report_inputs(params: dict, profile: str) -> list[str]:
     """
     selected = runs(params, profile)
     files = [path for run in selected for path in outputs(run).values()]
-    return sorted(files) + [data_dir(d) for d in sorted({r["dataset"] for r in selected})]
+    return sorted(files) + [data_dir(d, params) for d in sorted({r["dataset"] for r in selected})]
 
 
 def datasets(params: dict, profile: str | None = None) -> list[str]:

@@ -2,72 +2,26 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import pickle
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cifar_archives import CIFAR10_CLASSES as CLASSES
+from cifar_archives import batch_bytes as _batch_bytes
+from cifar_archives import make_cifar10 as _make_tarball
+from cifar_archives import md5 as _md5
+from conftest import CIFAR_MINI_MD5
 from http_server import serve
 
 from at.data import cifar
 from at.data.download import ChecksumError
 
-# The shared mini copy sits beside the checkout (../shared/data); AT_CIFAR_MINI points elsewhere.
-MINI_TARBALL = Path(
-    os.environ.get(
-        "AT_CIFAR_MINI", Path(__file__).resolve().parents[2] / "shared/data/cifar10-mini-python.tar.gz"
-    )
-)
-MINI_MD5 = "1c190744c9595cc62078be24b4b038fb"
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-PER_BATCH = 12
-
-
-def _rows_from_hwc(images: np.ndarray) -> np.ndarray:
-    """The official row layout, written out: 1024 R values, then 1024 G, then 1024 B, each a
-    row-major 32x32 plane."""
-    rows = np.empty((len(images), 3072), np.uint8)
-    for i, image in enumerate(images):
-        for channel in range(3):
-            rows[i, channel * 1024 : (channel + 1) * 1024] = image[:, :, channel].reshape(-1)
-    return rows
-
-
-def _batch_bytes(images_hwc: np.ndarray, labels: list[int], label: str, filenames: bool = True, **extra) -> bytes:
-    batch = {"batch_label": label, "labels": labels, "data": _rows_from_hwc(images_hwc)}
-    if filenames:
-        batch["filenames"] = [f"img_{label}_{i}.png" for i in range(len(labels))]
-    batch.update(extra)
-    return pickle.dumps(batch, protocol=2)
-
-
-def _make_tarball(path: Path, seed: int) -> dict:
-    """An official-layout tarball of random images; returns what it holds (HWC images, labels)."""
-    rng = np.random.default_rng(seed)
-    truth = {}
-    meta = {"label_names": CLASSES, "num_cases_per_batch": PER_BATCH, "num_vis": 3072}
-    files = {"batches.meta": pickle.dumps(meta, protocol=2)}
-    for name in (*cifar.TRAIN_BATCHES, cifar.TEST_BATCH):
-        images = rng.integers(0, 256, (PER_BATCH, 32, 32, 3), dtype=np.uint8)
-        labels = [int(v) for v in rng.integers(0, 10, PER_BATCH)]
-        truth[name] = (images, labels)
-        files[name] = _batch_bytes(images, labels, name)
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return truth
-
-
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
+PER_BATCH = 12  # cifar_archives' default
 
 
 @pytest.fixture
@@ -132,7 +86,7 @@ def test_prepare_with_wrong_md5_leaves_nothing(served_tarballs, tmp_path):
     root = tmp_path / "data"
     with pytest.raises(ChecksumError, match=cifar.DEFAULT_MD5):
         cifar.prepare(root, server.url("cifar-10-python.tar.gz"))
-    assert os.listdir(root) == []
+    assert os.listdir(tmp_path) == ["served"]  # not even an empty data folder
 
 
 def test_prepare_refuses_an_archive_without_the_batches(tmp_path):
@@ -145,9 +99,9 @@ def test_prepare_refuses_an_archive_without_the_batches(tmp_path):
     assert not (tmp_path / "data/source.json").exists()
 
 
-@pytest.mark.skipif(not MINI_TARBALL.is_file(), reason=f"{MINI_TARBALL} not present (set AT_CIFAR_MINI)")
-def test_real_mini_tarball_through_a_local_path(tmp_path):
-    folder = cifar.prepare(tmp_path / "mini", str(MINI_TARBALL), MINI_MD5)
+def test_real_mini_tarball_through_a_local_path(cifar_mini_dir):
+    # conftest's fixture prepares it from AT_SHARED_DIR's tarball, and fails when that is missing
+    folder = cifar_mini_dir / "cifar-10-batches-py"
     data = cifar.load(folder)
     assert tuple(data.train_x.shape) == (5085, 3, 32, 32) and tuple(data.train_y.shape) == (5085,)
     assert tuple(data.test_x.shape) == (1017, 3, 32, 32) and tuple(data.test_y.shape) == (1017,)
@@ -163,7 +117,7 @@ def test_real_mini_tarball_through_a_local_path(tmp_path):
     assert histogram(data.train_y[1017:2034]) == [105, 101, 83, 99, 110, 96, 98, 118, 118, 89]
     assert histogram(data.train_y) == [517, 524, 490, 493, 537, 475, 503, 516, 529, 501]
     assert histogram(data.test_y) == [105, 93, 100, 104, 92, 87, 114, 102, 110, 110]
-    assert json.loads((tmp_path / "mini/source.json").read_text())["md5"] == MINI_MD5
+    assert json.loads((cifar_mini_dir / "source.json").read_text())["md5"] == CIFAR_MINI_MD5
 
 
 # ---------------------------------------------------------------------------------------------

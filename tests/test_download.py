@@ -5,10 +5,15 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
+import socket
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from http_server import serve
 
@@ -303,3 +308,188 @@ def test_existing_entries_need_overwrite(tmp_path):
     assert _tree(out) == {"top/old.txt": b"old"}
     extract(archive, out, overwrite=True)
     assert _tree(out) == {name: data for name, data in GOOD_MEMBERS}
+
+
+# ---------------------------------------------------------------------------------------------
+# A failed re-download never destroys a good data folder (python -m at download, end to end)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cifar_site(tmp_path, monkeypatch):
+    """A loopback server with a good CIFAR-10 archive, a data root prepared from it by the CLI,
+    and a function that re-runs the CLI against another served archive (given its md5)."""
+    from cifar_archives import make_cifar10, md5
+
+    from at.__main__ import main
+
+    site = tmp_path / "site"
+    site.mkdir()
+    make_cifar10(site / "cifar-10-python.tar.gz", seed=1)
+    data = tmp_path / "data"
+    root = data / "cifar10"
+
+    def cli_download(name: str, archive_md5: str) -> int:
+        monkeypatch.setenv("AT_CIFAR10_URL", server.url(name))
+        monkeypatch.setenv("AT_CIFAR10_MD5", archive_md5)
+        return main(["--params", str(REPO / "params.yaml"), "download", "cifar10", "--root", str(root)])
+
+    with serve(site) as server:
+        assert cli_download("cifar-10-python.tar.gz", md5(site / "cifar-10-python.tar.gz")) == 0
+        yield site, data, root, cli_download
+
+
+def _assert_intact(data: Path, root: Path, before: dict) -> None:
+    from cifar_archives import tree_digest
+
+    from at.data import cifar
+
+    assert tree_digest(root) == before
+    assert os.listdir(data) == ["cifar10"]  # no temp folder, partial archive or old copy beside it
+    cifar.load(root / "cifar-10-batches-py")  # and it still loads
+
+
+def test_redownload_of_a_corrupt_gzip_with_matching_md5_keeps_the_good_folder(cifar_site, capsys):
+    from cifar_archives import cifar10_files, md5, tree_digest, write_tar
+
+    site, data, root, cli_download = cifar_site
+    before = tree_digest(root)
+    # Random pixels do not compress: deflate stores them verbatim, so a flipped byte in the
+    # middle decompresses without a zlib error and only the gzip CRC at the very end shows it.
+    good = write_tar(site / "good.tar.gz", cifar10_files(seed=2)[0]).read_bytes()
+    corrupt = bytearray(good)
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    (site / "cifar-10-python.tar.gz").write_bytes(bytes(corrupt))
+    assert cli_download("cifar-10-python.tar.gz", md5(site / "cifar-10-python.tar.gz")) != 0
+    assert "corrupt" in capsys.readouterr().err
+    _assert_intact(data, root, before)
+
+
+def test_redownload_of_an_archive_missing_the_batches_keeps_the_good_folder(cifar_site, capsys):
+    from cifar_archives import cifar10_files, md5, tree_digest, write_tar
+
+    site, data, root, cli_download = cifar_site
+    before = tree_digest(root)
+    files, _ = cifar10_files(seed=3)
+    write_tar(site / "cifar-10-python.tar.gz", {n: d for n, d in files.items() if n.endswith("batches.meta")})
+    assert cli_download("cifar-10-python.tar.gz", md5(site / "cifar-10-python.tar.gz")) != 0
+    assert "data_batch_1" in capsys.readouterr().err
+    _assert_intact(data, root, before)
+
+
+@pytest.mark.parametrize("how", ["short_http_body", "truncated_file"])
+def test_redownload_of_a_truncated_archive_keeps_the_good_folder(cifar_site, capsys, how):
+    from cifar_archives import cifar10_files, md5, tree_digest, write_tar
+
+    site, data, root, cli_download = cifar_site
+    before = tree_digest(root)
+    whole = write_tar(site / "other.tar.gz", cifar10_files(seed=4)[0])
+    if how == "short_http_body":  # the server announces the whole length and sends half
+        name, archive_md5 = "truncated/other.tar.gz", md5(whole)
+    else:  # a file cut short on the server, published with its (cut) md5
+        (site / "cut.tar.gz").write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+        name, archive_md5 = "cut.tar.gz", md5(site / "cut.tar.gz")
+    assert cli_download(name, archive_md5) != 0
+    err = capsys.readouterr().err
+    assert "truncated" in err or "incomplete" in err
+    _assert_intact(data, root, before)
+
+
+def test_successful_redownload_replaces_the_folder(cifar_site):
+    from cifar_archives import CIFAR10_TEST, make_cifar10, md5, tree_digest
+
+    from at.data import cifar
+
+    site, data, root, cli_download = cifar_site
+    before = tree_digest(root)
+    truth = make_cifar10(site / "new.tar.gz", seed=5)
+    assert cli_download("new.tar.gz", md5(site / "new.tar.gz")) == 0
+    assert tree_digest(root) != before
+    assert sorted(os.listdir(root)) == ["cifar-10-batches-py", "new.tar.gz", "source.json"]
+    assert cifar.load(root / "cifar-10-batches-py").test_y.tolist() == truth[CIFAR10_TEST][1]
+    assert download.read_source_record(root)["md5"] == md5(site / "new.tar.gz")
+    assert os.listdir(data) == ["cifar10"]
+
+
+@pytest.mark.parametrize("problem", ["corrupt", "not_found"])
+def test_failed_first_download_leaves_no_data_root(tmp_path, monkeypatch, problem):
+    from cifar_archives import cifar10_files, md5, write_tar
+
+    from at.__main__ import main
+
+    site = tmp_path / "site"
+    site.mkdir()
+    good = write_tar(site / "good.tar.gz", cifar10_files(seed=6)[0]).read_bytes()
+    (site / "bad.tar.gz").write_bytes(good[: len(good) // 2])
+    data = tmp_path / "data"  # does not exist yet: the download must not leave it behind
+    with serve(site) as server:
+        name = "bad.tar.gz" if problem == "corrupt" else "nowhere.tar.gz"
+        monkeypatch.setenv("AT_CIFAR10_URL", server.url(name))
+        monkeypatch.setenv("AT_CIFAR10_MD5", md5(site / "bad.tar.gz"))
+        assert main(["--params", str(REPO / "params.yaml"), "download", "cifar10",
+                     "--root", str(data / "cifar10")]) != 0
+    assert sorted(os.listdir(tmp_path)) == ["site"]
+
+
+def test_redownload_of_an_archive_the_loader_refuses_keeps_the_good_folder(cifar_site, capsys):
+    from cifar_archives import cifar10_files, md5, tree_digest, write_tar
+
+    site, data, root, cli_download = cifar_site
+    before = tree_digest(root)
+    files, _ = cifar10_files(seed=7)
+    # every expected file is there, but one batch holds 3000-byte rows instead of 3072
+    files["cifar-10-batches-py/data_batch_3"] = pickle.dumps(
+        {"labels": [1, 2], "data": np.zeros((2, 3000), np.uint8)}, protocol=2)
+    write_tar(site / "cifar-10-python.tar.gz", files)
+    assert cli_download("cifar-10-python.tar.gz", md5(site / "cifar-10-python.tar.gz")) != 0
+    assert "data_batch_3" in capsys.readouterr().err
+    _assert_intact(data, root, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Download mistakes on the command line: one line naming the problem, no traceback
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+@pytest.mark.parametrize("problem", ["http_404", "missing_path", "closed_port", "md5_mismatch"])
+def test_cli_download_mistake_is_one_line(tmp_path, problem):
+    from cifar_archives import make_cifar10
+
+    site = tmp_path / "site"
+    site.mkdir()
+    make_cifar10(site / "cifar-10-python.tar.gz", seed=8)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "AT_CIFAR10_MD5": WRONG_MD5}
+    with serve(site) as server:
+        env["AT_CIFAR10_URL"] = {
+            "http_404": server.url("nowhere.tar.gz"),
+            "missing_path": str(tmp_path / "no such folder" / "cifar.tar.gz"),
+            "closed_port": f"http://127.0.0.1:{_closed_port()}/cifar-10-python.tar.gz",
+            "md5_mismatch": server.url("cifar-10-python.tar.gz"),
+        }[problem]
+        done = subprocess.run(
+            [sys.executable, "-m", "at", "--params", str(REPO / "params.yaml"), "download", "cifar10",
+             "--root", str(tmp_path / "data" / "cifar10")],
+            env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    expected = {"http_404": ["404", "nowhere.tar.gz"], "missing_path": ["no such folder"],
+                "closed_port": ["could not open", env["AT_CIFAR10_URL"]],
+                "md5_mismatch": [WRONG_MD5, env["AT_CIFAR10_URL"]]}[problem]
+    for text in expected:
+        assert text in lines[0] or text.replace(" ", "%20") in lines[0], lines[0]
+    assert sorted(os.listdir(tmp_path)) == ["site"]
+
+
+def test_prepared_folder_has_umask_permissions_not_mkdtemps(cifar_site):
+    _, _, root, _ = cifar_site
+    umask = os.umask(0)
+    os.umask(umask)
+    assert root.stat().st_mode & 0o777 == 0o777 & ~umask

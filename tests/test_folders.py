@@ -122,7 +122,7 @@ def test_cub_wrong_md5(tmp_path):
     with serve(served) as server:
         with pytest.raises(ChecksumError, match=folders.CUB_MD5):
             folders.prepare_cub(tmp_path / "cub", server.url("CUB_200_2011.tgz"))
-    assert os.listdir(tmp_path / "cub") == []
+    assert os.listdir(tmp_path) == ["served"]  # not even an empty data folder
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ streams, checked, and only then renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -350,6 +351,17 @@ def _open_and_list(archive: Path) -> tuple[tarfile.TarFile | zipfile.ZipFile, li
         raise
 
 
+def _read_to_end(stream) -> None:
+    """Reads what is left of a tar's (decompressed) stream.
+
+    Extraction stops after the last member's data; a gzip or xz stream checks its CRC only at
+    its very end, so without this a corrupt archive whose damage does not upset the
+    decompressor itself would unpack garbled files without an error.
+    """
+    while stream.read(CHUNK_BYTES):
+        pass
+
+
 def extract(archive: str | os.PathLike, dest_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Unpacks a tar (plain, gz, bz2, xz) or zip archive into ``dest_dir``; returns ``dest_dir``.
 
@@ -388,6 +400,8 @@ def extract(archive: str | os.PathLike, dest_dir: str | os.PathLike, *, overwrit
                     container.extractall(tmp, filter="data")
                 else:  # pragma: no cover - Python without PEP 706
                     container.extractall(tmp)
+                if isinstance(container, tarfile.TarFile):
+                    _read_to_end(container.fileobj)
             except BaseException as e:
                 if isinstance(e, getattr(tarfile, "FilterError", ())):
                     raise ArchiveError(f"refusing to extract {archive}: {e}; nothing was extracted") from e
@@ -442,6 +456,70 @@ class Remote:
     md5: str | None = None
 
 
+def _make_parents(folder: Path) -> list[Path]:
+    """Creates the missing parents of ``folder``; returns those created, innermost first."""
+    created = []
+    parent = folder.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    for p in reversed(created):
+        p.mkdir(exist_ok=True)
+    return created
+
+
+@contextlib.contextmanager
+def _staging(root: Path):
+    """A new empty folder beside ``root`` (same file system, so it can be renamed onto it).
+
+    On an error the folder and any parent folder made for it are removed again: a failed
+    first download leaves no empty data root behind.
+    """
+    created = _make_parents(root)
+    stage = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".staging", dir=root.parent))
+    os.chmod(stage, 0o777 & ~atomic._umask())  # it becomes the data folder: not mkdtemp's 0700
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty: a parallel download may have used it
+        raise
+
+
+def _swap_in(stage: Path, root: Path) -> None:
+    """Puts the verified ``stage`` folder where ``root`` is; the old ``root`` is removed after."""
+    if not os.path.lexists(root):
+        os.rename(stage, root)
+        return
+    # Two renames, not one: a folder cannot be renamed onto a non-empty folder. Between them the
+    # old tree still exists under the hidden name, and is put back if the second rename fails.
+    old = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".old", dir=root.parent))
+    os.rmdir(old)
+    os.rename(root, old)
+    try:
+        os.rename(stage, root)
+    except BaseException:
+        os.rename(old, root)
+        raise
+    # the new data is in place: a copy of the old one that cannot be deleted is not a failure
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.lexists(old):
+        log.warning("could not remove the replaced data folder %s: delete it by hand", old)
+
+
+def _offer_existing(existing: Path, dest: Path) -> None:
+    """Puts the file of the current data folder at ``dest`` (a hard link when the file system
+    allows it), so that fetching it into the new tree is only a checksum when it is unchanged."""
+    if not existing.is_file():
+        return
+    try:
+        os.link(existing, dest)
+    except OSError:
+        shutil.copy2(existing, dest)
+
+
 def prepare_archive(
     root: str | os.PathLike,
     dataset: str,
@@ -449,6 +527,7 @@ def prepare_archive(
     *,
     contains: Sequence[str],
     files: Mapping[str, Remote] | None = None,
+    verify: Callable[[Path], object] | None = None,
     progress: bool = True,
 ) -> dict:
     """Fetches and unpacks ``archive`` (plus loose ``files``) into ``root``; returns the record.
@@ -457,9 +536,17 @@ def prepare_archive(
     file's URL and md5. A call whose request matches the record, with every path of
     ``contains`` and every loose file present, does nothing. A file with ``md5=None`` is checked
     against the md5 recorded on its first download, if there is one.
+
+    The new tree is built in a hidden folder beside ``root`` and checked completely there:
+    every archive member read to its end (so a bad gzip CRC is seen), every path of
+    ``contains`` present, and ``verify(folder)`` (the data set's real loader) passing. Only
+    then does it replace ``root``, whose archive, tree and record stay untouched until that
+    moment; after any failure nothing of the attempt is left on disk. ``root`` is the data
+    set's own folder: it is replaced as a whole, anything else kept in it goes too.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    if root.is_symlink():
+        root = root.resolve()  # replace the data where it lives, not the link to it
     files = dict(files or {})
     name = archive_name(archive.url)
     record = read_source_record(root)
@@ -484,9 +571,10 @@ def prepare_archive(
     ):
         return record
 
-    def fetch_one(remote: Remote, md5: str | None, dest: Path) -> str:
+    def fetch_one(remote: Remote, md5: str | None, stage: Path, file_name: str) -> str:
+        _offer_existing(root / file_name, stage / file_name)
         try:
-            return fetch_and_hash(remote.url, md5, dest, progress=progress)
+            return fetch_and_hash(remote.url, md5, stage / file_name, progress=progress)
         except ChecksumError as e:
             if remote.md5 is None and md5 is not None:
                 raise ChecksumError(
@@ -496,19 +584,20 @@ def prepare_archive(
                 ) from None
             raise
 
-    new_files = {}
-    for n, remote in files.items():
-        new_files[n] = {"url": os.fspath(remote.url), "md5": fetch_one(remote, file_md5s[n], root / n)}
-    got_archive = fetch_one(archive, archive_md5, root / name)
-    # The record describes what is unpacked: drop it before the unpacked data changes, so that a
-    # crash in between cannot leave an old record beside new data.
-    (root / SOURCE_RECORD).unlink(missing_ok=True)
-    extract(root / name, root, overwrite=True)
-    missing = [p for p in contains if not (root / p).exists()]
-    if missing:
-        raise ArchiveError(f"archive {root / name} (from {archive.url}) does not contain {missing}")
-    new_record = {"dataset": dataset, "url": os.fspath(archive.url), "md5": got_archive, "archive": name}
-    if new_files:
-        new_record["files"] = new_files
-    write_source_record(root, new_record)
+    with _staging(root) as stage:
+        new_files = {}
+        for n, remote in files.items():
+            new_files[n] = {"url": os.fspath(remote.url), "md5": fetch_one(remote, file_md5s[n], stage, n)}
+        got_archive = fetch_one(archive, archive_md5, stage, name)
+        extract(stage / name, stage)
+        missing = [p for p in contains if not (stage / p).exists()]
+        if missing:
+            raise ArchiveError(f"archive {name} (from {archive.url}) does not contain {missing}")
+        if verify is not None:
+            verify(stage)
+        new_record = {"dataset": dataset, "url": os.fspath(archive.url), "md5": got_archive, "archive": name}
+        if new_files:
+            new_record["files"] = new_files
+        write_source_record(stage, new_record)
+        _swap_in(stage, root)
     return new_record

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from at.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from at.data.download import Remote, prepare_archive
 
 __all__ = [
@@ -50,8 +51,6 @@ INDOOR_IMAGES = "Images"
 INDOOR_TRAIN_LIST = "TrainImages.txt"
 INDOOR_TEST_LIST = "TestImages.txt"
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -75,12 +74,13 @@ class ImageSplits:
 # CUB-200-2011
 
 
-def prepare_cub(root: str | os.PathLike, url: str = CUB_URL, md5: str = CUB_MD5) -> Path:
+def prepare_cub(root: str | os.PathLike, url: str = CUB_URL, md5: str = CUB_MD5, *, progress: bool = True) -> Path:
     """Fetches and unpacks CUB_200_2011.tgz into ``root``; returns ``root/CUB_200_2011``."""
     if md5 is None:
         raise ValueError("CUB-200-2011 needs an md5 (CUB_MD5 for the official archive)")
     root = Path(root)
-    prepare_archive(root, "cub200", Remote(url, md5), contains=[f"{CUB_FOLDER}/{n}" for n in CUB_FILES])
+    prepare_archive(root, "cub200", Remote(url, md5), contains=[f"{CUB_FOLDER}/{n}" for n in CUB_FILES],
+                    verify=lambda folder: load_cub(folder / CUB_FOLDER), progress=progress)
     return root / CUB_FOLDER
 
 
@@ -160,6 +160,8 @@ def prepare_indoor(
     test_list_url: str = INDOOR_TEST_LIST_URL,
     train_list_md5: str | None = None,
     test_list_md5: str | None = None,
+    *,
+    progress: bool = True,
 ) -> Path:
     """Fetches the Indoor-67 images and the official split lists into ``root``; returns ``root``.
 
@@ -177,6 +179,8 @@ def prepare_indoor(
             INDOOR_TRAIN_LIST: Remote(train_list_url, train_list_md5),
             INDOOR_TEST_LIST: Remote(test_list_url, test_list_md5),
         },
+        verify=load_indoor,
+        progress=progress,
     )
     return root
 
@@ -283,14 +287,20 @@ def load_imagenet(folder: str | os.PathLike) -> ImageSplits:
 # Decoding and augmentation
 
 
-def image_transform(train: bool, size: int = 224, resize: int = 256) -> Callable:
-    """ImageNet-style preprocessing: train RandomResizedCrop(size) + horizontal flip; test
-    Resize(resize) + CenterCrop(size); both scaled to 0..1 and normalised with ImageNet mean/std."""
-    if train:
+def image_transform(train: bool, size: int = 224, resize: int = 256, augment: str = "imagenet",
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Callable:
+    """ImageNet-style preprocessing, scaled to 0..1 and normalised with ``mean``/``std``.
+
+    Test images, and training images with ``augment="none"``: Resize(resize) + CenterCrop(size).
+    Training images with ``augment="imagenet"``: RandomResizedCrop(size) + horizontal flip.
+    """
+    if augment not in ("imagenet", "none"):
+        raise ValueError(f"image folders support augment 'imagenet' or 'none', got {augment!r}")
+    if train and augment == "imagenet":
         geometry = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
     else:
         geometry = [transforms.Resize(resize), transforms.CenterCrop(size)]
-    return transforms.Compose([*geometry, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return transforms.Compose([*geometry, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -306,8 +316,9 @@ class ImageDataset(torch.utils.data.Dataset):
         self.transform = transform
 
     @classmethod
-    def for_split(cls, items: Sequence[tuple[str, int]], train: bool, size: int = 224) -> ImageDataset:
-        return cls(items, image_transform(train, size=size))
+    def for_split(cls, items: Sequence[tuple[str, int]], train: bool, size: int = 224, augment: str = "imagenet",
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD) -> ImageDataset:
+        return cls(items, image_transform(train, size=size, augment=augment, mean=mean, std=std))
 
     def __len__(self) -> int:
         return len(self._labels)

@@ -1,17 +1,19 @@
 """Training data as the loop sees it: batches of normalised images for a given sample order.
 
-Two kinds behind one interface:
+Two kinds behind one interface, chosen by the data set's record (:mod:`at.data.datasets`):
 
-- :class:`TensorData`: CIFAR-10, held whole as uint8 tensors on the training device and
-  augmented there batch by batch (no per-image Python work). Every random draw comes from the
-  run's generator, so a resumed run repeats an uninterrupted one exactly.
-- :class:`FolderData`: image folders (CUB-200-2011, MIT Indoor-67, ImageNet), decoded with PIL
-  in DataLoader workers with ImageNet-style augmentation. Workers draw from a seed taken from
-  the run's generator each epoch; a run resumed mid-epoch continues with the remaining samples
-  of the saved order (exactly reproducible only for TensorData).
+- :class:`TensorData` (``kind == "tensor"``: CIFAR-10, CIFAR-100), held whole as uint8 tensors
+  on the training device and augmented there batch by batch (no per-image Python work). Every
+  random draw comes from the run's generator, so a resumed run repeats an uninterrupted one
+  exactly.
+- :class:`FolderData` (``kind == "folder"``: CUB-200-2011, MIT Indoor-67, ImageNet), decoded
+  with PIL in DataLoader workers. Workers draw from a seed taken from the run's generator each
+  epoch; a run resumed mid-epoch continues with the remaining samples of the saved order
+  (exactly reproducible only for TensorData).
 
 ``train_batches(perm, start_step, batch_size, generator)`` yields the batches of one epoch in
 the order ``perm``, from ``start_step`` on; ``test_batches(batch_size)`` the test set in order.
+The protocol's ``augment`` must be one the data set supports (checked here and by the grid).
 """
 
 from __future__ import annotations
@@ -21,24 +23,40 @@ from pathlib import Path
 
 import torch
 
-from at.data import augment, cifar, download
+from at.data import augment, datasets, download
+
+USER_FOLDER = "user-folder"  # the md5 of a data set supplied as a folder (nothing to hash)
 
 
-def _source_md5(folder: Path, dataset: str) -> str:
+def _source_md5(folder: Path, dataset: datasets.Dataset) -> str:
+    if dataset.user_folder:
+        return USER_FOLDER
     record = download.read_source_record(folder)
     if not record:
         raise FileNotFoundError(
-            f"data folder {folder} has no source.json: prepare it first with `python -m at download {dataset}`")
+            f"data folder {folder} has no source.json: prepare it first with `python -m at download {dataset.name}`")
     return record.get("md5") or "unknown"
+
+
+def _augment(spec: dict, dataset: datasets.Dataset) -> str:
+    mode = spec["protocol"].get("augment", "crop_flip")
+    datasets.check_augment(dataset.name, mode)
+    return mode
 
 
 class TensorData:
     """A data set held as uint8 tensors on the training device, batched and augmented there."""
 
+    # CIFAR-10's statistics unless the data set's record says otherwise (a subclass that fills
+    # the tensors itself, like the benchmark's synthetic data, keeps these)
+    mean, std = datasets.get("cifar10").mean, datasets.get("cifar10").std
+
     def __init__(self, spec: dict, device: torch.device):
+        dataset = datasets.get(spec["dataset"])
         folder = Path(spec["data_dir"])
-        self.md5 = _source_md5(folder, spec["dataset"])
-        data = cifar.load(folder / "cifar-10-batches-py")
+        mode = _augment(spec, dataset)
+        self.md5 = _source_md5(folder, dataset)
+        data = dataset.load(folder)
         protocol = spec["protocol"]
         n_train = protocol.get("train_subset") or len(data.train_y)
         n_test = protocol.get("test_subset") or len(data.test_y)
@@ -47,7 +65,7 @@ class TensorData:
         self.train_y = data.train_y[:n_train].to(device)
         self.test_x = data.test_x[:n_test].to(device)
         self.test_y = data.test_y[:n_test].to(device)
-        mode = protocol.get("augment", "crop_flip")
+        self.mean, self.std = dataset.mean, dataset.std
         self.crop, self.flip = mode == "crop_flip", mode in ("crop_flip", "flip")
 
     @property
@@ -66,7 +84,7 @@ class TensorData:
         x = self.train_x[idx]
         if self.crop or self.flip:
             x = augment.random_crop_flip(x, generator, pad=4, crop=self.crop, flip=self.flip)
-        return augment.normalize(x, augment.CIFAR_MEAN, augment.CIFAR_STD), self.train_y[idx]
+        return augment.normalize(x, self.mean, self.std), self.train_y[idx]
 
     def train_batches(self, perm: torch.Tensor, start_step: int, batch_size: int, generator: torch.Generator):
         for start in range(start_step * batch_size, len(perm), batch_size):
@@ -74,12 +92,10 @@ class TensorData:
 
     def test_batches(self, batch_size: int):
         for i in range(0, self.n_test, batch_size):
-            x = augment.normalize(self.test_x[i:i + batch_size], augment.CIFAR_MEAN, augment.CIFAR_STD)
+            x = augment.normalize(self.test_x[i:i + batch_size], self.mean, self.std)
             yield x, self.test_y[i:i + batch_size]
 
 
-# data set -> (loader in at.data.folders, the folder it reads inside the run's data folder)
-LOADERS = {"cub": ("load_cub", "CUB_200_2011"), "scenes": ("load_indoor", "."), "imagenet": ("load_imagenet", ".")}
 IMAGE_SIZE = 224
 
 
@@ -87,19 +103,22 @@ class FolderData:
     """Image-folder data sets, decoded and augmented by DataLoader workers."""
 
     def __init__(self, spec: dict, device: torch.device, workers: int | None = None):
-        if spec["dataset"] not in LOADERS:
-            raise ValueError(f"data set {spec['dataset']!r} is not an image-folder data set; known: {sorted(LOADERS)}")
+        dataset = datasets.get(spec["dataset"])
+        if dataset.kind != "folder":
+            raise ValueError(f"data set {dataset.name!r} is not an image-folder data set")
         folder = Path(spec["data_dir"])
-        self.md5 = _source_md5(folder, spec["dataset"]) if spec["dataset"] != "imagenet" else "user-folder"
+        mode = _augment(spec, dataset)
+        self.md5 = _source_md5(folder, dataset)
         from at.data import folders  # torchvision and PIL: only for image-folder runs
 
-        loader, inner = LOADERS[spec["dataset"]]
-        splits = getattr(folders, loader)(folder / inner)
+        splits = dataset.load(folder)
         protocol = spec["protocol"]
         train = splits.train[:protocol.get("train_subset") or len(splits.train)]
         test = splits.test[:protocol.get("test_subset") or len(splits.test)]
-        self.train_set = folders.ImageDataset.for_split(train, train=True, size=IMAGE_SIZE)
-        self.test_set = folders.ImageDataset.for_split(test, train=False, size=IMAGE_SIZE)
+        self.train_set = folders.ImageDataset.for_split(train, train=True, size=IMAGE_SIZE, augment=mode,
+                                                        mean=dataset.mean, std=dataset.std)
+        self.test_set = folders.ImageDataset.for_split(test, train=False, size=IMAGE_SIZE, augment=mode,
+                                                       mean=dataset.mean, std=dataset.std)
         self.device = device
         self.workers = workers if workers is not None else min(8, len(os.sched_getaffinity(0)))
 
@@ -136,4 +155,5 @@ class FolderData:
 
 def load(spec: dict, device: torch.device):
     """The training data of a run spec."""
-    return TensorData(spec, device) if spec["dataset"] == "cifar10" else FolderData(spec, device)
+    kind = datasets.get(spec["dataset"]).kind
+    return TensorData(spec, device) if kind == "tensor" else FolderData(spec, device)
