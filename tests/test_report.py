@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from at import paper, report
+from at.report import attention_maps, cells, figures, inputs, tables
 
 DESC = "smoke profile, CIFAR-10 mini subset (5085 train / 1017 test images), 2 epochs"
 T1ROW = "wrn-16-1_from_wrn-16-2"
@@ -109,10 +110,10 @@ def test_render_is_byte_identical(grid, tmp_path):
     for name in names_a:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     expected = {f"{t}.{ext}" for t in paper.table_names() for ext in ("md", "tex", "csv")}
-    expected |= {f"{report.FIG_CURVES}.png", f"{report.FIG_CURVES}.pdf",
-                 f"{report.FIG_BARS}.png", f"{report.FIG_BARS}.pdf", "README.md"}
+    expected |= {f"{figures.FIG_CURVES}.png", f"{figures.FIG_CURVES}.pdf",
+                 f"{figures.FIG_BARS}.png", f"{figures.FIG_BARS}.pdf", "README.md"}
     assert set(names_a) == expected  # no attention figure: no checkpoint; no temp files left
-    assert b"CreationDate" not in (tmp_path / "a" / f"{report.FIG_BARS}.pdf").read_bytes()
+    assert b"CreationDate" not in (tmp_path / "a" / f"{figures.FIG_BARS}.pdf").read_bytes()
 
 
 def test_statistics_against_independent_computation(rendered):
@@ -153,7 +154,7 @@ def test_csv_columns_and_every_paper_cell(rendered):
     for name in paper.table_names():
         with open(tmp_path / f"{name}.csv", newline="") as f:
             reader = csv.DictReader(f)
-            assert tuple(reader.fieldnames) == report.CSV_COLUMNS
+            assert tuple(reader.fieldnames) == tables.CSV_COLUMNS
             rows = list(reader)
         assert [(r["table"], r["row"], r["column"]) for r in rows] == [
             c for c in paper.cells() if c[0] == name]
@@ -233,11 +234,11 @@ def test_table1_not_run_skips_its_figures(tmp_path):
     runs = [write_run(tmp_path / "r", "a/seed0", 0, [cell("table2", "none", "error")], 10.0)]
     out = tmp_path / "out"
     out.mkdir()
-    (out / f"{report.FIG_BARS}.png").write_bytes(b"from an earlier render")
+    (out / f"{figures.FIG_BARS}.png").write_bytes(b"from an earlier render")
     written = report.render(runs, out, {"profile": "smoke", "description": DESC,
                                         "not_run": {"table1": "no teachers in this profile"}})
     assert not any(p.suffix in (".png", ".pdf") for p in written)
-    assert not (out / f"{report.FIG_BARS}.png").exists()
+    assert not (out / f"{figures.FIG_BARS}.png").exists()
     readme = (out / "README.md").read_text()
     assert readme.count("Not drawn: Table 1 is not run: no teachers in this profile") == 3
 
@@ -247,19 +248,19 @@ def test_description_everywhere(rendered):
     for name in paper.table_names():
         assert DESC in (tmp_path / f"{name}.md").read_text()
         tex = (tmp_path / f"{name}.tex").read_text()
-        assert report._tex_escape(DESC) in tex
+        assert tables.tex_escape(DESC) in tex
         assert r"\caption{" in tex and r"\end{table}" in tex
     assert DESC in (tmp_path / "README.md").read_text().splitlines()[2]
-    summaries = report.summarize(report._load_runs(runs), context["not_run"])
-    series, _ = report.curve_series(summaries)
-    for fig in (report.curves_figure(series, DESC), report.bars_figure(summaries["table1"], DESC)):
+    summaries = cells.summarize(inputs.load_runs(runs), context["not_run"])
+    series, _ = figures.curve_series(summaries)
+    for fig in (figures.curves_figure(series, DESC), figures.bars_figure(summaries["table1"], DESC)):
         assert DESC in fig._suptitle.get_text()
 
 
 def test_curves_average_seeds(grid):
     runs, context = grid
-    summaries = report.summarize(report._load_runs(runs), context["not_run"])
-    series, notes = report.curve_series(summaries)
+    summaries = cells.summarize(inputs.load_runs(runs), context["not_run"])
+    series, notes = figures.curve_series(summaries)
     epochs, mean, n = series[T1ROW]["at"]
     assert epochs == [1, 2] and n == 3
     assert mean == pytest.approx([statistics.mean(AT_ERRORS) + 5.0, statistics.mean(AT_ERRORS)])
@@ -268,7 +269,7 @@ def test_curves_average_seeds(grid):
 
 
 def test_tex_escaping():
-    assert report._tex_escape("F_sum^2 & 5% #1 ImageNet->CUB ± —") == (
+    assert tables.tex_escape("F_sum^2 & 5% #1 ImageNet->CUB ± —") == (
         r"F\_sum\^{}2 \& 5\% \#1 ImageNet$\to$CUB $\pm$ ---")
 
 
@@ -332,7 +333,7 @@ def tiny_images(n=3, size=8):
 def test_attention_figure_with_tiny_models(tmp_path):
     teacher, student = TinyNet(6, 1).eval(), TinyNet(3, 2).eval()
     images, inputs = tiny_images()
-    fig = report.attention_figure(teacher, student, images, inputs, f"maps\n{DESC}",
+    fig = attention_maps.attention_figure(teacher, student, images, inputs, f"maps\n{DESC}",
                                   attention_fn=l2_attention)
     assert DESC in fig._suptitle.get_text()
     axes = fig.get_axes()
@@ -343,14 +344,14 @@ def test_attention_figure_with_tiny_models(tmp_path):
         expected = l2_attention(teacher(inputs)[1][1])[1].reshape(4, 4).numpy()
     np.testing.assert_allclose(shown, expected, rtol=1e-6)
     (tmp_path / "a").mkdir()
-    paths = report.save_figure(fig, tmp_path / "a", "att")
+    paths = figures.save_figure(fig, tmp_path / "a", "att")
     assert sorted(p.name for p in paths) == ["att.pdf", "att.png"]
     assert (tmp_path / "a" / "att.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "a" / "att.pdf").read_bytes()[:5] == b"%PDF-"
-    fig2 = report.attention_figure(teacher, student, images, inputs, f"maps\n{DESC}",
+    fig2 = attention_maps.attention_figure(teacher, student, images, inputs, f"maps\n{DESC}",
                                    attention_fn=l2_attention)
     (tmp_path / "b").mkdir()
-    report.save_figure(fig2, tmp_path / "b", "att")
+    figures.save_figure(fig2, tmp_path / "b", "att")
     for name in ("att.png", "att.pdf"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
@@ -363,7 +364,7 @@ def test_attention_figure_refuses_unpaired_taps():
 
     images, inputs = tiny_images()
     with pytest.raises(ValueError, match="taps"):
-        report.attention_figure(TinyNet(4, 0), OneTap(4, 1), images, inputs, "t",
+        attention_maps.attention_figure(TinyNet(4, 0), OneTap(4, 1), images, inputs, "t",
                                 attention_fn=l2_attention)
 
 
@@ -406,11 +407,11 @@ def test_render_draws_attention_from_checkpoints(grid, tmp_path, monkeypatch):
     written = report.render(runs, tmp_path / "out", context)
     assert loaded == [at_seed0 / "checkpoint.pt", teacher_ckpt]
     names = {p.name for p in written}
-    assert {f"{report.FIG_ATTENTION}.png", f"{report.FIG_ATTENTION}.pdf"} <= names
-    assert f"({report.FIG_ATTENTION}.png)" in (tmp_path / "out" / "README.md").read_text()
+    assert {f"{figures.FIG_ATTENTION}.png", f"{figures.FIG_ATTENTION}.pdf"} <= names
+    assert f"({figures.FIG_ATTENTION}.png)" in (tmp_path / "out" / "README.md").read_text()
     # without the checkpoint the figure is skipped, said in the README, and the old one removed
     (at_seed0 / "checkpoint.pt").unlink()
     report.render(runs, tmp_path / "out", context)
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "Not drawn: no finished AT run of WRN-16-1 from WRN-16-2 has a checkpoint.pt" in readme
-    assert not (tmp_path / "out" / f"{report.FIG_ATTENTION}.png").exists()
+    assert not (tmp_path / "out" / f"{figures.FIG_ATTENTION}.png").exists()
