@@ -1,7 +1,9 @@
-"""at.report: honest, deterministic tables and figures from fake run folders."""
+"""at.report: honest, deterministic tables and figures from real run folders (tmp dirs)."""
 
+import copy
 import csv
 import json
+import math
 import re
 import statistics
 import sys
@@ -11,28 +13,38 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from at import paper, report
+from at import grid as grid_mod
+from at import params as params_io
+from at import references, report
 from at.report import attention_maps, cells, figures, inputs, tables
+from at.report.layout import grid_tables
 
+REPO = Path(__file__).resolve().parents[1]
 DESC = "smoke profile, CIFAR-10 mini subset (5085 train / 1017 test images), 2 epochs"
 T1ROW = "wrn-16-1_from_wrn-16-2"
+CIFAR_MD5 = "1c190744c9595cc62078be24b4b038fb"
+TABLES = ["table1", "table2", "table3", "table4", "imagenet"]  # params.yaml's, in order
 
 
-def cell(table, row, column):
-    return {"table": table, "row": row, "column": column}
+def cell(table, row, column, metric=None):
+    return {"table": table, "row": row, "column": column, **({"metric": metric} if metric else {})}
 
 
 def write_run(root, run_id, seed, cells, error=None, final_epoch=2, epochs=2, top5=None,
-              history=True):
-    """A run folder; error None: the run did not finish (no metrics.json)."""
+              history=True, student="wrn-16-1", method="baseline", dataset="cifar10",
+              protocol="cifar", **metrics_changes):
+    """A run folder as the trainer leaves it; error None: the run did not finish."""
     out = Path(root) / run_id
     out.mkdir(parents=True)
     if error is not None:
-        metrics = {"run_id": run_id, "final_test_error": error, "final_epoch": final_epoch,
-                   "epochs": epochs}
+        metrics = {"run_id": run_id, "profile": "smoke", "final_test_error": error,
+                   "final_epoch": final_epoch, "epochs": epochs,
+                   "data_md5": "user-folder" if dataset == "imagenet" else CIFAR_MD5}
         if top5 is not None:
             metrics["final_test_error_top5"] = top5
+        metrics.update(metrics_changes)
         (out / "metrics.json").write_text(json.dumps(metrics))
         if history:
             lines = ["epoch,lr,train_loss,loss_ce,train_error,test_error,images_per_s,epoch_time_s"]
@@ -41,9 +53,9 @@ def write_run(root, run_id, seed, cells, error=None, final_epoch=2, epochs=2, to
                 te = error + (final_epoch - e) * 5.0
                 lines.append(f"{e},0.1,1.0,1.0,50.0,{te},1000.0,1.0")
             (out / "history.csv").write_text("\n".join(lines) + "\n")
-    return {"id": run_id, "out_dir": str(out), "cells": cells, "seed": seed,
-            "student": "wrn-16-1", "teacher": "wrn-16-2", "method_name": run_id.split("/")[1],
-            "dataset": "cifar10"}
+    return {"id": run_id, "out_dir": str(out), "cells": cells, "seed": seed, "student": student,
+            "method_name": method, "dataset": dataset, "protocol_name": protocol, "weights": None,
+            "epochs": epochs}
 
 
 # Numbers of the fake grid, kept here to recompute the expected statistics independently.
@@ -54,31 +66,49 @@ KD_ERRORS = [None, 64.0, 63.0]           # seed 0 missing: partial
 SUMP1_ERRORS = [59.0, 57.5]
 
 
+def real_params():
+    return params_io.load(REPO / "params.yaml")
+
+
+def make_context(params=None, refs=None, **changes):
+    params = params or real_params()
+    context = {"profile": "smoke", "description": DESC, "tables": grid_tables(params),
+               "references": refs if refs is not None else references.load(REPO / "references.yaml"),
+               "not_run": {"table4": "CUB and Scenes are not downloaded in the smoke profile"},
+               "data_md5": {"cifar10": CIFAR_MD5, "imagenet": "user-folder"}}
+    context.update(changes)
+    return context
+
+
 def build_grid(root):
     runs = []
     for s, e in enumerate(AT_ERRORS):
         runs.append(write_run(root, f"at-sum-p2/seed{s}", s,
-                              [cell("table1", T1ROW, "at"), cell("table2", "sum-p2", "error")], e))
+                              [cell("table1", T1ROW, "at"), cell("table2", "sum-p2", "error")], e,
+                              method="at-sum-p2"))
     for s, e in enumerate(STUDENT_ERRORS):
         runs.append(write_run(root, f"student/seed{s}", s,
                               [cell("table1", T1ROW, "student"), cell("table2", "none", "error")], e))
     for s, e in enumerate(TEACHER_ERRORS):
-        runs.append(write_run(root, f"teacher/seed{s}", s, [cell("table1", T1ROW, "teacher")], e))
+        runs.append(write_run(root, f"teacher/seed{s}", s, [cell("table1", T1ROW, "teacher")], e,
+                              student="wrn-16-2"))
     for s, e in enumerate(KD_ERRORS):
-        runs.append(write_run(root, f"kd/seed{s}", s, [cell("table1", T1ROW, "kd")], e))
+        runs.append(write_run(root, f"kd/seed{s}", s, [cell("table1", T1ROW, "kd")], e, method="kd"))
     for s, e in enumerate(SUMP1_ERRORS):
-        runs.append(write_run(root, f"at-sum-p1/seed{s}", s, [cell("table2", "sum-p1", "error")], e))
+        runs.append(write_run(root, f"at-sum-p1/seed{s}", s, [cell("table2", "sum-p1", "error")], e,
+                              method="at-sum-p1"))
     # F-ActT: its only run never finished.
-    runs.append(write_run(root, "factt/seed0", 0, [cell("table1", T1ROW, "factt")], None))
-    # A run that stopped before its planned epochs (table3 AT).
+    runs.append(write_run(root, "factt/seed0", 0, [cell("table1", T1ROW, "factt")], None, method="factt"))
+    # A run that stopped before its planned epochs (table3 AT); table3 has no baseline run.
     runs.append(write_run(root, "nin-at/seed0", 0, [cell("table3", "at", "error")], 40.0,
-                          final_epoch=1, epochs=2))
+                          final_epoch=1, epochs=2, student="nin-thin-nobn", method="at-sum-p2",
+                          protocol="cifar_flip"))
     runs.append(write_run(root, "imagenet/seed0", 0,
-                          [cell("imagenet", "resnet18", "top1"), cell("imagenet", "resnet18", "top5")],
-                          45.5, top5=20.25))
-    context = {"profile": "smoke", "description": DESC,
-               "not_run": {"table4": "CUB and Scenes are not downloaded in the smoke profile"}}
-    return runs, context
+                          [cell("imagenet", "resnet18", "top1", "top1"),
+                           cell("imagenet", "resnet18", "top5", "top5")],
+                          45.5, top5=20.25, student="resnet18", dataset="imagenet",
+                          protocol="imagenet"))
+    return runs, make_context()
 
 
 @pytest.fixture
@@ -100,6 +130,11 @@ def read_csv(path):
         return {(r["row"], r["column"]): r for r in csv.DictReader(f)}
 
 
+def summaries_of(runs, context):
+    checked = inputs.validate_context(context)
+    return cells.summarize(inputs.load_runs(inputs.validate_runs(runs, checked), checked), checked), checked
+
+
 def test_render_is_byte_identical(grid, tmp_path):
     runs, context = grid
     a = report.render(runs, tmp_path / "a", context)
@@ -109,10 +144,14 @@ def test_render_is_byte_identical(grid, tmp_path):
     assert names_a == names_b == sorted(p.name for p in a) == sorted(p.name for p in b)
     for name in names_a:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-    expected = {f"{t}.{ext}" for t in paper.table_names() for ext in ("md", "tex", "csv")}
-    expected |= {f"{figures.FIG_CURVES}.png", f"{figures.FIG_CURVES}.pdf",
-                 f"{figures.FIG_BARS}.png", f"{figures.FIG_BARS}.pdf", "README.md"}
-    assert set(names_a) == expected  # no attention figure: no checkpoint; no temp files left
+    expected = {f"{t}.{ext}" for t in TABLES for ext in ("md", "tex", "csv")}
+    expected |= {f"{stem}.{ext}" for ext in ("png", "pdf")
+                 for stem in (figures.FIG_CURVES, figures.FIG_BARS,
+                              figures.FIG_PAIRED.format(table="table1"),
+                              figures.FIG_PAIRED.format(table="table2"))}
+    # no attention figure (no checkpoint), no paired figure for table3 (no baseline run),
+    # imagenet (no AT run) or table4 (not run); no temp files left
+    assert set(names_a) == expected | {"README.md"}
     assert b"CreationDate" not in (tmp_path / "a" / f"{figures.FIG_BARS}.pdf").read_bytes()
 
 
@@ -120,7 +159,7 @@ def test_statistics_against_independent_computation(rendered):
     tmp_path, runs, context = rendered
     t1 = read_csv(tmp_path / "table1.csv")
 
-    def check(row, values, paper_value, status):
+    def check(row, values, reference, status):
         mean = statistics.mean(values)
         assert row["n"] == str(len(values))
         assert float(row["mean"]) == pytest.approx(mean, abs=1e-4)
@@ -128,8 +167,8 @@ def test_statistics_against_independent_computation(rendered):
             assert float(row["std"]) == pytest.approx(statistics.stdev(values), abs=1e-4)
         else:
             assert row["std"] == ""
-        assert float(row["paper"]) == paper_value
-        assert float(row["diff"]) == pytest.approx(mean - paper_value, abs=1e-4)
+        assert float(row["reference"]) == reference
+        assert float(row["diff"]) == pytest.approx(mean - reference, abs=1e-4)
         assert row["status"] == status
 
     check(t1[(T1ROW, "at")], AT_ERRORS, 7.93, "ok")
@@ -145,29 +184,77 @@ def test_statistics_against_independent_computation(rendered):
     # Markdown: 2 decimals, std as a dash for n = 1.
     md = (tmp_path / "table1.md").read_text()
     at_mean, at_std = statistics.mean(AT_ERRORS), statistics.stdev(AT_ERRORS)
-    assert f"| 3 | {at_mean:.2f} | {at_std:.2f} | 7.93 | {at_mean - 7.93:+.2f} | 2 | ok |" in md
+    assert f"| 3 | {at_mean:.2f} | {at_std:.2f} | 7.93 | {at_mean - 7.93:+.2f} |" in md
     assert f"| 1 | {TEACHER_ERRORS[0]:.2f} | — | 6.31 | {TEACHER_ERRORS[0] - 6.31:+.2f} |" in md
 
 
-def test_csv_columns_and_every_paper_cell(rendered):
+def test_paired_differences_in_the_tables(rendered):
     tmp_path, runs, context = rendered
-    for name in paper.table_names():
+    t1 = read_csv(tmp_path / "table1.csv")
+    # AT (seeds 0, 1, 2) against the student (seeds 0, 1): only seeds 0 and 1 pair
+    at = t1[(T1ROW, "at")]
+    diffs = [AT_ERRORS[0] - STUDENT_ERRORS[0], AT_ERRORS[1] - STUDENT_ERRORS[1]]  # -8.75, -8.0
+    assert (at["baseline_row"], at["baseline_column"]) == (T1ROW, "student")
+    assert at["paired_n"] == "2" and at["paired_seeds"] == "0;1"
+    assert [float(d) for d in at["paired_diffs"].split(";")] == pytest.approx(diffs)
+    mean = (diffs[0] + diffs[1]) / 2
+    half = math.tan(math.pi * 0.475) * statistics.stdev(diffs) / math.sqrt(2)  # t_{0.975,1} = tan(0.475 pi)
+    assert float(at["paired_mean"]) == pytest.approx(mean, abs=1e-4)
+    assert float(at["ci_low"]) == pytest.approx(mean - half, abs=1e-4)
+    assert float(at["ci_high"]) == pytest.approx(mean + half, abs=1e-4)
+    assert float(at["reference_diff"]) == pytest.approx(7.93 - 8.77)
+    assert at["sign_agrees"] == "yes"
+    # KD: seed 0 missing, seed 2 has no student: one pair, no interval
+    kd = t1[(T1ROW, "kd")]
+    assert (kd["paired_n"], kd["paired_seeds"], kd["ci_low"], kd["ci_high"]) == ("1", "1", "", "")
+    assert float(kd["paired_mean"]) == pytest.approx(64.0 - 66.5)
+    # the baselines themselves, and a teacher (a baseline of another model), have none
+    for key in ((T1ROW, "student"), (T1ROW, "teacher")):
+        assert t1[key]["paired_n"] == t1[key]["baseline_row"] == ""
+    # Table 2's baseline is its `none` row; Table 3's AT has no baseline run: no pairing
+    sum_p1 = read_csv(tmp_path / "table2.csv")[("sum-p1", "error")]
+    assert sum_p1["baseline_row"] == "none"
+    assert [float(d) for d in sum_p1["paired_diffs"].split(";")] == pytest.approx(
+        [SUMP1_ERRORS[0] - STUDENT_ERRORS[0], SUMP1_ERRORS[1] - STUDENT_ERRORS[1]])
+    assert read_csv(tmp_path / "table3.csv")[("at", "error")]["paired_n"] == ""
+    # ImageNet's top-5 cell pairs with the top-5 baseline, never the top-1 one: no AT run here
+    assert read_csv(tmp_path / "imagenet.csv")[("resnet18", "top5")]["paired_n"] == ""
+    md = (tmp_path / "table1.md").read_text()
+    lo, hi = mean - half, mean + half
+    assert (f"| {mean:+.2f} | [{lo:+.2f}, {hi:+.2f}] | 0: {diffs[0]:+.2f}, 1: {diffs[1]:+.2f} | yes |"
+            in md)
+    assert f"| {64.0 - 66.5:+.2f} | — | 1: {64.0 - 66.5:+.2f} | yes |" in md
+
+
+def test_csv_columns_and_every_cell(rendered):
+    tmp_path, runs, context = rendered
+    refs = references.load(REPO / "references.yaml")
+    for name in TABLES:
         with open(tmp_path / f"{name}.csv", newline="") as f:
             reader = csv.DictReader(f)
             assert tuple(reader.fieldnames) == tables.CSV_COLUMNS
             rows = list(reader)
-        assert [(r["table"], r["row"], r["column"]) for r in rows] == [
-            c for c in paper.cells() if c[0] == name]
+        assert [(r["row"], r["column"]) for r in rows] == [
+            (row, column) for row in refs[name].rows for column in refs[name].columns]
 
 
-def test_shared_run_fills_table1_and_table2(rendered):
-    tmp_path, runs, context = rendered
-    t1 = read_csv(tmp_path / "table1.csv")[(T1ROW, "at")]
-    t2 = read_csv(tmp_path / "table2.csv")[("sum-p2", "error")]
+def test_shared_run_is_compared_with_each_cells_own_reference(grid, tmp_path):
+    # Table 1's AT cell and Table 2's F_sum^2 cell are one run, and both references print 7.93:
+    # give Table 2's another number, so that a report using the wrong cell's reference fails
+    runs, context = grid
+    data = yaml.safe_load((REPO / "references.yaml").read_text())
+    data["tables"]["table2"]["values"]["sum-p2"]["error"] = 8.0
+    report.render(runs, tmp_path / "out", dict(context, references=references.parse(data)))
+    t1 = read_csv(tmp_path / "out" / "table1.csv")[(T1ROW, "at")]
+    t2 = read_csv(tmp_path / "out" / "table2.csv")[("sum-p2", "error")]
     for key in ("n", "mean", "std"):
         assert t1[key] == t2[key]
-    assert t2["diff"] != t1["diff"] or t1["paper"] == t2["paper"]  # each against its own paper cell
-    none = read_csv(tmp_path / "table2.csv")[("none", "error")]
+    mean = statistics.mean(AT_ERRORS)
+    assert (float(t1["reference"]), float(t2["reference"])) == (7.93, 8.0)
+    assert float(t1["diff"]) == pytest.approx(mean - 7.93, abs=1e-4)
+    assert float(t2["diff"]) == pytest.approx(mean - 8.0, abs=1e-4)
+    assert float(t2["reference_diff"]) == pytest.approx(8.0 - 8.77)
+    none = read_csv(tmp_path / "out" / "table2.csv")[("none", "error")]
     assert float(none["mean"]) == pytest.approx(statistics.mean(STUDENT_ERRORS), abs=1e-4)
 
 
@@ -176,9 +263,10 @@ def test_missing_is_never_a_number(rendered):
     factt = read_csv(tmp_path / "table1.csv")[(T1ROW, "factt")]
     assert factt["status"] == "missing"
     assert factt["n"] == "0"
-    assert factt["mean"] == factt["std"] == factt["diff"] == factt["epoch"] == ""
+    assert factt["mean"] == factt["std"] == factt["diff"] == factt["epoch"] == factt["paired_mean"] == ""
     md = (tmp_path / "table1.md").read_text()
-    assert "| WRN-16-1, 0.2M | WRN-16-2, 0.7M | F-ActT | 0 | missing | — | 8.51 | — | — | missing |" in md
+    assert ("| WRN-16-1, 0.2M | WRN-16-2, 0.7M | F-ActT | 0 | missing | — | 8.51 | — | — | — | — | — "
+            "| — | missing |") in md
     assert "`factt/seed0`" in md and "`kd/seed0`" in md
     readme = (tmp_path / "README.md").read_text()
     assert "run `factt/seed0`: missing" in readme
@@ -196,7 +284,7 @@ def test_not_run_table_and_unfilled_cells(rendered):
     assert "CUB and Scenes are not downloaded in the smoke profile" in md
     rows = [line for line in md.splitlines() if line.startswith("| ") and "ResNet" in line]
     assert len(rows) == 8
-    pattern = re.compile(r"\| 0 \| not run \| — \| [0-9.]+ \| — \| — \| not run \|$")
+    pattern = re.compile(r"\| 0 \| not run \| — \| [0-9.]+ \| — \| — \| — \| — \| — \| — \| not run \|$")
     assert all(pattern.search(line) for line in rows), rows
     # table3 cells no run fills are "not run", with the reason
     t3 = read_csv(tmp_path / "table3.csv")
@@ -206,6 +294,8 @@ def test_not_run_table_and_unfilled_cells(rendered):
     assert "not run: CUB and Scenes are not downloaded" in readme
     assert "table3: no run of this profile's grid fills 5 of 6 cells: baseline" in readme
     assert "min-l2 (Drucker & LeCun 1992)" in readme
+    assert "Not drawn: table3 has no cell with a finished run paired" not in readme
+    assert "no cell of this table has a finished run paired with its baseline" in readme
 
 
 def test_epoch_is_stated(rendered):
@@ -224,7 +314,7 @@ def test_differing_final_epochs_are_said(tmp_path):
         write_run(tmp_path / "r", "a/seed1", 1, [cell("table2", "none", "error")], 12.0,
                   final_epoch=1, epochs=2),
     ]
-    report.render(runs, tmp_path / "out", {"profile": "smoke", "description": DESC})
+    report.render(runs, tmp_path / "out", make_context())
     md = (tmp_path / "out" / "table2.md").read_text()
     assert "Runs of this table differ in final epoch (1, 2)" in md
     assert read_csv(tmp_path / "out" / "table2.csv")[("none", "error")]["epoch"] == "1;2"
@@ -235,31 +325,82 @@ def test_table1_not_run_skips_its_figures(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / f"{figures.FIG_BARS}.png").write_bytes(b"from an earlier render")
-    written = report.render(runs, out, {"profile": "smoke", "description": DESC,
-                                        "not_run": {"table1": "no teachers in this profile"}})
+    (out / f"{figures.FIG_PAIRED.format(table='table2')}.pdf").write_bytes(b"from an earlier render")
+    written = report.render(runs, out, make_context(
+        not_run={"table1": "no teachers in this profile", "table4": "no"}))
     assert not any(p.suffix in (".png", ".pdf") for p in written)
-    assert not (out / f"{figures.FIG_BARS}.png").exists()
+    assert not list(out.glob("fig_*"))
     readme = (out / "README.md").read_text()
     assert readme.count("Not drawn: Table 1 is not run: no teachers in this profile") == 3
+    assert "Not drawn: table1 is not run: no teachers in this profile" in readme
 
 
 def test_description_everywhere(rendered):
     tmp_path, runs, context = rendered
-    for name in paper.table_names():
+    for name in TABLES:
         assert DESC in (tmp_path / f"{name}.md").read_text()
         tex = (tmp_path / f"{name}.tex").read_text()
         assert tables.tex_escape(DESC) in tex
         assert r"\caption{" in tex and r"\end{table}" in tex
     assert DESC in (tmp_path / "README.md").read_text().splitlines()[2]
-    summaries = cells.summarize(inputs.load_runs(runs), context["not_run"])
+    summaries, checked = summaries_of(runs, context)
     series, _ = figures.curve_series(summaries)
-    for fig in (figures.curves_figure(series, DESC), figures.bars_figure(summaries["table1"], DESC)):
-        assert DESC in fig._suptitle.get_text()
+    layout = checked.tables["table1"]
+    for fig in (figures.curves_figure(series, layout, DESC),
+                figures.bars_figure(summaries["table1"], layout, DESC),
+                figures.paired_figure(layout, summaries["table1"], DESC)):
+        assert DESC.replace(" ", "") in fig._suptitle.get_text().replace("\n", "").replace(" ", "")
+
+
+def _title_inside(fig) -> bool:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)  # runs the constrained layout, as savefig does
+    title = fig._suptitle.get_window_extent(renderer)
+    frame = fig.bbox
+    return (frame.x0 <= title.x0 and title.x1 <= frame.x1
+            and frame.y0 <= title.y0 and title.y1 <= frame.y1)
+
+
+def test_titles_are_not_cut_off(grid):
+    runs, context = grid
+    summaries, checked = summaries_of(runs, context)
+    series, _ = figures.curve_series(summaries)
+    layout = checked.tables["table1"]
+    long = DESC + ", and a description long enough to run past any figure's right edge" * 2
+    for make in (lambda d: figures.curves_figure(series, layout, d),
+                 lambda d: figures.bars_figure(summaries["table1"], layout, d),
+                 lambda d: figures.paired_figure(layout, summaries["table1"], d),
+                 lambda d: figures.paired_figure(checked.tables["table2"], summaries["table2"], d)):
+        assert _title_inside(make(DESC)) and _title_inside(make(long))
+    # the check can fail: an unwrapped long title is cut
+    fig = figures.new_figure(6, 3)
+    fig.suptitle(long, fontsize=11)
+    assert not _title_inside(fig)
+
+
+def test_paired_figure_draws_what_the_table_says(grid):
+    runs, context = grid
+    summaries, checked = summaries_of(runs, context)
+    fig = figures.paired_figure(checked.tables["table1"], summaries["table1"], DESC)
+    ax = fig.get_axes()[0]
+    shown = figures.paired_rows(summaries["table1"])
+    assert [c.column for c in shown] == ["at", "kd"]   # F-ActT: missing; AT+KD: no run
+    ours = next(line for line in ax.get_lines() if line.get_marker() == "o")
+    ref = next(line for line in ax.get_lines() if line.get_marker() == "D")
+    mean_at = ((AT_ERRORS[0] - STUDENT_ERRORS[0]) + (AT_ERRORS[1] - STUDENT_ERRORS[1])) / 2
+    assert list(ours.get_xdata()) == pytest.approx([mean_at, 64.0 - 66.5])
+    assert list(ref.get_xdata()) == pytest.approx([7.93 - 8.77, 7.41 - 8.77])
+    assert list(ours.get_ydata()) == [1.0, 0.0]          # first cell on top
+    labels = dict(zip(ax.get_yticks(), (t.get_text() for t in ax.get_yticklabels())))
+    assert labels == {1.0: "WRN-16-1, 0.2M / WRN-16-2, 0.7M: AT (n=2)",
+                      0.0: "WRN-16-1, 0.2M / WRN-16-2, 0.7M: KD (n=1)"}
 
 
 def test_curves_average_seeds(grid):
     runs, context = grid
-    summaries = cells.summarize(inputs.load_runs(runs), context["not_run"])
+    summaries, _ = summaries_of(runs, context)
     series, notes = figures.curve_series(summaries)
     epochs, mean, n = series[T1ROW]["at"]
     assert epochs == [1, 2] and n == 3
@@ -269,8 +410,8 @@ def test_curves_average_seeds(grid):
 
 
 def test_tex_escaping():
-    assert tables.tex_escape("F_sum^2 & 5% #1 ImageNet->CUB ± —") == (
-        r"F\_sum\^{}2 \& 5\% \#1 ImageNet$\to$CUB $\pm$ ---")
+    assert tables.tex_escape("F_sum^2 & 5% #1 ImageNet->CUB ± — Δ") == (
+        r"F\_sum\^{}2 \& 5\% \#1 ImageNet$\to$CUB $\pm$ --- $\Delta$")
 
 
 def test_bad_inputs_are_refused(grid, tmp_path):
@@ -282,18 +423,57 @@ def test_bad_inputs_are_refused(grid, tmp_path):
     with pytest.raises(ValueError, match="same seed"):
         report.render([runs[0], dict(runs[1], seed=0)], out, context)
     with pytest.raises(ValueError, match="description"):
-        report.render(runs, out, {"profile": "smoke"})
+        report.render(runs, out, {k: v for k, v in context.items() if k != "description"})
     with pytest.raises(ValueError, match="not_run"):
         report.render(runs, out, dict(context, not_run={"table1": "no"}))
     with pytest.raises(ValueError, match="table9"):
         report.render(runs, out, dict(context, not_run={"table9": "no"}))
     with pytest.raises(ValueError, match="twice"):
         report.render([runs[0], runs[0]], out, context)
+    with pytest.raises(ValueError, match="references"):
+        report.render(runs, out, dict(context, references={"table1": {}}))
     broken = write_run(tmp_path / "r", "x/seed0", 0, [cell("table2", "sum-p4", "error")], 1.0)
     (Path(broken["out_dir"]) / "metrics.json").write_text('{"final_test_error": 1.0}')
-    with pytest.raises(ValueError, match="metrics.json lacks key 'epochs'"):
+    with pytest.raises(ValueError, match="metrics.json lacks key 'data_md5'"):
         report.render([broken], out, context)
     assert not out.exists()  # refused before anything was written
+
+
+def test_a_table_without_references_renders_with_dashes(tmp_path):
+    """A user table of params.yaml (tests/test_grid.py) renders: "—" as reference and diff,
+    no sign check, no reference marker; its paired statistics are computed as for any table."""
+    from test_grid import USER_TABLE_RUNS, with_user_table
+
+    params = with_user_table(real_params())
+    errors = {USER_TABLE_RUNS[("alone", "error")]: 9.5, USER_TABLE_RUNS[("at", "error")]: 8.75,
+              USER_TABLE_RUNS[("max-p2", "error")]: 9.0}
+    runs = []
+    for run in grid_mod.runs(params, "paper"):
+        if run["id"] in errors:
+            epochs = grid_mod.protocol_of(params, run)["epochs"]
+            written = write_run(tmp_path / "runs", run["id"], run["seed"], run["cells"], errors[run["id"]],
+                                final_epoch=epochs, epochs=epochs, history=False, profile="paper")
+            runs.append({**run, "out_dir": written["out_dir"], "epochs": epochs})
+    assert len(runs) == 3
+    context = make_context(params, profile="paper", not_run=grid_mod.not_run(params, "paper"))
+    written = report.render(runs, tmp_path / "out", context)
+    mine = read_csv(tmp_path / "out" / "mine.csv")
+    assert list(mine) == [("alone", "error"), ("at", "error"), ("max-p2", "error")]
+    for key, row in mine.items():
+        assert row["reference"] == row["diff"] == row["reference_diff"] == row["sign_agrees"] == ""
+        assert float(row["mean"]) == errors[USER_TABLE_RUNS[key]]
+    assert float(mine[("at", "error")]["paired_mean"]) == pytest.approx(8.75 - 9.5)
+    assert float(mine[("max-p2", "error")]["paired_mean"]) == pytest.approx(9.0 - 9.5)
+    md = (tmp_path / "out" / "mine.md").read_text()
+    assert "| at | 1 | 8.75 | — | — | — | -0.75 | — | 0: -0.75 | — | 200 | ok |" in md
+    assert "Reference: none published for this table" in md
+    assert "[mine.md](mine.md)" in (tmp_path / "out" / "README.md").read_text()
+    # the WRN-16-1 baseline also fills Table 1 and 2 cells: there, its reference is shown
+    assert read_csv(tmp_path / "out" / "table2.csv")[("none", "error")]["reference"] == "8.77"
+    assert tmp_path / "out" / "fig_paired_mine.png" in written
+    summaries, checked = summaries_of(runs, context)
+    ax = figures.paired_figure(checked.tables["mine"], summaries["mine"], DESC).get_axes()[0]
+    assert [line.get_marker() for line in ax.get_lines() if line.get_marker() in ("o", "D")] == ["o"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Callable
 
 import numpy as np
 
-from at.report.figures import new_figure
+from at.report.figures import new_figure, set_title
 
 # The Table 1 pair and method whose checkpoints feed the attention-map figure (as in the paper).
 ATTENTION_PAIR = "wrn-16-1_from_wrn-16-2"
@@ -73,7 +73,7 @@ def attention_figure(teacher, student, images, inputs, title: str,
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(title, fontsize=9)
+    set_title(fig, title, fontsize=9)
     return fig
 
 
@@ -85,10 +85,10 @@ def _find_cifar_folder(candidate: Path) -> Path | None:
     return None
 
 
-def attention_from_runs(summaries, context, description) -> tuple[object | None, str]:
+def attention_from_runs(summaries, context) -> tuple[object | None, str]:
     """(figure, note) or (None, why it was skipped), from the AT student's checkpoint."""
     cell = next(
-        (c for c in summaries["table1"] if c.row == ATTENTION_PAIR and c.column == ATTENTION_METHOD),
+        (c for c in summaries.get("table1", []) if c.row == ATTENTION_PAIR and c.column == ATTENTION_METHOD),
         None,
     )
     if cell is None or cell.status == "not run":
@@ -104,7 +104,7 @@ def attention_from_runs(summaries, context, description) -> tuple[object | None,
     if not teacher_path or not Path(teacher_path).is_file():
         return None, f"the teacher checkpoint of `{run.id}` ({teacher_path}) is not there"
     teacher, _ = load_model(Path(teacher_path))
-    data_dir = context.get("cifar_dir") or spec.get("data_dir")
+    data_dir = context.cifar_dir or spec.get("data_dir")
     folder = _find_cifar_folder(Path(data_dir)) if data_dir else None
     if folder is None:
         return None, f"no CIFAR-10 test batch under {data_dir!r}"
@@ -120,7 +120,7 @@ def attention_from_runs(summaries, context, description) -> tuple[object | None,
     teacher = teacher.to("cpu").float().eval()
     title = (
         f"Attention maps (F_sum^2) of {spec.get('teacher')} (teacher) and {spec.get('student')} "
-        f"(AT student, seed {run.seed}), first {ATTENTION_IMAGES} test images\n{description}"
+        f"(AT student, seed {run.seed}), first {ATTENTION_IMAGES} test images\n{context.description}"
     )
     fig = attention_figure(teacher, student, images.numpy(), inputs, title,
                            names=("teacher", "student"))

@@ -6,8 +6,9 @@ import csv
 import io
 import math
 
-from at import paper
 from at.report.cells import CellSummary
+from at.report.inputs import Context
+from at.report.layout import TableLayout
 
 _DASH = "—"
 
@@ -21,9 +22,9 @@ def _fmt(x: float | None, digits: int = 2, sign: bool = False) -> str:
     return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
 
 
-def _fmt_paper(x: float) -> str:
-    # As printed in the paper (27, 13.5, 8.77): no invented precision.
-    return format(x, "g")
+def _fmt_reference(x: float | None) -> str:
+    # As printed in the source (27, 13.5, 8.77): no invented precision.
+    return _DASH if x is None else format(x, "g")
 
 
 def _epoch_text(summary: CellSummary) -> str:
@@ -38,18 +39,48 @@ def mean_text(summary: CellSummary) -> str:
     return _fmt(summary.mean)
 
 
+def paired_texts(c: CellSummary) -> dict[str, str]:
+    """The paired columns of one cell as text: Δ vs baseline, its CI, per-seed Δ, sign check."""
+    p = c.paired
+    if p is None or p.mean is None:
+        return {"delta": _DASH, "ci": _DASH, "per_seed": _DASH, "sign": _DASH}
+    return {
+        "delta": _fmt(p.mean, sign=True),
+        "ci": _DASH if p.ci_low is None else f"[{_fmt(p.ci_low, sign=True)}, {_fmt(p.ci_high, sign=True)}]",
+        "per_seed": ", ".join(f"{s}: {_fmt(d, sign=True)}" for s, d in zip(p.seeds, p.differences)),
+        "sign": {True: "yes", False: "no", None: _DASH}[p.sign_agrees],
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # Tables
 
 
-def _table_notes(name: str, cells: list[CellSummary], profile: str, description: str) -> list[str]:
+def _table_notes(layout: TableLayout, cells: list[CellSummary], context: Context) -> list[str]:
+    if layout.citation:
+        reference = f"Reference: {layout.citation} (the published number, full protocol)."
+    else:
+        reference = "Reference: none published for this table: reference and diff are —."
     notes = [
-        f"Ours: {description} (profile `{profile}`). Paper: the published number, full protocol.",
+        f"Ours: {context.description} (profile `{context.profile}`).",
+        reference,
         "mean and std: over the n seeds that finished, of the test error (%) at the last epoch; "
-        "std is the sample std (ddof=1), shown as — when n = 1; diff = mean − paper.",
+        "std is the sample std (ddof=1), shown as — when n = 1; diff = mean − reference (— "
+        "where the cell has no reference).",
+        "Δ base: paired difference to the cell's baseline (same table, same model, data and "
+        "protocol, method `baseline`): our error minus the baseline's of the same seed, "
+        "averaged over the seeds both finished (per-seed Δ lists them, seed: Δ); 95% CI: "
+        "Student t with n − 1 degrees of freedom, — for fewer than 2 pairs; sign: whether Δ base "
+        "has the sign of the reference's own difference (— where either reference is missing).",
     ]
+    baselines = {}
+    for c in cells:
+        if c.baseline is not None:
+            baselines.setdefault(c.baseline.label, []).append(c.label)
+    for label, of in baselines.items():
+        notes.append(f"Baseline {label}: of {'; '.join(of)}.")
     reasons = sorted({c.not_run_reason for c in cells if c.not_run_reason})
-    if all(c.status == "not run" for c in cells):
+    if cells and all(c.status == "not run" for c in cells):
         notes.append(f"Not run in this profile: {reasons[0] if len(reasons) == 1 else '; '.join(reasons)}.")
     else:
         for reason in reasons:
@@ -90,25 +121,34 @@ def _table_notes(name: str, cells: list[CellSummary], profile: str, description:
     return notes
 
 
-def _table_header(spec: dict) -> list[str]:
-    header = [h for h in spec["row_header"]]
-    if len(spec["columns"]) > 1:
-        header.append(spec["column_header"])
-    return header + ["n", "mean", "std", "paper", "diff", "epoch", "status"]
+_NUMBER_COLUMNS = ["n", "mean", "std", "reference", "diff", "Δ base", "95% CI", "per-seed Δ",
+                   "sign", "epoch"]
 
 
-def _table_rows(spec: dict, cells: list[CellSummary]) -> list[list[str]]:
+def _label_header(layout: TableLayout) -> list[str]:
+    header = list(layout.row_header)
+    if len(layout.columns) > 1:
+        header.append(layout.column_header)
+    return header
+
+
+def _table_rows(layout: TableLayout, cells: list[CellSummary]) -> list[list[str]]:
     rows = []
     for c in cells:
-        line = [spec["rows"][c.row][h] for h in spec["row_header"]]
-        if len(spec["columns"]) > 1:
-            line.append(spec["columns"][c.column])
+        line = [layout.rows[c.row][h] for h in layout.row_header]
+        if len(layout.columns) > 1:
+            line.append(layout.columns[c.column])
+        paired = paired_texts(c)
         line += [
             str(c.n),
             mean_text(c),
             _fmt(c.std),
-            _fmt_paper(c.paper),
+            _fmt_reference(c.reference),
             _fmt(c.diff, sign=True),
+            paired["delta"],
+            paired["ci"],
+            paired["per_seed"],
+            paired["sign"],
             _epoch_text(c),
             c.status_text,
         ]
@@ -120,27 +160,29 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def table_markdown(name: str, cells: list[CellSummary], profile: str, description: str,
+def table_markdown(layout: TableLayout, cells: list[CellSummary], context: Context,
                    level: int = 1) -> str:
-    spec = paper.get_table(name)
-    out = [
-        f"{'#' * level} {spec['title']}",
+    # the profile's purpose (e.g. "smoke numbers carry no information") comes first of all
+    out = [f"**{context.purpose}**", ""] if context.purpose else []
+    dataset = f" Data set: {layout.dataset}." if layout.dataset else ""
+    out += [
+        f"{'#' * level} {layout.title}",
         "",
-        f"**{description}** (profile `{profile}`)",
+        f"**{context.description}** (profile `{context.profile}`)",
         "",
-        f"{spec['caption']} Data set: {spec['dataset']}.",
+        f"{layout.caption}{dataset}",
         "",
     ]
-    header = _table_header(spec)
+    labels = _label_header(layout)
+    header = labels + _NUMBER_COLUMNS + ["status"]
     out.append("| " + " | ".join(header) + " |")
-    n_text = len(header) - 7  # row labels (text), then n..epoch (numbers), then status (text)
     out.append("|" + "|".join(
-        "--:" if n_text <= i < len(header) - 1 else "---" for i in range(len(header))
+        "--:" if len(labels) <= i < len(header) - 1 else "---" for i in range(len(header))
     ) + "|")
-    for line in _table_rows(spec, cells):
+    for line in _table_rows(layout, cells):
         out.append("| " + " | ".join(_md_escape(x) for x in line) + " |")
     out.append("")
-    out += [f"- {_md_escape(n)}" for n in _table_notes(name, cells, profile, description)]
+    out += [f"- {_md_escape(n)}" for n in _table_notes(layout, cells, context)]
     return "\n".join(out) + "\n"
 
 
@@ -149,49 +191,52 @@ def tex_escape(text: str) -> str:
         "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
         "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
         "<": r"\textless{}", ">": r"\textgreater{}",
-        "±": r"$\pm$", "—": "---", "−": "$-$", "`": "",
+        "±": r"$\pm$", "—": "---", "−": "$-$", "`": "", "Δ": r"$\Delta$",
     }
     text = text.replace("->", "\x00")  # arrows first, before '>' is escaped
     escaped = "".join(special.get(ch, ch) for ch in text)
     return escaped.replace("\x00", r"$\to$")
 
 
-def table_latex(name: str, cells: list[CellSummary], profile: str, description: str) -> str:
-    spec = paper.get_table(name)
-    header = _table_header(spec)
-    n_text = len(header) - 7
-    align = "l" * n_text + "rrrrrrl"
+def table_latex(layout: TableLayout, cells: list[CellSummary], context: Context) -> str:
+    labels = _label_header(layout)
+    header = labels + _NUMBER_COLUMNS + ["status"]
+    align = "l" * len(labels) + "r" * len(_NUMBER_COLUMNS) + "l"
+    dataset = f" Data set: {layout.dataset}." if layout.dataset else ""
     caption = " ".join(
-        [
-            tex_escape(spec["title"]) + ".",
-            tex_escape(spec["caption"]),
-            r"\textbf{" + tex_escape(f"Ours: {description} (profile {profile}).") + "}",
+        ([tex_escape(context.purpose)] if context.purpose else [])
+        + [
+            tex_escape(layout.title) + ".",
+            tex_escape(layout.caption + dataset),
+            r"\textbf{" + tex_escape(f"Ours: {context.description} (profile {context.profile}).") + "}",
         ]
-        + [tex_escape(n) for n in _table_notes(name, cells, profile, description)[1:]]
+        + [tex_escape(n) for n in _table_notes(layout, cells, context)[1:]]  # [0]: in bold above
     )
     out = [
         "% Generated by at.report from the runs' metrics.json; needs \\usepackage{booktabs}.",
         r"\begin{table}[ht]",
         r"\centering",
         r"\caption{" + caption + "}",
-        r"\label{tab:" + name + "}",
+        r"\label{tab:" + layout.name + "}",
         r"\begin{tabular}{" + align + "}",
         r"\toprule",
         " & ".join(tex_escape(h) for h in header) + r" \\",
         r"\midrule",
     ]
-    for line in _table_rows(spec, cells):
+    for line in _table_rows(layout, cells):
         out.append(" & ".join(tex_escape(x) for x in line) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(out) + "\n"
 
 
-CSV_COLUMNS = ("table", "row", "column", "label", "n", "mean", "std", "paper", "diff", "epoch",
+CSV_COLUMNS = ("table", "row", "column", "label", "n", "mean", "std", "reference", "diff",
+               "baseline_row", "baseline_column", "paired_n", "paired_seeds", "paired_diffs",
+               "paired_mean", "ci_low", "ci_high", "reference_diff", "sign_agrees", "epoch",
                "status")
 
 
-def table_csv(name: str, cells: list[CellSummary]) -> str:
-    """Machine-readable: empty mean/std/diff where there is no number; epochs joined by ';'."""
+def table_csv(cells: list[CellSummary]) -> str:
+    """Machine-readable: empty fields where there is no number; lists joined by ';'."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
@@ -200,12 +245,16 @@ def table_csv(name: str, cells: list[CellSummary]) -> str:
         return "" if x is None else _fmt(x, digits=4)
 
     for c in cells:
-        writer.writerow(
-            [
-                c.table, c.row, c.column, c.label, c.n, num(c.mean), num(c.std),
-                _fmt_paper(c.paper), num(c.diff), ";".join(str(e) for e in sorted(set(c.epochs))),
-                c.status,
-            ]
-        )
+        p = c.paired
+        writer.writerow([
+            c.table, c.row, c.column, c.label, c.n, num(c.mean), num(c.std),
+            "" if c.reference is None else _fmt_reference(c.reference), num(c.diff),
+            c.baseline.row if c.baseline else "", c.baseline.column if c.baseline else "",
+            p.n if p else "", ";".join(str(s) for s in p.seeds) if p else "",
+            ";".join(num(d) for d in p.differences) if p else "",
+            num(p.mean) if p else "", num(p.ci_low) if p else "", num(p.ci_high) if p else "",
+            num(p.reference) if p else "",
+            {True: "yes", False: "no", None: ""}[p.sign_agrees] if p else "",
+            ";".join(str(e) for e in sorted(set(c.epochs))), c.status,
+        ])
     return buf.getvalue()
-
