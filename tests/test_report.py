@@ -34,7 +34,7 @@ def cell(table, row, column, metric=None):
 
 def write_run(root, run_id, seed, cells, error=None, final_epoch=2, epochs=2, top5=None,
               history=True, student="wrn-16-1", method="baseline", dataset="cifar10",
-              protocol="cifar", **metrics_changes):
+              protocol="cifar", metrics_changes=None):
     """A run folder as the trainer leaves it; error None: the run did not finish."""
     out = Path(root) / run_id
     out.mkdir(parents=True)
@@ -44,7 +44,7 @@ def write_run(root, run_id, seed, cells, error=None, final_epoch=2, epochs=2, to
                    "data_md5": "user-folder" if dataset == "imagenet" else CIFAR_MD5}
         if top5 is not None:
             metrics["final_test_error_top5"] = top5
-        metrics.update(metrics_changes)
+        metrics.update(metrics_changes or {})
         (out / "metrics.json").write_text(json.dumps(metrics))
         if history:
             lines = ["epoch,lr,train_loss,loss_ce,train_error,test_error,images_per_s,epoch_time_s"]
@@ -452,7 +452,8 @@ def test_a_table_without_references_renders_with_dashes(tmp_path):
         if run["id"] in errors:
             epochs = grid_mod.protocol_of(params, run)["epochs"]
             written = write_run(tmp_path / "runs", run["id"], run["seed"], run["cells"], errors[run["id"]],
-                                final_epoch=epochs, epochs=epochs, history=False, profile="paper")
+                                final_epoch=epochs, epochs=epochs, history=False,
+                                metrics_changes={"profile": "paper"})
             runs.append({**run, "out_dir": written["out_dir"], "epochs": epochs})
     assert len(runs) == 3
     context = make_context(params, profile="paper", not_run=grid_mod.not_run(params, "paper"))
@@ -474,6 +475,105 @@ def test_a_table_without_references_renders_with_dashes(tmp_path):
     summaries, checked = summaries_of(runs, context)
     ax = figures.paired_figure(checked.tables["mine"], summaries["mine"], DESC).get_axes()[0]
     assert [line.get_marker() for line in ax.get_lines() if line.get_marker() in ("o", "D")] == ["o"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The report trusts no metrics.json
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"run_id": "cifar10/wrn-16-2/baseline/seed0"},
+     "run_id is 'cifar10/wrn-16-2/baseline/seed0', not 'x/seed0': the file belongs to another run"),
+    ({"profile": "paper"}, "profile is 'paper', not 'smoke': the run was trained for another profile"),
+    ({"data_md5": "c58f30108f718f92721af3b95e74349a"},
+     "data_md5 is 'c58f30108f718f92721af3b95e74349a', but the cifar10 data folder holds "
+     f"'{CIFAR_MD5}': the run was trained on other data"),
+    ({"final_test_error": float("nan")}, "final_test_error must be a test error in [0, 100] (%), got nan"),
+    ({"final_test_error": float("inf")}, "final_test_error must be a test error in [0, 100] (%), got inf"),
+    ({"final_test_error": -0.5}, "final_test_error must be a test error in [0, 100] (%), got -0.5"),
+    ({"final_test_error": 100.5}, "final_test_error must be a test error in [0, 100] (%), got 100.5"),
+    ({"final_test_error": "7.5"}, "final_test_error must be a test error in [0, 100] (%), got '7.5'"),
+    ({"epochs": 3, "final_epoch": 3}, "epochs is 3, but the run's protocol plans 2"),
+    ({"final_epoch": 3}, "final_epoch 3 is not between 1 and epochs (2)"),
+    ({"final_epoch": 0}, "final_epoch 0 is not between 1 and epochs (2)"),
+    ({"final_epoch": 2.0}, "final_epoch must be an int, got 2.0"),
+])
+def test_impossible_or_foreign_metrics_are_refused(grid, tmp_path, changes, problem):
+    runs, context = grid
+    bad = write_run(tmp_path / "r", "x/seed0", 0, [cell("table2", "sum-p4", "error")], 7.5,
+                    method="at-sum-p4", metrics_changes=changes)
+    path = Path(bad["out_dir"]) / "metrics.json"
+    out = tmp_path / "out"
+    with pytest.raises(report.ReportInputError) as info:
+        report.render(runs + [bad], out, context)
+    assert str(info.value) == f"run 'x/seed0': {path}: {problem}"
+    assert not out.exists()  # refused before anything was written
+
+
+def test_a_metrics_json_copied_from_another_run_is_refused(grid, tmp_path):
+    runs, context = grid
+    source = Path(runs[0]["out_dir"]) / "metrics.json"   # at-sum-p2/seed0, a real finished run
+    target = Path(next(r for r in runs if r["id"] == "factt/seed0")["out_dir"]) / "metrics.json"
+    target.write_bytes(source.read_bytes())
+    with pytest.raises(report.ReportInputError, match=r"run 'factt/seed0': .*factt/seed0/metrics.json: "
+                       r"run_id is 'at-sum-p2/seed0', not 'factt/seed0'"):
+        report.render(runs, tmp_path / "out", context)
+
+
+def test_data_that_cannot_be_checked_is_refused(grid, tmp_path):
+    runs, context = grid
+    with pytest.raises(report.ReportInputError, match="the cifar10 data folder has no source.json"):
+        report.render(runs, tmp_path / "out", dict(context, data_md5={"cifar10": None, "imagenet": "user-folder"}))
+    with pytest.raises(report.ReportInputError, match="no data md5 given for data set 'imagenet'"):
+        report.render(runs, tmp_path / "out", dict(context, data_md5={"cifar10": CIFAR_MD5}))
+
+
+def test_expected_data_md5_follows_the_trainers_rule(tmp_path):
+    from at.data.download import write_source_record
+
+    assert inputs.expected_data_md5("cifar10", tmp_path / "absent") is None
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_source_record(tmp_path / "a", {"md5": CIFAR_MD5, "url": "file:///x"})
+    assert inputs.expected_data_md5("cifar10", tmp_path / "a") == CIFAR_MD5
+    write_source_record(tmp_path / "b", {"url": "file:///x"})
+    assert inputs.expected_data_md5("scenes", tmp_path / "b") == "unknown"
+    assert inputs.expected_data_md5("imagenet", tmp_path / "absent") == "user-folder"
+
+
+def test_cli_report_checks_every_file_against_the_grid(tmp_path):
+    """`python -m at report` in a folder with params.yaml, references.yaml, a data record and
+    the ci profile's run folders: renders; then one copied metrics.json makes it refuse."""
+    import shutil
+    import subprocess
+
+    from at.data.download import write_source_record
+
+    for name in ("params.yaml", "references.yaml"):
+        shutil.copy2(REPO / name, tmp_path / name)
+    (tmp_path / "data" / "cifar10").mkdir(parents=True)
+    write_source_record(tmp_path / "data" / "cifar10", {"md5": CIFAR_MD5, "url": "file:///mini"})
+    params = real_params()
+    runs = grid_mod.runs(params, "ci")
+    for i, run in enumerate(runs):
+        epochs = grid_mod.protocol_of(params, run)["epochs"]
+        (tmp_path / run["out_dir"]).mkdir(parents=True)
+        metrics = {"run_id": run["id"], "profile": "ci", "data_md5": CIFAR_MD5, "epochs": epochs,
+                   "final_epoch": epochs, "final_test_error": 80.0 - i, "final_test_error_top5": 40.0}
+        (tmp_path / run["out_dir"] / "metrics.json").write_text(json.dumps(metrics))
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    cli = [sys.executable, "-m", "at", "report", "--profile", "ci"]
+    done = subprocess.run(cli, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    t2 = read_csv(tmp_path / "results" / "ci" / "table2.csv")
+    assert [r["status"] for r in t2.values()] == ["ok"] * 5
+    assert t2[("sum-p1", "error")]["baseline_row"] == "none"
+    first, second = (tmp_path / runs[1]["out_dir"], tmp_path / runs[2]["out_dir"])
+    (second / "metrics.json").write_bytes((first / "metrics.json").read_bytes())
+    done = subprocess.run(cli, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert f"run_id is '{runs[1]['id']}', not '{runs[2]['id']}'" in done.stderr
 
 
 # ----------------------------------------------------------------------------------------------
