@@ -477,6 +477,29 @@ def test_a_table_without_references_renders_with_dashes(tmp_path):
     assert [line.get_marker() for line in ax.get_lines() if line.get_marker() in ("o", "D")] == ["o"]
 
 
+def test_the_smoke_profile_says_first_what_its_numbers_are(grid, tmp_path):
+    runs, context = grid
+    purpose = real_params()["profiles"]["smoke"]["purpose"]
+    # what params.yaml says of smoke runs: no information, and where the informative numbers are
+    assert "exercise the pipeline" in purpose and "no information" in purpose
+    assert "results/mini/" in purpose
+    report.render(runs, tmp_path / "out", dict(context, purpose=purpose))
+    out = tmp_path / "out"
+    assert (out / "README.md").read_text().splitlines()[0] == f"**{purpose}**"
+    for name in TABLES:
+        assert (out / f"{name}.md").read_text().splitlines()[0] == f"**{purpose}**"
+        tex = (out / f"{name}.tex").read_text()
+        assert r"\caption{" + tables.tex_escape(purpose) + " " in tex
+    # the README's copy of each table does not repeat it
+    assert (out / "README.md").read_text().count(purpose) == 1
+    # without a purpose (the paper profile) the files start with their titles
+    report.render(runs, tmp_path / "plain", context)
+    assert (tmp_path / "plain" / "README.md").read_text().splitlines()[0] == "# Results"
+    assert (tmp_path / "plain" / "table1.md").read_text().startswith("# Table 1:")
+    with pytest.raises(report.ReportInputError, match="purpose"):
+        report.render(runs, tmp_path / "bad", dict(context, purpose="two\nlines"))
+
+
 # ----------------------------------------------------------------------------------------------
 # The report trusts no metrics.json
 
@@ -549,11 +572,14 @@ def test_cli_report_checks_every_file_against_the_grid(tmp_path):
 
     from at.data.download import write_source_record
 
-    for name in ("params.yaml", "references.yaml"):
-        shutil.copy2(REPO / name, tmp_path / name)
+    shutil.copy2(REPO / "references.yaml", tmp_path / "references.yaml")
+    # the purpose line comes from params.yaml, whatever the profile is called
+    purpose = "CI runs only prove that the pipeline runs: their numbers mean nothing."
+    params = real_params()
+    params["profiles"]["ci"]["purpose"] = purpose
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "data" / "cifar10").mkdir(parents=True)
     write_source_record(tmp_path / "data" / "cifar10", {"md5": CIFAR_MD5, "url": "file:///mini"})
-    params = real_params()
     runs = grid_mod.runs(params, "ci")
     for i, run in enumerate(runs):
         epochs = grid_mod.protocol_of(params, run)["epochs"]
@@ -568,6 +594,8 @@ def test_cli_report_checks_every_file_against_the_grid(tmp_path):
     t2 = read_csv(tmp_path / "results" / "ci" / "table2.csv")
     assert [r["status"] for r in t2.values()] == ["ok"] * 5
     assert t2[("sum-p1", "error")]["baseline_row"] == "none"
+    assert (tmp_path / "results" / "ci" / "README.md").read_text().splitlines()[0] == f"**{purpose}**"
+    assert (tmp_path / "results" / "ci" / "table2.md").read_text().splitlines()[0] == f"**{purpose}**"
     first, second = (tmp_path / runs[1]["out_dir"], tmp_path / runs[2]["out_dir"])
     (second / "metrics.json").write_bytes((first / "metrics.json").read_bytes())
     done = subprocess.run(cli, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
