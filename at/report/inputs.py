@@ -85,11 +85,8 @@ def validate_context(context: dict) -> Context:
     if not isinstance(context, dict):
         raise ReportInputError(f"context must be a dict, got {type(context).__name__}")
     profile = _one_line("profile", context.get("profile"), required=True)
-    if not isinstance(context.get("description"), str) or not context["description"].strip():
-        raise ReportInputError(
-            "context['description'] must be a non-empty string saying which data, subset and "
-            f"epochs the runs used; got {context.get('description')!r}")
-    description = _one_line("description", context["description"], required=True)
+    # description: which data, subset and epochs the runs used (at.provenance.describe)
+    description = _one_line("description", context.get("description"), required=True)
     purpose = _one_line("purpose", context.get("purpose"), required=False)
     grid_tables = context.get("tables")
     if not isinstance(grid_tables, dict) or not all(
