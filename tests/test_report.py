@@ -1,6 +1,5 @@
 """at.report: honest, deterministic tables and figures from real run folders (tmp dirs)."""
 
-import copy
 import csv
 import json
 import math
@@ -224,6 +223,32 @@ def test_paired_differences_in_the_tables(rendered):
     assert (f"| {mean:+.2f} | [{lo:+.2f}, {hi:+.2f}] | 0: {diffs[0]:+.2f}, 1: {diffs[1]:+.2f} | yes |"
             in md)
     assert f"| {64.0 - 66.5:+.2f} | — | 1: {64.0 - 66.5:+.2f} | yes |" in md
+
+
+def test_baseline_rule_on_the_real_grid(tmp_path):
+    """Every non-baseline cell of params.yaml's paper grid gets the baseline the docs name."""
+    params = real_params()
+    params["data"]["imagenet"]["folder"] = str(tmp_path / "imagenet")  # so that its table runs
+    runs = [{**r, "out_dir": str(tmp_path / r["out_dir"]), "epochs": 1}  # no metrics.json: missing
+            for r in grid_mod.runs(params, "paper")]
+    context = make_context(params, profile="paper", not_run=grid_mod.not_run(params, "paper"))
+    summaries, _ = summaries_of(runs, context)
+    found = {(c.table, c.row, c.column): (c.baseline.row, c.baseline.column)
+             for table in summaries.values() for c in table if c.baseline is not None}
+    expected = {}
+    for row in params["tables"]["table1"]["rows"]:
+        for column in ("at", "factt", "kd", "at+kd"):
+            expected[("table1", row, column)] = (row, "student")
+    for row in ("sum-p1", "sum-p2", "sum-p4", "max-p1"):
+        expected[("table2", row, "error")] = ("none", "error")
+    for row in ("min-l2", "grad-at", "kd", "symmetry", "at"):
+        expected[("table3", row, "error")] = ("baseline", "error")
+    for row in ("kd", "at"):
+        for column in ("cub", "scenes"):
+            expected[("table4", row, column)] = ("student", column)
+    for column in ("top1", "top5"):  # each metric against the same metric
+        expected[("imagenet", "resnet18_at", column)] = ("resnet18", column)
+    assert found == expected
 
 
 def test_csv_columns_and_every_cell(rendered):
