@@ -156,18 +156,20 @@ def cmd_runs(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from at import grid, paper, provenance, report
+    from at import grid, provenance, references, report
+    from at.report.inputs import expected_data_md5
+    from at.report.layout import grid_tables
 
     params, profile = _validated(args)
     runs = grid.runs(params, profile)
-    # the report renders the paper's tables: a table beyond them (params `beyond`) has no page yet
-    not_run = {t: why for t, why in grid.not_run(params, profile).items() if t in paper.table_names()}
     context = {"profile": profile, "description": provenance.describe(params, profile, runs),
-               "not_run": not_run}
-    # at.report takes cells as {table, row, column} only (it knows each cell's metric itself)
-    cells_only = [{**run, "cells": [{k: c[k] for k in ("table", "row", "column")} for c in run["cells"]]}
-                  for run in runs]
-    written = report.render(cells_only, grid.report_dir(profile), context)
+               "purpose": (params["profiles"][profile] or {}).get("purpose"),
+               "not_run": grid.not_run(params, profile), "tables": grid_tables(params),
+               "references": references.load(args.references or references.path_beside(args.params)),
+               "data_md5": {d: expected_data_md5(d, grid.data_dir(d, params)) for d in sorted({r["dataset"] for r in runs})}}
+    # each run with its protocol's planned epochs: the report refuses a metrics.json that differs
+    planned = [{**run, "epochs": grid.protocol_of(params, run)["epochs"]} for run in runs]
+    written = report.render(planned, grid.report_dir(profile), context)
     print(f"report: {len(written)} files in {grid.report_dir(profile)}")
     return 0
 
@@ -249,8 +251,9 @@ def main(argv=None) -> int:
     p.add_argument("--cohorts", action="store_true", help="list the cohorts (the training jobs) instead")
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("report", help="render the paper's tables and figures into results/<profile>")
+    p = sub.add_parser("report", help="render the tables and figures of the grid into results/<profile>")
     p.add_argument("--profile", help="grid profile (default: params.yaml's default_profile)")
+    p.add_argument("--references", help="published numbers to compare with (default: references.yaml beside params.yaml)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("dvc", help="write dvc.yaml for a profile (the same DAG as the Snakefile)")

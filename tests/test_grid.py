@@ -7,6 +7,7 @@ reason it names (the unmutated file is checked to be valid, too).
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -255,8 +256,43 @@ def test_dvc_check_fails_on_a_stale_file(params, tmp_path):
     assert "regenerate it with `python -m at dvc --profile paper`" in done.stderr
 
 
-def test_a_cell_the_paper_does_not_have_is_refused_before_any_job(params):
-    bad = copy.deepcopy(params)
-    bad["tables"]["table3"]["rows"]["teacher"] = {"train": "teacher", "method": "baseline"}
-    with pytest.raises(ParamsError, match=r"tables.table3 cell \(teacher, error\).*not a cell of the paper"):
-        grid.validate(bad)
+def with_user_table(params: dict) -> dict:
+    """params.yaml plus a table of the user's own, which no published table has: WRN-16-1 from
+    WRN-40-2 (trained by Table 1) under AT and under a max-p2 mapping, one seed, in `paper`."""
+    out = copy.deepcopy(params)
+    out["methods"]["at-max-p2"] = {"terms": [{"type": "ce"},
+                                             {"type": "at", "mapping": "max", "p": 2, "form": "code", "beta": 1000}]}
+    out["tables"]["mine"] = {
+        "dataset": "cifar10", "protocol": "cifar", "seeds": [0],
+        "rows": {"alone": {"method": "baseline"}, "at": {"method": "at-sum-p2"},
+                 "max-p2": {"method": "at-max-p2"}},
+        "columns": {"error": {"student": "wrn-16-1", "teacher": "wrn-40-2"}},
+    }
+    out["profiles"]["paper"]["tables"].append("mine")
+    return out
+
+
+USER_TABLE_RUNS = {
+    ("alone", "error"): "cifar10/wrn-16-1/baseline/seed0",
+    ("at", "error"): "cifar10/wrn-16-1_from_wrn-40-2/at-sum-p2/seed0",
+    ("max-p2", "error"): "cifar10/wrn-16-1_from_wrn-40-2/at-max-p2/seed0",
+}
+
+
+def test_a_table_no_paper_has_is_valid_and_its_runs_are_in_the_grid(params, tmp_path):
+    mine = with_user_table(params)
+    grid.validate(mine)  # reference numbers are data, not a gate
+    runs = grid.runs(mine, "paper")
+    for (row, column), run_id in USER_TABLE_RUNS.items():
+        assert _run_of_cell(runs, "mine", row, column, 0) == run_id
+    assert not any(c["table"] == "mine" and r["seed"] != 0 for r in runs for c in r["cells"])
+    # the teacher of the new pair is Table 1's WRN-40-2 baseline run of the same seed
+    by_id = {r["id"]: r for r in runs}
+    assert by_id[USER_TABLE_RUNS[("max-p2", "error")]]["teacher_run"] == "cifar10/wrn-40-2/baseline/seed0"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(mine))
+    listed = json.loads(subprocess.run(CLI + ["--params", str(path), "runs", "--profile", "paper", "--json"],
+                                       cwd=REPO, capture_output=True, text=True, timeout=120, check=True).stdout)
+    assert listed == runs
+    # two new runs: the two students of WRN-40-2; the WRN-16-1 baseline is Table 1's seed-0 run
+    assert len(listed) == 120 + 2

@@ -1,7 +1,8 @@
-"""at.report: honest, deterministic tables and figures from fake run folders."""
+"""at.report: honest, deterministic tables and figures from real run folders (tmp dirs)."""
 
 import csv
 import json
+import math
 import re
 import statistics
 import sys
@@ -11,27 +12,38 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from at import paper, report
+from at import grid as grid_mod
+from at import params as params_io
+from at import references, report
+from at.report import attention_maps, cells, figures, inputs, tables
+from at.report.layout import grid_tables
 
+REPO = Path(__file__).resolve().parents[1]
 DESC = "smoke profile, CIFAR-10 mini subset (5085 train / 1017 test images), 2 epochs"
 T1ROW = "wrn-16-1_from_wrn-16-2"
+CIFAR_MD5 = "1c190744c9595cc62078be24b4b038fb"
+TABLES = ["table1", "table2", "table3", "table4", "imagenet"]  # params.yaml's, in order
 
 
-def cell(table, row, column):
-    return {"table": table, "row": row, "column": column}
+def cell(table, row, column, metric=None):
+    return {"table": table, "row": row, "column": column, **({"metric": metric} if metric else {})}
 
 
 def write_run(root, run_id, seed, cells, error=None, final_epoch=2, epochs=2, top5=None,
-              history=True):
-    """A run folder; error None: the run did not finish (no metrics.json)."""
+              history=True, student="wrn-16-1", method="baseline", dataset="cifar10",
+              protocol="cifar", metrics_changes=None):
+    """A run folder as the trainer leaves it; error None: the run did not finish."""
     out = Path(root) / run_id
     out.mkdir(parents=True)
     if error is not None:
-        metrics = {"run_id": run_id, "final_test_error": error, "final_epoch": final_epoch,
-                   "epochs": epochs}
+        metrics = {"run_id": run_id, "profile": "smoke", "final_test_error": error,
+                   "final_epoch": final_epoch, "epochs": epochs,
+                   "data_md5": "user-folder" if dataset == "imagenet" else CIFAR_MD5}
         if top5 is not None:
             metrics["final_test_error_top5"] = top5
+        metrics.update(metrics_changes or {})
         (out / "metrics.json").write_text(json.dumps(metrics))
         if history:
             lines = ["epoch,lr,train_loss,loss_ce,train_error,test_error,images_per_s,epoch_time_s"]
@@ -40,9 +52,9 @@ def write_run(root, run_id, seed, cells, error=None, final_epoch=2, epochs=2, to
                 te = error + (final_epoch - e) * 5.0
                 lines.append(f"{e},0.1,1.0,1.0,50.0,{te},1000.0,1.0")
             (out / "history.csv").write_text("\n".join(lines) + "\n")
-    return {"id": run_id, "out_dir": str(out), "cells": cells, "seed": seed,
-            "student": "wrn-16-1", "teacher": "wrn-16-2", "method_name": run_id.split("/")[1],
-            "dataset": "cifar10"}
+    return {"id": run_id, "out_dir": str(out), "cells": cells, "seed": seed, "student": student,
+            "method_name": method, "dataset": dataset, "protocol_name": protocol, "weights": None,
+            "epochs": epochs}
 
 
 # Numbers of the fake grid, kept here to recompute the expected statistics independently.
@@ -53,31 +65,49 @@ KD_ERRORS = [None, 64.0, 63.0]           # seed 0 missing: partial
 SUMP1_ERRORS = [59.0, 57.5]
 
 
+def real_params():
+    return params_io.load(REPO / "params.yaml")
+
+
+def make_context(params=None, refs=None, **changes):
+    params = params or real_params()
+    context = {"profile": "smoke", "description": DESC, "tables": grid_tables(params),
+               "references": refs if refs is not None else references.load(REPO / "references.yaml"),
+               "not_run": {"table4": "CUB and Scenes are not downloaded in the smoke profile"},
+               "data_md5": {"cifar10": CIFAR_MD5, "imagenet": "user-folder"}}
+    context.update(changes)
+    return context
+
+
 def build_grid(root):
     runs = []
     for s, e in enumerate(AT_ERRORS):
         runs.append(write_run(root, f"at-sum-p2/seed{s}", s,
-                              [cell("table1", T1ROW, "at"), cell("table2", "sum-p2", "error")], e))
+                              [cell("table1", T1ROW, "at"), cell("table2", "sum-p2", "error")], e,
+                              method="at-sum-p2"))
     for s, e in enumerate(STUDENT_ERRORS):
         runs.append(write_run(root, f"student/seed{s}", s,
                               [cell("table1", T1ROW, "student"), cell("table2", "none", "error")], e))
     for s, e in enumerate(TEACHER_ERRORS):
-        runs.append(write_run(root, f"teacher/seed{s}", s, [cell("table1", T1ROW, "teacher")], e))
+        runs.append(write_run(root, f"teacher/seed{s}", s, [cell("table1", T1ROW, "teacher")], e,
+                              student="wrn-16-2"))
     for s, e in enumerate(KD_ERRORS):
-        runs.append(write_run(root, f"kd/seed{s}", s, [cell("table1", T1ROW, "kd")], e))
+        runs.append(write_run(root, f"kd/seed{s}", s, [cell("table1", T1ROW, "kd")], e, method="kd"))
     for s, e in enumerate(SUMP1_ERRORS):
-        runs.append(write_run(root, f"at-sum-p1/seed{s}", s, [cell("table2", "sum-p1", "error")], e))
+        runs.append(write_run(root, f"at-sum-p1/seed{s}", s, [cell("table2", "sum-p1", "error")], e,
+                              method="at-sum-p1"))
     # F-ActT: its only run never finished.
-    runs.append(write_run(root, "factt/seed0", 0, [cell("table1", T1ROW, "factt")], None))
-    # A run that stopped before its planned epochs (table3 AT).
+    runs.append(write_run(root, "factt/seed0", 0, [cell("table1", T1ROW, "factt")], None, method="factt"))
+    # A run that stopped before its planned epochs (table3 AT); table3 has no baseline run.
     runs.append(write_run(root, "nin-at/seed0", 0, [cell("table3", "at", "error")], 40.0,
-                          final_epoch=1, epochs=2))
+                          final_epoch=1, epochs=2, student="nin-thin-nobn", method="at-sum-p2",
+                          protocol="cifar_flip"))
     runs.append(write_run(root, "imagenet/seed0", 0,
-                          [cell("imagenet", "resnet18", "top1"), cell("imagenet", "resnet18", "top5")],
-                          45.5, top5=20.25))
-    context = {"profile": "smoke", "description": DESC,
-               "not_run": {"table4": "CUB and Scenes are not downloaded in the smoke profile"}}
-    return runs, context
+                          [cell("imagenet", "resnet18", "top1", "top1"),
+                           cell("imagenet", "resnet18", "top5", "top5")],
+                          45.5, top5=20.25, student="resnet18", dataset="imagenet",
+                          protocol="imagenet"))
+    return runs, make_context()
 
 
 @pytest.fixture
@@ -99,6 +129,11 @@ def read_csv(path):
         return {(r["row"], r["column"]): r for r in csv.DictReader(f)}
 
 
+def summaries_of(runs, context):
+    checked = inputs.validate_context(context)
+    return cells.summarize(inputs.load_runs(inputs.validate_runs(runs, checked), checked), checked), checked
+
+
 def test_render_is_byte_identical(grid, tmp_path):
     runs, context = grid
     a = report.render(runs, tmp_path / "a", context)
@@ -108,18 +143,22 @@ def test_render_is_byte_identical(grid, tmp_path):
     assert names_a == names_b == sorted(p.name for p in a) == sorted(p.name for p in b)
     for name in names_a:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-    expected = {f"{t}.{ext}" for t in paper.table_names() for ext in ("md", "tex", "csv")}
-    expected |= {f"{report.FIG_CURVES}.png", f"{report.FIG_CURVES}.pdf",
-                 f"{report.FIG_BARS}.png", f"{report.FIG_BARS}.pdf", "README.md"}
-    assert set(names_a) == expected  # no attention figure: no checkpoint; no temp files left
-    assert b"CreationDate" not in (tmp_path / "a" / f"{report.FIG_BARS}.pdf").read_bytes()
+    expected = {f"{t}.{ext}" for t in TABLES for ext in ("md", "tex", "csv")}
+    expected |= {f"{stem}.{ext}" for ext in ("png", "pdf")
+                 for stem in (figures.FIG_CURVES, figures.FIG_BARS,
+                              figures.FIG_PAIRED.format(table="table1"),
+                              figures.FIG_PAIRED.format(table="table2"))}
+    # no attention figure (no checkpoint), no paired figure for table3 (no baseline run),
+    # imagenet (no AT run) or table4 (not run); no temp files left
+    assert set(names_a) == expected | {"README.md"}
+    assert b"CreationDate" not in (tmp_path / "a" / f"{figures.FIG_BARS}.pdf").read_bytes()
 
 
 def test_statistics_against_independent_computation(rendered):
     tmp_path, runs, context = rendered
     t1 = read_csv(tmp_path / "table1.csv")
 
-    def check(row, values, paper_value, status):
+    def check(row, values, reference, status):
         mean = statistics.mean(values)
         assert row["n"] == str(len(values))
         assert float(row["mean"]) == pytest.approx(mean, abs=1e-4)
@@ -127,8 +166,8 @@ def test_statistics_against_independent_computation(rendered):
             assert float(row["std"]) == pytest.approx(statistics.stdev(values), abs=1e-4)
         else:
             assert row["std"] == ""
-        assert float(row["paper"]) == paper_value
-        assert float(row["diff"]) == pytest.approx(mean - paper_value, abs=1e-4)
+        assert float(row["reference"]) == reference
+        assert float(row["diff"]) == pytest.approx(mean - reference, abs=1e-4)
         assert row["status"] == status
 
     check(t1[(T1ROW, "at")], AT_ERRORS, 7.93, "ok")
@@ -144,29 +183,103 @@ def test_statistics_against_independent_computation(rendered):
     # Markdown: 2 decimals, std as a dash for n = 1.
     md = (tmp_path / "table1.md").read_text()
     at_mean, at_std = statistics.mean(AT_ERRORS), statistics.stdev(AT_ERRORS)
-    assert f"| 3 | {at_mean:.2f} | {at_std:.2f} | 7.93 | {at_mean - 7.93:+.2f} | 2 | ok |" in md
+    assert f"| 3 | {at_mean:.2f} | {at_std:.2f} | 7.93 | {at_mean - 7.93:+.2f} |" in md
     assert f"| 1 | {TEACHER_ERRORS[0]:.2f} | — | 6.31 | {TEACHER_ERRORS[0] - 6.31:+.2f} |" in md
 
 
-def test_csv_columns_and_every_paper_cell(rendered):
+def test_paired_differences_in_the_tables(rendered):
     tmp_path, runs, context = rendered
-    for name in paper.table_names():
+    t1 = read_csv(tmp_path / "table1.csv")
+    # AT (seeds 0, 1, 2) against the student (seeds 0, 1): only seeds 0 and 1 pair
+    at = t1[(T1ROW, "at")]
+    diffs = [AT_ERRORS[0] - STUDENT_ERRORS[0], AT_ERRORS[1] - STUDENT_ERRORS[1]]  # -8.75, -8.0
+    assert (at["baseline_row"], at["baseline_column"]) == (T1ROW, "student")
+    assert at["paired_n"] == "2" and at["paired_seeds"] == "0;1"
+    assert [float(d) for d in at["paired_diffs"].split(";")] == pytest.approx(diffs)
+    mean = (diffs[0] + diffs[1]) / 2
+    half = math.tan(math.pi * 0.475) * statistics.stdev(diffs) / math.sqrt(2)  # t_{0.975,1} = tan(0.475 pi)
+    assert float(at["paired_mean"]) == pytest.approx(mean, abs=1e-4)
+    assert float(at["ci_low"]) == pytest.approx(mean - half, abs=1e-4)
+    assert float(at["ci_high"]) == pytest.approx(mean + half, abs=1e-4)
+    assert float(at["reference_diff"]) == pytest.approx(7.93 - 8.77)
+    assert at["sign_agrees"] == "yes"
+    # KD: seed 0 missing, seed 2 has no student: one pair, no interval
+    kd = t1[(T1ROW, "kd")]
+    assert (kd["paired_n"], kd["paired_seeds"], kd["ci_low"], kd["ci_high"]) == ("1", "1", "", "")
+    assert float(kd["paired_mean"]) == pytest.approx(64.0 - 66.5)
+    # the baselines themselves, and a teacher (a baseline of another model), have none
+    for key in ((T1ROW, "student"), (T1ROW, "teacher")):
+        assert t1[key]["paired_n"] == t1[key]["baseline_row"] == ""
+    # Table 2's baseline is its `none` row; Table 3's AT has no baseline run: no pairing
+    sum_p1 = read_csv(tmp_path / "table2.csv")[("sum-p1", "error")]
+    assert sum_p1["baseline_row"] == "none"
+    assert [float(d) for d in sum_p1["paired_diffs"].split(";")] == pytest.approx(
+        [SUMP1_ERRORS[0] - STUDENT_ERRORS[0], SUMP1_ERRORS[1] - STUDENT_ERRORS[1]])
+    assert read_csv(tmp_path / "table3.csv")[("at", "error")]["paired_n"] == ""
+    # ImageNet's top-5 cell pairs with the top-5 baseline, never the top-1 one: no AT run here
+    assert read_csv(tmp_path / "imagenet.csv")[("resnet18", "top5")]["paired_n"] == ""
+    md = (tmp_path / "table1.md").read_text()
+    lo, hi = mean - half, mean + half
+    assert (f"| {mean:+.2f} | [{lo:+.2f}, {hi:+.2f}] | 0: {diffs[0]:+.2f}, 1: {diffs[1]:+.2f} | yes |"
+            in md)
+    assert f"| {64.0 - 66.5:+.2f} | — | 1: {64.0 - 66.5:+.2f} | yes |" in md
+
+
+def test_baseline_rule_on_the_real_grid(tmp_path):
+    """Every non-baseline cell of params.yaml's paper grid gets the baseline the docs name."""
+    params = real_params()
+    params["data"]["imagenet"]["folder"] = str(tmp_path / "imagenet")  # so that its table runs
+    runs = [{**r, "out_dir": str(tmp_path / r["out_dir"]), "epochs": 1}  # no metrics.json: missing
+            for r in grid_mod.runs(params, "paper")]
+    context = make_context(params, profile="paper", not_run=grid_mod.not_run(params, "paper"))
+    summaries, _ = summaries_of(runs, context)
+    found = {(c.table, c.row, c.column): (c.baseline.row, c.baseline.column)
+             for table in summaries.values() for c in table if c.baseline is not None}
+    expected = {}
+    for row in params["tables"]["table1"]["rows"]:
+        for column in ("at", "factt", "kd", "at+kd"):
+            expected[("table1", row, column)] = (row, "student")
+    for row in ("sum-p1", "sum-p2", "sum-p4", "max-p1"):
+        expected[("table2", row, "error")] = ("none", "error")
+    for row in ("min-l2", "grad-at", "kd", "symmetry", "at"):
+        expected[("table3", row, "error")] = ("baseline", "error")
+    for row in ("kd", "at"):
+        for column in ("cub", "scenes"):
+            expected[("table4", row, column)] = ("student", column)
+    for column in ("top1", "top5"):  # each metric against the same metric
+        expected[("imagenet", "resnet18_at", column)] = ("resnet18", column)
+    assert found == expected
+
+
+def test_csv_columns_and_every_cell(rendered):
+    tmp_path, runs, context = rendered
+    refs = references.load(REPO / "references.yaml")
+    for name in TABLES:
         with open(tmp_path / f"{name}.csv", newline="") as f:
             reader = csv.DictReader(f)
-            assert tuple(reader.fieldnames) == report.CSV_COLUMNS
+            assert tuple(reader.fieldnames) == tables.CSV_COLUMNS
             rows = list(reader)
-        assert [(r["table"], r["row"], r["column"]) for r in rows] == [
-            c for c in paper.cells() if c[0] == name]
+        assert [(r["row"], r["column"]) for r in rows] == [
+            (row, column) for row in refs[name].rows for column in refs[name].columns]
 
 
-def test_shared_run_fills_table1_and_table2(rendered):
-    tmp_path, runs, context = rendered
-    t1 = read_csv(tmp_path / "table1.csv")[(T1ROW, "at")]
-    t2 = read_csv(tmp_path / "table2.csv")[("sum-p2", "error")]
+def test_shared_run_is_compared_with_each_cells_own_reference(grid, tmp_path):
+    # Table 1's AT cell and Table 2's F_sum^2 cell are one run, and both references print 7.93:
+    # give Table 2's another number, so that a report using the wrong cell's reference fails
+    runs, context = grid
+    data = yaml.safe_load((REPO / "references.yaml").read_text())
+    data["tables"]["table2"]["values"]["sum-p2"]["error"] = 8.0
+    report.render(runs, tmp_path / "out", dict(context, references=references.parse(data)))
+    t1 = read_csv(tmp_path / "out" / "table1.csv")[(T1ROW, "at")]
+    t2 = read_csv(tmp_path / "out" / "table2.csv")[("sum-p2", "error")]
     for key in ("n", "mean", "std"):
         assert t1[key] == t2[key]
-    assert t2["diff"] != t1["diff"] or t1["paper"] == t2["paper"]  # each against its own paper cell
-    none = read_csv(tmp_path / "table2.csv")[("none", "error")]
+    mean = statistics.mean(AT_ERRORS)
+    assert (float(t1["reference"]), float(t2["reference"])) == (7.93, 8.0)
+    assert float(t1["diff"]) == pytest.approx(mean - 7.93, abs=1e-4)
+    assert float(t2["diff"]) == pytest.approx(mean - 8.0, abs=1e-4)
+    assert float(t2["reference_diff"]) == pytest.approx(8.0 - 8.77)
+    none = read_csv(tmp_path / "out" / "table2.csv")[("none", "error")]
     assert float(none["mean"]) == pytest.approx(statistics.mean(STUDENT_ERRORS), abs=1e-4)
 
 
@@ -175,9 +288,10 @@ def test_missing_is_never_a_number(rendered):
     factt = read_csv(tmp_path / "table1.csv")[(T1ROW, "factt")]
     assert factt["status"] == "missing"
     assert factt["n"] == "0"
-    assert factt["mean"] == factt["std"] == factt["diff"] == factt["epoch"] == ""
+    assert factt["mean"] == factt["std"] == factt["diff"] == factt["epoch"] == factt["paired_mean"] == ""
     md = (tmp_path / "table1.md").read_text()
-    assert "| WRN-16-1, 0.2M | WRN-16-2, 0.7M | F-ActT | 0 | missing | — | 8.51 | — | — | missing |" in md
+    assert ("| WRN-16-1, 0.2M | WRN-16-2, 0.7M | F-ActT | 0 | missing | — | 8.51 | — | — | — | — | — "
+            "| — | missing |") in md
     assert "`factt/seed0`" in md and "`kd/seed0`" in md
     readme = (tmp_path / "README.md").read_text()
     assert "run `factt/seed0`: missing" in readme
@@ -195,7 +309,7 @@ def test_not_run_table_and_unfilled_cells(rendered):
     assert "CUB and Scenes are not downloaded in the smoke profile" in md
     rows = [line for line in md.splitlines() if line.startswith("| ") and "ResNet" in line]
     assert len(rows) == 8
-    pattern = re.compile(r"\| 0 \| not run \| — \| [0-9.]+ \| — \| — \| not run \|$")
+    pattern = re.compile(r"\| 0 \| not run \| — \| [0-9.]+ \| — \| — \| — \| — \| — \| — \| not run \|$")
     assert all(pattern.search(line) for line in rows), rows
     # table3 cells no run fills are "not run", with the reason
     t3 = read_csv(tmp_path / "table3.csv")
@@ -205,6 +319,7 @@ def test_not_run_table_and_unfilled_cells(rendered):
     assert "not run: CUB and Scenes are not downloaded" in readme
     assert "table3: no run of this profile's grid fills 5 of 6 cells: baseline" in readme
     assert "min-l2 (Drucker & LeCun 1992)" in readme
+    assert "no cell of this table has a finished run paired with its baseline" in readme
 
 
 def test_epoch_is_stated(rendered):
@@ -223,7 +338,7 @@ def test_differing_final_epochs_are_said(tmp_path):
         write_run(tmp_path / "r", "a/seed1", 1, [cell("table2", "none", "error")], 12.0,
                   final_epoch=1, epochs=2),
     ]
-    report.render(runs, tmp_path / "out", {"profile": "smoke", "description": DESC})
+    report.render(runs, tmp_path / "out", make_context())
     md = (tmp_path / "out" / "table2.md").read_text()
     assert "Runs of this table differ in final epoch (1, 2)" in md
     assert read_csv(tmp_path / "out" / "table2.csv")[("none", "error")]["epoch"] == "1;2"
@@ -233,33 +348,84 @@ def test_table1_not_run_skips_its_figures(tmp_path):
     runs = [write_run(tmp_path / "r", "a/seed0", 0, [cell("table2", "none", "error")], 10.0)]
     out = tmp_path / "out"
     out.mkdir()
-    (out / f"{report.FIG_BARS}.png").write_bytes(b"from an earlier render")
-    written = report.render(runs, out, {"profile": "smoke", "description": DESC,
-                                        "not_run": {"table1": "no teachers in this profile"}})
+    (out / f"{figures.FIG_BARS}.png").write_bytes(b"from an earlier render")
+    (out / f"{figures.FIG_PAIRED.format(table='table2')}.pdf").write_bytes(b"from an earlier render")
+    written = report.render(runs, out, make_context(
+        not_run={"table1": "no teachers in this profile", "table4": "no"}))
     assert not any(p.suffix in (".png", ".pdf") for p in written)
-    assert not (out / f"{report.FIG_BARS}.png").exists()
+    assert not list(out.glob("fig_*"))
     readme = (out / "README.md").read_text()
     assert readme.count("Not drawn: Table 1 is not run: no teachers in this profile") == 3
+    assert "Not drawn: table1 is not run: no teachers in this profile" in readme
 
 
 def test_description_everywhere(rendered):
     tmp_path, runs, context = rendered
-    for name in paper.table_names():
+    for name in TABLES:
         assert DESC in (tmp_path / f"{name}.md").read_text()
         tex = (tmp_path / f"{name}.tex").read_text()
-        assert report._tex_escape(DESC) in tex
+        assert tables.tex_escape(DESC) in tex
         assert r"\caption{" in tex and r"\end{table}" in tex
     assert DESC in (tmp_path / "README.md").read_text().splitlines()[2]
-    summaries = report.summarize(report._load_runs(runs), context["not_run"])
-    series, _ = report.curve_series(summaries)
-    for fig in (report.curves_figure(series, DESC), report.bars_figure(summaries["table1"], DESC)):
-        assert DESC in fig._suptitle.get_text()
+    summaries, checked = summaries_of(runs, context)
+    series, _ = figures.curve_series(summaries)
+    layout = checked.tables["table1"]
+    for fig in (figures.curves_figure(series, layout, DESC),
+                figures.bars_figure(summaries["table1"], layout, DESC),
+                figures.paired_figure(layout, summaries["table1"], DESC)):
+        assert DESC.replace(" ", "") in fig._suptitle.get_text().replace("\n", "").replace(" ", "")
+
+
+def _title_inside(fig) -> bool:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)  # runs the constrained layout, as savefig does
+    title = fig._suptitle.get_window_extent(renderer)
+    frame = fig.bbox
+    return (frame.x0 <= title.x0 and title.x1 <= frame.x1
+            and frame.y0 <= title.y0 and title.y1 <= frame.y1)
+
+
+def test_titles_are_not_cut_off(grid):
+    runs, context = grid
+    summaries, checked = summaries_of(runs, context)
+    series, _ = figures.curve_series(summaries)
+    layout = checked.tables["table1"]
+    long = DESC + ", and a description long enough to run past any figure's right edge" * 2
+    for make in (lambda d: figures.curves_figure(series, layout, d),
+                 lambda d: figures.bars_figure(summaries["table1"], layout, d),
+                 lambda d: figures.paired_figure(layout, summaries["table1"], d),
+                 lambda d: figures.paired_figure(checked.tables["table2"], summaries["table2"], d)):
+        assert _title_inside(make(DESC)) and _title_inside(make(long))
+    # the check can fail: an unwrapped long title is cut
+    fig = figures.new_figure(6, 3)
+    fig.suptitle(long, fontsize=11)
+    assert not _title_inside(fig)
+
+
+def test_paired_figure_draws_what_the_table_says(grid):
+    runs, context = grid
+    summaries, checked = summaries_of(runs, context)
+    fig = figures.paired_figure(checked.tables["table1"], summaries["table1"], DESC)
+    ax = fig.get_axes()[0]
+    shown = figures.paired_rows(summaries["table1"])
+    assert [c.column for c in shown] == ["at", "kd"]   # F-ActT: missing; AT+KD: no run
+    ours = next(line for line in ax.get_lines() if line.get_marker() == "o")
+    ref = next(line for line in ax.get_lines() if line.get_marker() == "D")
+    mean_at = ((AT_ERRORS[0] - STUDENT_ERRORS[0]) + (AT_ERRORS[1] - STUDENT_ERRORS[1])) / 2
+    assert list(ours.get_xdata()) == pytest.approx([mean_at, 64.0 - 66.5])
+    assert list(ref.get_xdata()) == pytest.approx([7.93 - 8.77, 7.41 - 8.77])
+    assert list(ours.get_ydata()) == [1.0, 0.0]          # first cell on top
+    labels = dict(zip(ax.get_yticks(), (t.get_text() for t in ax.get_yticklabels())))
+    assert labels == {1.0: "WRN-16-1, 0.2M / WRN-16-2, 0.7M: AT (n=2)",
+                      0.0: "WRN-16-1, 0.2M / WRN-16-2, 0.7M: KD (n=1)"}
 
 
 def test_curves_average_seeds(grid):
     runs, context = grid
-    summaries = report.summarize(report._load_runs(runs), context["not_run"])
-    series, notes = report.curve_series(summaries)
+    summaries, _ = summaries_of(runs, context)
+    series, notes = figures.curve_series(summaries)
     epochs, mean, n = series[T1ROW]["at"]
     assert epochs == [1, 2] and n == 3
     assert mean == pytest.approx([statistics.mean(AT_ERRORS) + 5.0, statistics.mean(AT_ERRORS)])
@@ -268,8 +434,8 @@ def test_curves_average_seeds(grid):
 
 
 def test_tex_escaping():
-    assert report._tex_escape("F_sum^2 & 5% #1 ImageNet->CUB ± —") == (
-        r"F\_sum\^{}2 \& 5\% \#1 ImageNet$\to$CUB $\pm$ ---")
+    assert tables.tex_escape("F_sum^2 & 5% #1 ImageNet->CUB ± — Δ") == (
+        r"F\_sum\^{}2 \& 5\% \#1 ImageNet$\to$CUB $\pm$ --- $\Delta$")
 
 
 def test_bad_inputs_are_refused(grid, tmp_path):
@@ -281,18 +447,185 @@ def test_bad_inputs_are_refused(grid, tmp_path):
     with pytest.raises(ValueError, match="same seed"):
         report.render([runs[0], dict(runs[1], seed=0)], out, context)
     with pytest.raises(ValueError, match="description"):
-        report.render(runs, out, {"profile": "smoke"})
+        report.render(runs, out, {k: v for k, v in context.items() if k != "description"})
     with pytest.raises(ValueError, match="not_run"):
         report.render(runs, out, dict(context, not_run={"table1": "no"}))
     with pytest.raises(ValueError, match="table9"):
         report.render(runs, out, dict(context, not_run={"table9": "no"}))
     with pytest.raises(ValueError, match="twice"):
         report.render([runs[0], runs[0]], out, context)
+    with pytest.raises(ValueError, match="references"):
+        report.render(runs, out, dict(context, references={"table1": {}}))
     broken = write_run(tmp_path / "r", "x/seed0", 0, [cell("table2", "sum-p4", "error")], 1.0)
     (Path(broken["out_dir"]) / "metrics.json").write_text('{"final_test_error": 1.0}')
-    with pytest.raises(ValueError, match="metrics.json lacks key 'epochs'"):
+    with pytest.raises(ValueError, match="metrics.json lacks key 'data_md5'"):
         report.render([broken], out, context)
     assert not out.exists()  # refused before anything was written
+
+
+def test_a_table_without_references_renders_with_dashes(tmp_path):
+    """A user table of params.yaml (tests/test_grid.py) renders: "—" as reference and diff,
+    no sign check, no reference marker; its paired statistics are computed as for any table."""
+    from test_grid import USER_TABLE_RUNS, with_user_table
+
+    params = with_user_table(real_params())
+    errors = {USER_TABLE_RUNS[("alone", "error")]: 9.5, USER_TABLE_RUNS[("at", "error")]: 8.75,
+              USER_TABLE_RUNS[("max-p2", "error")]: 9.0}
+    runs = []
+    for run in grid_mod.runs(params, "paper"):
+        if run["id"] in errors:
+            epochs = grid_mod.protocol_of(params, run)["epochs"]
+            written = write_run(tmp_path / "runs", run["id"], run["seed"], run["cells"], errors[run["id"]],
+                                final_epoch=epochs, epochs=epochs, history=False,
+                                metrics_changes={"profile": "paper"})
+            runs.append({**run, "out_dir": written["out_dir"], "epochs": epochs})
+    assert len(runs) == 3
+    context = make_context(params, profile="paper", not_run=grid_mod.not_run(params, "paper"))
+    written = report.render(runs, tmp_path / "out", context)
+    mine = read_csv(tmp_path / "out" / "mine.csv")
+    assert list(mine) == [("alone", "error"), ("at", "error"), ("max-p2", "error")]
+    for key, row in mine.items():
+        assert row["reference"] == row["diff"] == row["reference_diff"] == row["sign_agrees"] == ""
+        assert float(row["mean"]) == errors[USER_TABLE_RUNS[key]]
+    assert float(mine[("at", "error")]["paired_mean"]) == pytest.approx(8.75 - 9.5)
+    assert float(mine[("max-p2", "error")]["paired_mean"]) == pytest.approx(9.0 - 9.5)
+    md = (tmp_path / "out" / "mine.md").read_text()
+    assert "| at | 1 | 8.75 | — | — | — | -0.75 | — | 0: -0.75 | — | 200 | ok |" in md
+    assert "Reference: none published for this table" in md
+    assert "[mine.md](mine.md)" in (tmp_path / "out" / "README.md").read_text()
+    # the WRN-16-1 baseline also fills Table 1 and 2 cells: there, its reference is shown
+    assert read_csv(tmp_path / "out" / "table2.csv")[("none", "error")]["reference"] == "8.77"
+    assert tmp_path / "out" / "fig_paired_mine.png" in written
+    summaries, checked = summaries_of(runs, context)
+    ax = figures.paired_figure(checked.tables["mine"], summaries["mine"], DESC).get_axes()[0]
+    assert [line.get_marker() for line in ax.get_lines() if line.get_marker() in ("o", "D")] == ["o"]
+
+
+def test_the_smoke_profile_says_first_what_its_numbers_are(grid, tmp_path):
+    runs, context = grid
+    purpose = real_params()["profiles"]["smoke"]["purpose"]
+    # what params.yaml says of smoke runs: no information, and where the informative numbers are
+    assert "exercise the pipeline" in purpose and "no information" in purpose
+    assert "results/mini/" in purpose
+    report.render(runs, tmp_path / "out", dict(context, purpose=purpose))
+    out = tmp_path / "out"
+    assert (out / "README.md").read_text().splitlines()[0] == f"**{purpose}**"
+    for name in TABLES:
+        assert (out / f"{name}.md").read_text().splitlines()[0] == f"**{purpose}**"
+        tex = (out / f"{name}.tex").read_text()
+        assert r"\caption{" + tables.tex_escape(purpose) + " " in tex
+    # the README's copy of each table does not repeat it
+    assert (out / "README.md").read_text().count(purpose) == 1
+    # without a purpose (the paper profile) the files start with their titles
+    report.render(runs, tmp_path / "plain", context)
+    assert (tmp_path / "plain" / "README.md").read_text().splitlines()[0] == "# Results"
+    assert (tmp_path / "plain" / "table1.md").read_text().startswith("# Table 1:")
+    with pytest.raises(report.ReportInputError, match="purpose"):
+        report.render(runs, tmp_path / "bad", dict(context, purpose="two\nlines"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The report trusts no metrics.json
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"run_id": "cifar10/wrn-16-2/baseline/seed0"},
+     "run_id is 'cifar10/wrn-16-2/baseline/seed0', not 'x/seed0': the file belongs to another run"),
+    ({"profile": "paper"}, "profile is 'paper', not 'smoke': the run was trained for another profile"),
+    ({"data_md5": "c58f30108f718f92721af3b95e74349a"},
+     "data_md5 is 'c58f30108f718f92721af3b95e74349a', but the cifar10 data folder holds "
+     f"'{CIFAR_MD5}': the run was trained on other data"),
+    ({"final_test_error": float("nan")}, "final_test_error must be a test error in [0, 100] (%), got nan"),
+    ({"final_test_error": float("inf")}, "final_test_error must be a test error in [0, 100] (%), got inf"),
+    ({"final_test_error": -0.5}, "final_test_error must be a test error in [0, 100] (%), got -0.5"),
+    ({"final_test_error": 100.5}, "final_test_error must be a test error in [0, 100] (%), got 100.5"),
+    ({"final_test_error": "7.5"}, "final_test_error must be a test error in [0, 100] (%), got '7.5'"),
+    ({"epochs": 3, "final_epoch": 3}, "epochs is 3, but the run's protocol plans 2"),
+    ({"final_epoch": 3}, "final_epoch 3 is not between 1 and epochs (2)"),
+    ({"final_epoch": 0}, "final_epoch 0 is not between 1 and epochs (2)"),
+    ({"final_epoch": 2.0}, "final_epoch must be an int, got 2.0"),
+])
+def test_impossible_or_foreign_metrics_are_refused(grid, tmp_path, changes, problem):
+    runs, context = grid
+    bad = write_run(tmp_path / "r", "x/seed0", 0, [cell("table2", "sum-p4", "error")], 7.5,
+                    method="at-sum-p4", metrics_changes=changes)
+    path = Path(bad["out_dir"]) / "metrics.json"
+    out = tmp_path / "out"
+    with pytest.raises(report.ReportInputError) as info:
+        report.render(runs + [bad], out, context)
+    assert str(info.value) == f"run 'x/seed0': {path}: {problem}"
+    assert not out.exists()  # refused before anything was written
+
+
+def test_a_metrics_json_copied_from_another_run_is_refused(grid, tmp_path):
+    runs, context = grid
+    source = Path(runs[0]["out_dir"]) / "metrics.json"   # at-sum-p2/seed0, a real finished run
+    target = Path(next(r for r in runs if r["id"] == "factt/seed0")["out_dir"]) / "metrics.json"
+    target.write_bytes(source.read_bytes())
+    with pytest.raises(report.ReportInputError, match=r"run 'factt/seed0': .*factt/seed0/metrics.json: "
+                       r"run_id is 'at-sum-p2/seed0', not 'factt/seed0'"):
+        report.render(runs, tmp_path / "out", context)
+
+
+def test_data_that_cannot_be_checked_is_refused(grid, tmp_path):
+    runs, context = grid
+    with pytest.raises(report.ReportInputError, match="the cifar10 data folder has no source.json"):
+        report.render(runs, tmp_path / "out", dict(context, data_md5={"cifar10": None, "imagenet": "user-folder"}))
+    with pytest.raises(report.ReportInputError, match="no data md5 given for data set 'imagenet'"):
+        report.render(runs, tmp_path / "out", dict(context, data_md5={"cifar10": CIFAR_MD5}))
+
+
+def test_expected_data_md5_follows_the_trainers_rule(tmp_path):
+    from at.data.download import write_source_record
+
+    assert inputs.expected_data_md5("cifar10", tmp_path / "absent") is None
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_source_record(tmp_path / "a", {"md5": CIFAR_MD5, "url": "file:///x"})
+    assert inputs.expected_data_md5("cifar10", tmp_path / "a") == CIFAR_MD5
+    write_source_record(tmp_path / "b", {"url": "file:///x"})
+    assert inputs.expected_data_md5("scenes", tmp_path / "b") == "unknown"
+    assert inputs.expected_data_md5("imagenet", tmp_path / "absent") == "user-folder"
+
+
+def test_cli_report_checks_every_file_against_the_grid(tmp_path):
+    """`python -m at report` in a folder with params.yaml, references.yaml, a data record and
+    the ci profile's run folders: renders; then one copied metrics.json makes it refuse."""
+    import shutil
+    import subprocess
+
+    from at.data.download import write_source_record
+
+    shutil.copy2(REPO / "references.yaml", tmp_path / "references.yaml")
+    # the purpose line comes from params.yaml, whatever the profile is called
+    purpose = "CI runs only prove that the pipeline runs: their numbers mean nothing."
+    params = real_params()
+    params["profiles"]["ci"]["purpose"] = purpose
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "data" / "cifar10").mkdir(parents=True)
+    write_source_record(tmp_path / "data" / "cifar10", {"md5": CIFAR_MD5, "url": "file:///mini"})
+    runs = grid_mod.runs(params, "ci")
+    for i, run in enumerate(runs):
+        epochs = grid_mod.protocol_of(params, run)["epochs"]
+        (tmp_path / run["out_dir"]).mkdir(parents=True)
+        metrics = {"run_id": run["id"], "profile": "ci", "data_md5": CIFAR_MD5, "epochs": epochs,
+                   "final_epoch": epochs, "final_test_error": 80.0 - i, "final_test_error_top5": 40.0}
+        (tmp_path / run["out_dir"] / "metrics.json").write_text(json.dumps(metrics))
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    cli = [sys.executable, "-m", "at", "report", "--profile", "ci"]
+    done = subprocess.run(cli, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    t2 = read_csv(tmp_path / "results" / "ci" / "table2.csv")
+    assert [r["status"] for r in t2.values()] == ["ok"] * 5
+    assert t2[("sum-p1", "error")]["baseline_row"] == "none"
+    assert (tmp_path / "results" / "ci" / "README.md").read_text().splitlines()[0] == f"**{purpose}**"
+    assert (tmp_path / "results" / "ci" / "table2.md").read_text().splitlines()[0] == f"**{purpose}**"
+    first, second = (tmp_path / runs[1]["out_dir"], tmp_path / runs[2]["out_dir"])
+    (second / "metrics.json").write_bytes((first / "metrics.json").read_bytes())
+    done = subprocess.run(cli, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert f"run_id is '{runs[1]['id']}', not '{runs[2]['id']}'" in done.stderr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,7 +665,7 @@ def tiny_images(n=3, size=8):
 def test_attention_figure_with_tiny_models(tmp_path):
     teacher, student = TinyNet(6, 1).eval(), TinyNet(3, 2).eval()
     images, inputs = tiny_images()
-    fig = report.attention_figure(teacher, student, images, inputs, f"maps\n{DESC}",
+    fig = attention_maps.attention_figure(teacher, student, images, inputs, f"maps\n{DESC}",
                                   attention_fn=l2_attention)
     assert DESC in fig._suptitle.get_text()
     axes = fig.get_axes()
@@ -343,14 +676,14 @@ def test_attention_figure_with_tiny_models(tmp_path):
         expected = l2_attention(teacher(inputs)[1][1])[1].reshape(4, 4).numpy()
     np.testing.assert_allclose(shown, expected, rtol=1e-6)
     (tmp_path / "a").mkdir()
-    paths = report.save_figure(fig, tmp_path / "a", "att")
+    paths = figures.save_figure(fig, tmp_path / "a", "att")
     assert sorted(p.name for p in paths) == ["att.pdf", "att.png"]
     assert (tmp_path / "a" / "att.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "a" / "att.pdf").read_bytes()[:5] == b"%PDF-"
-    fig2 = report.attention_figure(teacher, student, images, inputs, f"maps\n{DESC}",
+    fig2 = attention_maps.attention_figure(teacher, student, images, inputs, f"maps\n{DESC}",
                                    attention_fn=l2_attention)
     (tmp_path / "b").mkdir()
-    report.save_figure(fig2, tmp_path / "b", "att")
+    figures.save_figure(fig2, tmp_path / "b", "att")
     for name in ("att.png", "att.pdf"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
@@ -363,7 +696,7 @@ def test_attention_figure_refuses_unpaired_taps():
 
     images, inputs = tiny_images()
     with pytest.raises(ValueError, match="taps"):
-        report.attention_figure(TinyNet(4, 0), OneTap(4, 1), images, inputs, "t",
+        attention_maps.attention_figure(TinyNet(4, 0), OneTap(4, 1), images, inputs, "t",
                                 attention_fn=l2_attention)
 
 
@@ -406,11 +739,11 @@ def test_render_draws_attention_from_checkpoints(grid, tmp_path, monkeypatch):
     written = report.render(runs, tmp_path / "out", context)
     assert loaded == [at_seed0 / "checkpoint.pt", teacher_ckpt]
     names = {p.name for p in written}
-    assert {f"{report.FIG_ATTENTION}.png", f"{report.FIG_ATTENTION}.pdf"} <= names
-    assert f"({report.FIG_ATTENTION}.png)" in (tmp_path / "out" / "README.md").read_text()
+    assert {f"{figures.FIG_ATTENTION}.png", f"{figures.FIG_ATTENTION}.pdf"} <= names
+    assert f"({figures.FIG_ATTENTION}.png)" in (tmp_path / "out" / "README.md").read_text()
     # without the checkpoint the figure is skipped, said in the README, and the old one removed
     (at_seed0 / "checkpoint.pt").unlink()
     report.render(runs, tmp_path / "out", context)
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "Not drawn: no finished AT run of WRN-16-1 from WRN-16-2 has a checkpoint.pt" in readme
-    assert not (tmp_path / "out" / f"{report.FIG_ATTENTION}.png").exists()
+    assert not (tmp_path / "out" / f"{figures.FIG_ATTENTION}.png").exists()

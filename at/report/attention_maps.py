@@ -1,0 +1,128 @@
+"""The attention-map figure: teacher and AT student of Table 1, inferred from their checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from at.report.figures import new_figure, set_title
+
+# The Table 1 pair and method whose checkpoints feed the attention-map figure (as in the paper).
+ATTENTION_PAIR = "wrn-16-1_from_wrn-16-2"
+ATTENTION_METHOD = "at"
+ATTENTION_IMAGES = 4
+
+
+def attention_figure(teacher, student, images, inputs, title: str,
+                     attention_fn: Callable | None = None,
+                     names: tuple[str, str] = ("teacher", "student")):
+    """Attention maps of teacher and student at each tapped layer, one row per image.
+
+    teacher, student: models returning (logits, taps), in eval mode on the device of `inputs`.
+    images: uint8 (N, 3, H, W) array or tensor, shown as is; inputs: what the models take
+    (normalised float tensor, N first). attention_fn(activation) -> (N, h*w) per tap; default
+    at.attention.attention_map(act, "sum", 2) (imported here, so that tests can pass their own).
+    """
+    import torch
+
+    if attention_fn is None:
+        from at.attention import attention_map
+
+        def attention_fn(act):
+            return attention_map(act, "sum", 2)
+
+    with torch.no_grad():
+        _, t_taps = teacher(inputs)
+        _, s_taps = student(inputs)
+    if len(t_taps) != len(s_taps):
+        raise ValueError(
+            f"{names[0]} has {len(t_taps)} taps and {names[1]} {len(s_taps)}: cannot pair them"
+        )
+    maps = []  # per tap: (teacher maps, student maps), each (N, h, w)
+    for j, (t_act, s_act) in enumerate(zip(t_taps, s_taps)):
+        if t_act.shape[-2:] != s_act.shape[-2:]:
+            raise ValueError(
+                f"tap {j}: spatial sizes differ ({tuple(t_act.shape[-2:])} vs "
+                f"{tuple(s_act.shape[-2:])})"
+            )
+        h, w = s_act.shape[-2:]
+        pair = []
+        for act in (t_act, s_act):
+            q = attention_fn(act.float())
+            pair.append(q.reshape(q.shape[0], h, w).detach().cpu().double().numpy())
+        maps.append(pair)
+    pictures = np.asarray(images.cpu() if hasattr(images, "cpu") else images)
+    if pictures.dtype != np.uint8 or pictures.ndim != 4 or pictures.shape[1] != 3:
+        raise ValueError(f"images must be uint8 (N, 3, H, W), got {pictures.dtype} {pictures.shape}")
+    n = pictures.shape[0]
+    cols = 1 + 2 * len(maps)
+    fig = new_figure(1.5 * cols, 1.6 * n + 0.9)
+    axes = fig.subplots(n, cols, squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(pictures[i].transpose(1, 2, 0), interpolation="nearest")
+        for j, pair in enumerate(maps):
+            for k, (who, m) in enumerate(zip(names, pair)):
+                ax = axes[i, 1 + 2 * j + k]
+                ax.imshow(m[i], cmap="jet", interpolation="bilinear")
+                if i == 0:
+                    ax.set_title(f"{who}\ngroup {j + 1}", fontsize=8)
+        if i == 0:
+            axes[i, 0].set_title("image", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    set_title(fig, title, fontsize=9)
+    return fig
+
+
+def _find_cifar_folder(candidate: Path) -> Path | None:
+    # data_dir may be the prepare() root or the cifar-10-batches-py folder itself.
+    for folder in (candidate, candidate / "cifar-10-batches-py"):
+        if (folder / "test_batch").is_file():
+            return folder
+    return None
+
+
+def attention_from_runs(summaries, context) -> tuple[object | None, str]:
+    """(figure, note) or (None, why it was skipped), from the AT student's checkpoint."""
+    cell = next(
+        (c for c in summaries.get("table1", []) if c.row == ATTENTION_PAIR and c.column == ATTENTION_METHOD),
+        None,
+    )
+    if cell is None or cell.status == "not run":
+        return None, "the AT run of WRN-16-1 from WRN-16-2 is not run in this profile"
+    candidates = [r for r in cell.runs if not r.missing and (r.out_dir / "checkpoint.pt").is_file()]
+    if not candidates:
+        return None, "no finished AT run of WRN-16-1 from WRN-16-2 has a checkpoint.pt"
+    run = candidates[0]  # lowest seed: runs are sorted by seed
+    from at.checkpoint import load_model
+
+    student, spec = load_model(run.out_dir / "checkpoint.pt")
+    teacher_path = spec.get("teacher_checkpoint")
+    if not teacher_path or not Path(teacher_path).is_file():
+        return None, f"the teacher checkpoint of `{run.id}` ({teacher_path}) is not there"
+    teacher, _ = load_model(Path(teacher_path))
+    data_dir = context.cifar_dir or spec.get("data_dir")
+    folder = _find_cifar_folder(Path(data_dir)) if data_dir else None
+    if folder is None:
+        return None, f"no CIFAR-10 test batch under {data_dir!r}"
+
+    import torch
+
+    from at.data import augment, cifar
+
+    data = cifar.load(folder)
+    images = torch.as_tensor(data.test_x[:ATTENTION_IMAGES])
+    inputs = augment.normalize(images, augment.CIFAR_MEAN, augment.CIFAR_STD)
+    student = student.to("cpu").float().eval()
+    teacher = teacher.to("cpu").float().eval()
+    title = (
+        f"Attention maps (F_sum^2) of {spec.get('teacher')} (teacher) and {spec.get('student')} "
+        f"(AT student, seed {run.seed}), first {ATTENTION_IMAGES} test images\n{context.description}"
+    )
+    fig = attention_figure(teacher, student, images.numpy(), inputs, title,
+                           names=("teacher", "student"))
+    return fig, f"from `{run.id}` and its teacher"
+

@@ -1,0 +1,261 @@
+"""The report's inputs, checked: the run list, the context, and what each run folder holds.
+
+The report trusts no metrics.json: each must say it belongs to the run it stands for (run_id),
+to the profile being reported (profile) and to the data the report was asked about
+(data_md5), and hold possible numbers (finite errors in [0, 100], the run's planned epochs).
+Anything else is refused with one error naming the file and the problem, before anything is
+written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from at.references import ReferenceTable
+from at.report.layout import TableLayout, layouts
+
+# The metrics.json key that holds a cell's number, by the cell's metric (params.yaml `metric`).
+METRIC_KEYS = {"top1": "final_test_error", "top5": "final_test_error_top5"}
+DEFAULT_METRIC = "top1"
+
+REQUIRED_RUN_KEYS = ("id", "out_dir", "cells", "seed", "student", "method_name", "dataset",
+                     "protocol_name", "epochs")
+
+
+class ReportInputError(ValueError):
+    """A run list, context or run folder the report cannot be built from."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the report is asked to render, beyond the runs (see `render`)."""
+
+    profile: str
+    description: str                  # one line: data, subsets, epochs (goes into every title)
+    purpose: str | None               # one line said first everywhere (e.g. what smoke runs are)
+    not_run: dict[str, str]           # {table: reason}
+    tables: dict[str, TableLayout]    # every table of the grid, in order
+    data_md5: dict[str, str | None]   # {data set: md5 its runs must have used}; None: unknown
+    cifar_dir: str | None             # CIFAR-10 folder for the attention figure (optional)
+
+
+@dataclass(frozen=True)
+class CellDefinition:
+    """What a cell trains, as far as pairing needs it (from the run that fills it)."""
+
+    dataset: str
+    protocol: str
+    model: str
+    weights: str | None
+    method: str
+    metric: str
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One training run of the grid and what its folder holds."""
+
+    id: str
+    seed: int
+    out_dir: Path
+    cells: tuple[tuple[str, str, str], ...]
+    definitions: dict[tuple[str, str, str], CellDefinition]
+    metrics: dict | None  # None: metrics.json is missing (the run did not finish)
+
+    @property
+    def missing(self) -> bool:
+        return self.metrics is None
+
+
+def _one_line(key: str, value, required: bool) -> str | None:
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ReportInputError(f"context[{key!r}] must be a non-empty string, got {value!r}")
+    if "\n" in value:
+        raise ReportInputError(f"context[{key!r}] must be one line (it goes into titles)")
+    return value
+
+
+def validate_context(context: dict) -> Context:
+    if not isinstance(context, dict):
+        raise ReportInputError(f"context must be a dict, got {type(context).__name__}")
+    profile = _one_line("profile", context.get("profile"), required=True)
+    # description: which data, subset and epochs the runs used (at.provenance.describe)
+    description = _one_line("description", context.get("description"), required=True)
+    purpose = _one_line("purpose", context.get("purpose"), required=False)
+    grid_tables = context.get("tables")
+    if not isinstance(grid_tables, dict) or not all(
+            isinstance(t, dict) and isinstance(t.get("rows"), list) and isinstance(t.get("columns"), list)
+            for t in grid_tables.values()):
+        raise ReportInputError("context['tables'] must map every table of params.yaml to "
+                               "{'rows': [...], 'columns': [...]} (at.report.layout.grid_tables)")
+    refs = context.get("references")
+    if not isinstance(refs, dict) or not all(isinstance(r, ReferenceTable) for r in refs.values()):
+        raise ReportInputError("context['references'] must be the tables of a references file "
+                               "(at.references.load)")
+    tables = layouts(grid_tables, refs)
+    not_run = context.get("not_run", {}) or {}
+    if not isinstance(not_run, dict):
+        raise ReportInputError(f"context['not_run'] must be a dict, got {type(not_run).__name__}")
+    for table, reason in not_run.items():
+        if table not in tables:
+            raise ReportInputError(
+                f"context['not_run'] names unknown table {table!r}; known: {list(tables)}")
+        if not isinstance(reason, str) or not reason.strip():
+            raise ReportInputError(f"context['not_run'][{table!r}] must give a reason")
+    data_md5 = context.get("data_md5")
+    if not isinstance(data_md5, dict):
+        raise ReportInputError("context['data_md5'] must map each data set to the md5 its runs "
+                               "must have used (from its data folder's source.json)")
+    cifar_dir = context.get("cifar_dir")
+    return Context(profile=profile, description=description, purpose=purpose,
+                   not_run=dict(not_run), tables=tables, data_md5=dict(data_md5),
+                   cifar_dir=str(cifar_dir) if cifar_dir else None)
+
+
+def validate_runs(runs: Sequence[dict], context: Context) -> list[dict]:
+    if isinstance(runs, (str, bytes, dict)) or not isinstance(runs, Sequence):
+        raise ReportInputError(f"runs must be a list of dicts, got {type(runs).__name__}")
+    seen: set[str] = set()
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict):
+            raise ReportInputError(f"runs[{i}] must be a dict, got {type(run).__name__}")
+        absent = [k for k in REQUIRED_RUN_KEYS if k not in run]
+        if absent:
+            raise ReportInputError(f"runs[{i}] lacks {absent}; required keys: {REQUIRED_RUN_KEYS}")
+        if run["id"] in seen:
+            raise ReportInputError(f"run id {run['id']!r} appears twice in runs")
+        seen.add(run["id"])
+        for key in ("seed", "epochs"):
+            if not _is_int(run[key]) or run[key] < 0:
+                raise ReportInputError(f"run {run['id']!r}: {key} must be a non-negative int, got {run[key]!r}")
+        if not isinstance(run["cells"], (list, tuple)):
+            raise ReportInputError(f"run {run['id']!r}: cells must be a list")
+        for cell in run["cells"]:
+            if not isinstance(cell, dict) or not {"table", "row", "column"} <= set(cell) \
+                    or not set(cell) <= {"table", "row", "column", "metric"}:
+                raise ReportInputError(
+                    f"run {run['id']!r}: each cell must be a dict with keys table, row, column "
+                    f"(and optionally metric); got {cell!r}")
+            layout = context.tables.get(cell["table"])
+            if layout is None:
+                raise ReportInputError(f"run {run['id']!r}: unknown table {cell['table']!r}; "
+                                       f"known: {list(context.tables)}")
+            for part, known in (("row", layout.rows), ("column", layout.columns)):
+                if cell[part] not in known:
+                    raise ReportInputError(f"run {run['id']!r}: unknown {part} {cell[part]!r} of "
+                                           f"{cell['table']}; known: {list(known)}")
+            if cell.get("metric", DEFAULT_METRIC) not in METRIC_KEYS:
+                raise ReportInputError(f"run {run['id']!r}: unknown metric {cell['metric']!r}; "
+                                       f"known: {sorted(METRIC_KEYS)}")
+            if cell["table"] in context.not_run:
+                raise ReportInputError(
+                    f"run {run['id']!r} fills a cell of {cell['table']}, which context['not_run'] "
+                    "says is not run in this profile: drop the run or the not_run entry")
+    return sorted(runs, key=lambda r: r["id"])
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def read_metrics(run: dict, needed: set[str], context: Context) -> dict | None:
+    """The run's metrics.json, checked to belong to this run and to hold possible numbers;
+    None when there is none (the run did not finish)."""
+    path = Path(run["out_dir"]) / "metrics.json"
+    if not path.is_file():
+        return None
+
+    def refuse(problem: str) -> ReportInputError:
+        return ReportInputError(f"run {run['id']!r}: {path}: {problem}")
+
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReportInputError(f"run {run['id']!r}: cannot read {path}: {exc}") from None
+    if not isinstance(metrics, dict):
+        raise refuse("must hold a JSON object")
+    for key in sorted(needed | {"final_epoch", "epochs", "run_id", "profile", "data_md5"}):
+        if key not in metrics:
+            raise ReportInputError(f"run {run['id']!r}: {path} lacks key {key!r}")
+    # whose file is it: a metrics.json copied from another run, profile or data set is refused
+    if metrics["run_id"] != run["id"]:
+        raise refuse(f"run_id is {metrics['run_id']!r}, not {run['id']!r}: the file belongs to "
+                     "another run")
+    if metrics["profile"] != context.profile:
+        raise refuse(f"profile is {metrics['profile']!r}, not {context.profile!r}: the run was "
+                     "trained for another profile")
+    if run["dataset"] not in context.data_md5:
+        raise refuse(f"no data md5 given for data set {run['dataset']!r} (context['data_md5']) to "
+                     "check the run against")
+    expected = context.data_md5[run["dataset"]]
+    if expected is None:
+        raise refuse(f"cannot check data_md5 {metrics['data_md5']!r}: the {run['dataset']} data "
+                     "folder has no source.json (prepare the data first)")
+    if metrics["data_md5"] != expected:
+        raise refuse(f"data_md5 is {metrics['data_md5']!r}, but the {run['dataset']} data folder "
+                     f"holds {expected!r}: the run was trained on other data")
+    # possible numbers only
+    for key in sorted(needed):
+        value = metrics[key]
+        if not _is_number(value) or not math.isfinite(value) or not 0 <= value <= 100:
+            raise refuse(f"{key} must be a test error in [0, 100] (%), got {value!r}")
+    for key in ("final_epoch", "epochs"):
+        if not _is_int(metrics[key]):
+            raise refuse(f"{key} must be an int, got {metrics[key]!r}")
+    if metrics["epochs"] != run["epochs"]:
+        raise refuse(f"epochs is {metrics['epochs']}, but the run's protocol plans {run['epochs']}")
+    if not 1 <= metrics["final_epoch"] <= metrics["epochs"]:
+        raise refuse(f"final_epoch {metrics['final_epoch']} is not between 1 and epochs "
+                     f"({metrics['epochs']})")
+    return metrics
+
+
+def metric_key(metric: str) -> str:
+    return METRIC_KEYS[metric]
+
+
+def load_runs(runs: list[dict], context: Context) -> list[RunResult]:
+    results = []
+    for run in runs:
+        definitions = {}
+        for c in run["cells"]:
+            definitions[(c["table"], c["row"], c["column"])] = CellDefinition(
+                dataset=run["dataset"], protocol=run["protocol_name"], model=run["student"],
+                weights=run.get("weights"), method=run["method_name"],
+                metric=c.get("metric", DEFAULT_METRIC))
+        needed = {metric_key(d.metric) for d in definitions.values()} or {metric_key(DEFAULT_METRIC)}
+        results.append(
+            RunResult(
+                id=run["id"], seed=run["seed"], out_dir=Path(run["out_dir"]),
+                cells=tuple(sorted(definitions)), definitions=definitions,
+                metrics=read_metrics(run, needed, context),
+            )
+        )
+    return results
+
+
+def expected_data_md5(dataset: str, folder: str | Path) -> str | None:
+    """The data_md5 a run of `dataset` trained from `folder` records in its metrics.json.
+
+    The same rule as the trainer's (at.data.sources): the md5 in the folder's source.json,
+    "unknown" when that record has none, "user-folder" for ImageNet; None when the folder has
+    no source.json (nothing to check against).
+    """
+    from at.data.download import read_source_record
+
+    if dataset == "imagenet":
+        return "user-folder"
+    record = read_source_record(folder)
+    if not record:
+        return None
+    return record.get("md5") or "unknown"

@@ -1,0 +1,83 @@
+"""What each table of the report looks like: params.yaml's rows and columns, dressed with the
+titles, labels and numbers of its reference (references.yaml) where it has one.
+
+params.yaml decides which tables, rows and columns exist; a reference only adds words and
+numbers. A row or column of params.yaml that the reference lacks is shown under its key, with
+no reference number; a reference row or column the grid lacks is shown too (its cells are "not
+run"), so that no published number silently disappears from the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from at.references import ReferenceTable
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    name: str
+    title: str
+    caption: str
+    dataset: str | None
+    citation: str | None              # None: the table has no reference
+    row_header: tuple[str, ...]
+    column_header: str
+    rows: dict[str, dict[str, str]]   # row key -> {"label": ..., one text per row_header}
+    columns: dict[str, str]           # column key -> label
+    reference: dict[tuple[str, str], float]
+
+    def cells(self) -> list[tuple[str, str]]:
+        """(row, column) in display order: row by row."""
+        return [(row, column) for row in self.rows for column in self.columns]
+
+    def cell_label(self, row: str, column: str) -> str:
+        if len(self.columns) == 1:
+            return self.rows[row]["label"]
+        return f"{self.rows[row]['label']}: {self.columns[column]}"
+
+
+def _union(first: list[str], then: list[str]) -> list[str]:
+    return first + [k for k in then if k not in first]
+
+
+def table_layout(name: str, rows: list[str], columns: list[str],
+                 reference: ReferenceTable | None) -> TableLayout:
+    """The layout of one grid table (its rows and columns in params.yaml's order)."""
+    if reference is None:
+        return TableLayout(
+            name=name, title=name,
+            caption="A table of params.yaml with no published reference numbers.",
+            dataset=None, citation=None, row_header=("row",), column_header="column",
+            rows={r: {"label": r, "row": r} for r in rows}, columns={c: c for c in columns},
+            reference={},
+        )
+    row_keys = _union(list(rows), list(reference.rows))
+    column_keys = _union(list(columns), list(reference.columns))
+    shown_rows = {}
+    for r in row_keys:
+        # a row the reference lacks: its key stands in for every label
+        shown_rows[r] = dict(reference.rows.get(r) or {k: r for k in ("label", *reference.row_header)})
+    return TableLayout(
+        name=name, title=reference.title, caption=reference.caption, dataset=reference.dataset,
+        citation=reference.citation(), row_header=reference.row_header,
+        column_header=reference.column_header, rows=shown_rows,
+        columns={c: reference.columns.get(c, c) for c in column_keys},
+        reference={(r, c): v for r, cs in reference.values.items() for c, v in cs.items()},
+    )
+
+
+def layouts(grid_tables: dict[str, dict], references: dict[str, ReferenceTable]
+            ) -> dict[str, TableLayout]:
+    """{table: layout} for every table of the grid, in params.yaml's order.
+
+    grid_tables: {table: {"rows": [row keys], "columns": [column keys]}}, as params.yaml has them.
+    """
+    return {name: table_layout(name, list(spec["rows"]), list(spec["columns"]), references.get(name))
+            for name, spec in grid_tables.items()}
+
+
+def grid_tables(params: dict) -> dict[str, dict]:
+    """The rows and columns of every table of params.yaml: what `layouts` takes."""
+    return {name: {"rows": list(spec.get("rows") or {}), "columns": list(spec.get("columns") or {})}
+            for name, spec in (params.get("tables") or {}).items()}
