@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 DESC = "smoke profile, CIFAR-10 mini subset (5085 train / 1017 test images), 2 epochs"
 T1ROW = "wrn-16-1_from_wrn-16-2"
 CIFAR_MD5 = "1c190744c9595cc62078be24b4b038fb"
-TABLES = ["table1", "table2", "table3", "table4", "imagenet"]  # params.yaml's, in order
+TABLES = ["table1", "table2", "table3", "table4", "imagenet", "beyond"]  # params.yaml's, in order
 
 
 def cell(table, row, column, metric=None):
