@@ -21,13 +21,13 @@ HEADER = (
 )
 
 
-def stage_name(run_id: str) -> str:
+def stage_name(cohort_id: str) -> str:
     # DVC stage names may not contain '/' (it separates a dvc.yaml path from a stage name)
-    return "train-" + run_id.replace("/", "--")
+    return "train-" + cohort_id.replace("/", "--")
 
 
-def train_command(run: dict) -> str:
-    return f"python -m at train --run {run['id']} --profile {run['profile']}"
+def train_command(cohort: dict) -> str:
+    return f"python -m at train --cohort {cohort['id']} --profile {cohort['profile']}"
 
 
 def download_command(dataset: str) -> str:
@@ -63,27 +63,29 @@ def stages(params: dict, profile: str) -> dict:
     runs = grid.runs(params, profile)
     result: dict = {}
     for dataset in grid.datasets(params, profile):
+        if not grid.needs_download(params, dataset):
+            continue  # a folder the user supplies (ImageNet): read where it is
         result[f"download-{dataset}"] = {
             "cmd": download_command(dataset),
             "params": download_params(params, dataset),
             "outs": [grid.data_dir(dataset)],
         }
-    for run in runs:
-        out = grid.outputs(run)
-        deps = [grid.data_dir(run["dataset"])]
-        teacher = grid.teacher_checkpoint(params, run)
-        if teacher:
-            deps.append(teacher)
-        result[stage_name(run["id"])] = {
-            "cmd": train_command(run),
+    by_id = {run["id"]: run for run in runs}
+    # one stage per cohort (at.grid.cohorts), as one Snakemake job: its members train together
+    for cohort in grid.cohorts(params, profile):
+        members = [by_id[run_id] for run_id in cohort["runs"]]
+        deps = sorted({grid.data_dir(run["dataset"], params) for run in members})
+        deps += sorted({grid.teacher_checkpoint(params, run) for run in members if run["teacher_run"]})
+        result[stage_name(cohort["id"])] = {
+            "cmd": train_command(cohort),
             "deps": deps,
-            "params": train_params(params, run),
+            "params": sorted({key for run in members for key in train_params(params, run)}),
             # All three are cached, so that `dvc push` / `dvc pull` carry a run's whole result:
             # runs/ is git-ignored, so an uncached metrics.json or history.csv would be in
             # neither git nor the remote, and a fresh clone would have to re-train everything.
-            "outs": [out["checkpoint"]],
-            "metrics": [out["metrics"]],
-            "plots": [{out["history"]: {"x": "epoch", "y": "test_error"}}],
+            "outs": [grid.outputs(run)["checkpoint"] for run in members],
+            "metrics": [grid.outputs(run)["metrics"] for run in members],
+            "plots": [{grid.outputs(run)["history"]: {"x": "epoch", "y": "test_error"}} for run in members],
         }
     result[f"report-{profile}"] = {
         "cmd": report_command(profile),

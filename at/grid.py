@@ -8,6 +8,7 @@ function of its spec: the same params give the same ids and paths (contract 2).
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 from at import models
@@ -345,6 +346,11 @@ def cohorts(params: dict, profile: str | None = None) -> list[dict]:
     return sorted(found, key=lambda c: c["id"])
 
 
+def cohort_rule_name(cohort_id: str) -> str:
+    """The Snakemake rule of a cohort (rule names are identifiers): train_cifar10_wrn_16_1_seed0_cohort0."""
+    return "train_" + re.sub(r"\W", "_", cohort_id)
+
+
 def find_cohort(params: dict, cohort: str, profile: str | None = None) -> dict:
     by_id = {c["id"]: c for c in cohorts(params, profile)}
     if cohort not in by_id:
@@ -415,7 +421,9 @@ def report_inputs(params: dict, profile: str) -> list[str]:
     """
     selected = runs(params, profile)
     files = [path for run in selected for path in outputs(run).values()]
-    return sorted(files) + [data_dir(d, params) for d in sorted({r["dataset"] for r in selected})]
+    # the published numbers the tables are rendered beside: a corrected reference re-renders
+    references = ["references.yaml"]
+    return sorted(files) + [data_dir(d, params) for d in sorted({r["dataset"] for r in selected})] + references
 
 
 def datasets(params: dict, profile: str | None = None) -> list[str]:

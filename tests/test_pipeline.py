@@ -99,7 +99,6 @@ def parse_dry_run(text: str) -> list[dict]:
     job: dict | None = None
     for line in text.splitlines():
         head = line.strip()
-        # jobs of a Snakemake job group (packing) are printed indented inside a "Group job" block
         if head.startswith(("rule ", "localrule ")) and head.endswith(":"):
             job = {"rule": head.split()[1].rstrip(":"), "input": [], "output": [], "wildcards": {}, "shell": None}
             jobs.append(job)
@@ -124,8 +123,8 @@ def parse_dry_run(text: str) -> list[dict]:
     counted = {rule: sum(j["rule"] == rule for j in jobs) for rule in stats}
     assert stats and counted == stats, f"parsed {counted} jobs, Snakemake's job stats say {stats}"
     for j in jobs:
-        if j["rule"] == "train":
-            assert j["output"] and "run" in j["wildcards"] and j["shell"], f"unparsed train job {j}"
+        if j["rule"].startswith("train_"):
+            assert j["output"] and j["shell"], f"unparsed train job {j}"
     return jobs
 
 
@@ -195,40 +194,68 @@ def grid_paper_runs(paper_copy) -> list[dict]:
     return json.loads(_sh([sys.executable, "-m", "at", "runs", "--profile", "paper", "--json"], paper_copy).stdout)
 
 
-def test_snakemake_dry_run_trains_every_run_of_the_grid(snakemake_paper_jobs, grid_paper_runs):
-    train = [j for j in snakemake_paper_jobs if j["rule"] == "train"]
-    assert sorted(j["wildcards"]["run"] for j in train) == [r["id"] for r in grid_paper_runs]
-    assert len(train) == 120
-    for job in train:
-        run = next(r for r in grid_paper_runs if r["id"] == job["wildcards"]["run"])
-        out = run["out_dir"]
-        assert sorted(job["output"]) == sorted(f"{out}/{f}" for f in ("checkpoint.pt", "metrics.json", "history.csv"))
+@pytest.fixture(scope="module")
+def grid_paper_cohorts(paper_copy) -> list[dict]:
+    return json.loads(_sh([sys.executable, "-m", "at", "runs", "--profile", "paper", "--cohorts", "--json"],
+                          paper_copy).stdout)
+
+
+def _train_jobs(jobs: list[dict]) -> dict[str, dict]:
+    """Snakemake's training jobs by the cohort they train (one job per cohort)."""
+    found = {}
+    for job in jobs:
+        if job["rule"].startswith("train_"):
+            cohort = _option(_argv(job["shell"]), "--cohort")
+            assert cohort not in found, f"cohort {cohort} has two jobs"
+            found[cohort] = job
+    return found
+
+
+def test_snakemake_dry_run_trains_every_run_of_the_grid_in_cohorts(snakemake_paper_jobs, grid_paper_runs,
+                                                                    grid_paper_cohorts):
+    train = _train_jobs(snakemake_paper_jobs)
+    assert sorted(train) == [c["id"] for c in grid_paper_cohorts]
+    runs = {r["id"]: r for r in grid_paper_runs}
+    # every run of the grid is trained by exactly one job
+    members = sorted(run_id for c in grid_paper_cohorts for run_id in c["runs"])
+    assert members == sorted(runs) and len(members) == 120
+    for cohort in grid_paper_cohorts:
+        job = train[cohort["id"]]
+        expected = [f"{runs[r]['out_dir']}/{f}" for r in cohort["runs"] for f in ("checkpoint.pt", "metrics.json", "history.csv")]
+        assert sorted(job["output"]) == sorted(expected)
         argv = _argv(job["shell"])
-        assert _option(argv, "--run") == run["id"] and _option(argv, "--profile") == "paper"
-        teacher = [f"runs/paper/{run['teacher_run']}/checkpoint.pt"] if run["teacher_run"] else []
-        assert sorted(job["input"]) == sorted([f"data/{run['dataset']}"] + teacher)
+        assert _option(argv, "--profile") == "paper"
+        teachers = {f"runs/paper/{runs[r]['teacher_run']}/checkpoint.pt" for r in cohort["runs"] if runs[r]["teacher_run"]}
+        assert sorted(job["input"]) == sorted({f"data/{runs[r]['dataset']}" for r in cohort["runs"]} | teachers)
+        # members share a data stream: one data set, protocol and seed; none is another's teacher
+        assert len({(runs[r]["dataset"], runs[r]["protocol_name"], runs[r]["seed"]) for r in cohort["runs"]}) == 1
+        assert not set(cohort["runs"]) & {runs[r]["teacher_run"] for r in cohort["runs"]}
+        assert 1 <= len(cohort["runs"]) <= 8
+    # the 8 WRN-16-1 runs of Tables 1 and 2 of a seed learn from WRN-16-2 in one cohort
+    first = next(c for c in grid_paper_cohorts if c["id"] == "cifar10/wrn-16-1/seed0/cohort0")
+    assert len(first["runs"]) == 8 and first["teacher_runs"] == ["cifar10/wrn-16-2/baseline/seed0"]
     tables = {c["table"] for r in grid_paper_runs for c in r["cells"]}
     assert tables == {"table1", "table2", "table3", "table4"}  # ImageNet: no folder given
 
 
-def test_dvc_stages_are_the_snakemake_jobs(paper_copy, snakemake_paper_jobs, grid_paper_runs):
+def test_dvc_stages_are_the_snakemake_jobs(paper_copy, snakemake_paper_jobs, grid_paper_cohorts):
     stages = dvc_stages(paper_copy)
     train_stages = [s for s in stages if s["name"].startswith("train-")]
-    train_jobs = {j["wildcards"]["run"]: j for j in snakemake_paper_jobs if j["rule"] == "train"}
-    by_run = {}
+    train_jobs = _train_jobs(snakemake_paper_jobs)
+    by_cohort = {}
     for stage in train_stages:
         argv = shlex.split(stage["cmd"])
-        by_run[_option(argv, "--run")] = (stage, argv)
-    assert sorted(by_run) == sorted(train_jobs) == [r["id"] for r in grid_paper_runs]
-    for run_id, (stage, argv) in by_run.items():
-        job = train_jobs[run_id]
+        by_cohort[_option(argv, "--cohort")] = (stage, argv)
+    assert sorted(by_cohort) == sorted(train_jobs) == [c["id"] for c in grid_paper_cohorts]
+    for cohort_id, (stage, argv) in by_cohort.items():
+        job = train_jobs[cohort_id]
         # the same command, but for how many threads Snakemake gives the job
         assert _without(_argv(job["shell"]), "--threads") == argv
-        # the same outputs: the checkpoint a cached out, metrics.json a metric, history.csv a plot
+        # the same outputs: checkpoints cached outs, metrics.json metrics, history.csv plots
         assert sorted(stage["outs"] + stage["metrics"] + stage["plots"]) == sorted(job["output"])
-        assert [Path(p).name for p in stage["outs"]] == ["checkpoint.pt"]
-        assert [Path(p).name for p in stage["metrics"]] == ["metrics.json"]
-        assert [Path(p).name for p in stage["plots"]] == ["history.csv"]
+        assert {Path(p).name for p in stage["outs"]} == {"checkpoint.pt"}
+        assert {Path(p).name for p in stage["metrics"]} == {"metrics.json"}
+        assert {Path(p).name for p in stage["plots"]} == {"history.csv"}
         # pushed with the checkpoint, so a fresh clone has the whole result
         assert sorted(stage["cached"]) == sorted(job["output"])
         assert stage["deps"] == sorted(job["input"])
@@ -416,8 +443,8 @@ def test_dvc_repro_runs_a_training_stage_itself(pulled_clone):
     # again and records the result
     from at import dvc_pipeline
 
-    [run] = [r for r in _ci_runs(pulled_clone) if r["id"] == "cifar10/wrn-16-1/baseline/seed0"]
-    stage = dvc_pipeline.stage_name(run["id"])
+    [run] = [r for r in _ci_runs(pulled_clone) if r["id"] == "cifar10/wrn-16-2/baseline/seed0"]
+    stage = dvc_pipeline.stage_name("cifar10/wrn-16-2/seed0/cohort0")   # the teacher, alone in its cohort
     metrics = pulled_clone / run["out_dir"] / "metrics.json"
     before = metrics.stat().st_mtime_ns
     done = _sh(["dvc", "repro", "--force", "--single-item", stage], pulled_clone)
