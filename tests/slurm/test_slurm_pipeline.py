@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from at import checkpoint
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_pipeline import _env, _sh, copy_repository  # noqa: E402  (the same copy as the local e2e)
 
@@ -63,18 +65,17 @@ def test_ci_grid_runs_every_training_job_as_a_slurm_gpu_job(slurm_cluster, tmp_p
     assert rc == 0, out[-6000:]
 
     jobs = _jobs_since(slurm_cluster, start)
-    # download and report are local rules; every training job went through SLURM, with a GPU;
-    # the small students were packed, group_size of them per SLURM job (params.yaml `packing`)
-    packing = yaml.safe_load((root / "params.yaml").read_text())["packing"]
-    packed = [r for r in runs if r["student"] in packing["models"]]
-    expected = len(runs) - len(packed) + -(-len(packed) // packing["group_size"])
-    assert len(packed) >= 2 and len(jobs) == expected, (expected, jobs)
+    # download and report are local rules; every training job went through SLURM, with a GPU:
+    # one SLURM job per cohort (the WRN-16-2 teacher, then its five students together)
+    cohorts = yaml.safe_load(_sh([sys.executable, "-m", "at", "runs", "--profile", "ci", "--cohorts", "--json"],
+                                 root).stdout)
+    assert [len(c["runs"]) for c in cohorts] == [5, 1] and len(jobs) == len(cohorts), (cohorts, jobs)
     for job in jobs:
         assert job["State"] == "COMPLETED", job
         assert "gres/gpu=1" in job["AllocTRES"].split(","), job
     for run in runs:
         assert (root / run["out_dir"] / "metrics.json").is_file(), run["id"]
-        assert not (root / run["out_dir"] / "last.pt").exists(), "a finished run keeps no resume state"
+        assert checkpoint.load(root / run["out_dir"] / "last.pt")["epoch"] == 1, "the final state stays"
     assert (root / "results" / "ci" / "table2.md").is_file()
     _, mlflow_runs = _mlflow_runs(root)
     assert sorted(r.data.tags["at.run_id"] for r in mlflow_runs) == sorted(r["id"] for r in runs)
@@ -83,9 +84,9 @@ def test_ci_grid_runs_every_training_job_as_a_slurm_gpu_job(slurm_cluster, tmp_p
 
 def test_sigterm_from_slurm_is_retried_and_resumes_without_loss_or_double_count(slurm_cluster, tmp_path):
     root = copy_repository(tmp_path / "repo")
-    # one run long enough to be caught while it trains: the ci teacher, 3 epochs of 512 images
+    # one run long enough to be caught inside an epoch: the ci teacher, 3 epochs of 64 steps
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["profiles"]["ci"]["protocol"].update({"epochs": 3, "train_subset": 512, "batch_size": 32})
+    params["profiles"]["ci"]["protocol"].update({"epochs": 3, "train_subset": 2048, "batch_size": 32})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run_id = "cifar10/wrn-16-2/baseline/seed0"
     out_dir = root / "runs" / "ci" / run_id
@@ -96,11 +97,13 @@ def test_sigterm_from_slurm_is_retried_and_resumes_without_loss_or_double_count(
                                    env=_env_for(slurm_cluster, root))
 
     # wait until the job has finished its first epoch (its resume state exists), then preempt it
+    # a moment later, inside epoch 2
     deadline = time.time() + 600
     while not (out_dir / "last.pt").exists():
         assert proc.poll() is None, (root / "snakemake.out").read_text()[-4000:]
         assert time.time() < deadline, "the training job never reached its first checkpoint"
-        time.sleep(0.5)
+        time.sleep(0.2)
+    time.sleep(2.0)
     running = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i"], capture_output=True,
                              text=True, check=True).stdout.split()
     assert len(running) == 1, running
@@ -113,10 +116,10 @@ def test_sigterm_from_slurm_is_retried_and_resumes_without_loss_or_double_count(
     states = [j["State"] for j in jobs]
     assert states[0] == "FAILED" and states[-1] == "COMPLETED" and len(jobs) == 2, jobs
 
-    log = (root / "logs" / "train" / "ci" / f"{run_id}.log").read_text()
-    # Snakemake deletes the failed attempt's log; the retry's says where it resumed: mid-epoch
-    # (step > 0) or at an epoch boundary, never from scratch
-    assert re.search(r"resuming from .*last\.pt at epoch [23], step \d+", log), log[-3000:]
+    log = (root / "logs" / "train" / "ci" / "cifar10" / "wrn-16-2" / "seed0" / "cohort0.log").read_text()
+    # Snakemake deletes the failed attempt's log; the retry's says where it resumed: inside epoch
+    # 2 (step > 0), where SIGTERM saved it; not at an epoch boundary, never from scratch
+    assert re.search(r"resuming from .*last\.pt at epoch 2, step [1-9]\d*", log), log[-3000:]
     with open(out_dir / "history.csv") as f:
         epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
     assert epochs == [1, 2, 3], "each epoch exactly once"
