@@ -214,11 +214,44 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        # our errors (bad params, checksums, checkpoints, data) are ValueErrors with a message
-        # that names the problem: show it without a traceback
+    except Exception as e:
+        if not _is_user_error(e):
+            raise  # a bug: the traceback is what its fixer needs
+        # bad params, checksums, checkpoints, data, an unreachable tracking store: the message
+        # names the problem, a traceback would only hide it
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+# Errors that report bad input or an unavailable service, by the module that defines them.
+USER_ERRORS = {
+    "at.params": ("ParamsError",),
+    "at.checkpoint": ("CheckpointError",),
+    "at.tracking": ("TrackingError",),
+    "at.data.download": ("ChecksumError", "DownloadError", "ArchiveError"),
+    "at.data.cifar": ("CifarFormatError",),
+    "at.data.folders": ("DataLayoutError",),
+}
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _is_user_error(e: Exception) -> bool:
+    """Whether ``e`` is one of our reports of bad input (one line, exit 2) rather than a bug.
+
+    Only modules already imported can have raised their errors, so the check imports nothing.
+    A plain ValueError counts when our own code raised it (argument and spec validation, e.g.
+    an unknown model name); one raised inside a library (torch, numpy) is a bug.
+    """
+    known = tuple(getattr(sys.modules[module], name) for module, names in USER_ERRORS.items()
+                  if module in sys.modules for name in names)
+    if isinstance(e, known + (FileNotFoundError,)):
+        return True
+    if type(e) is ValueError and e.__traceback__ is not None:
+        tb = e.__traceback__
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
+    return False
 
 
 if __name__ == "__main__":
