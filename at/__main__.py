@@ -44,6 +44,8 @@ def _spec_from_args(args, params: dict) -> dict:
 
 
 def cmd_train(args) -> int:
+    from at import tracking
+    tracking.check_reachable(tracking.tracking_uri())  # before torch and the data load: in seconds
     from at.train import EXIT_INTERRUPTED, Interrupted, Options, TrainingDiverged, train
 
     if args.spec:
@@ -149,9 +151,13 @@ def cmd_dvc(args) -> int:
 def cmd_tracking_init(args) -> int:
     from at import tracking
 
-    experiment_id = tracking.init_store()
+    profile = args.profile
+    if profile != "custom":  # `custom`: runs trained from command-line arguments, not the grid
+        from at import grid
+        profile = grid.profile_name(params_mod.load(args.params), profile)
+    experiment_id = tracking.init_store(profile)
     print(f"MLflow store {tracking.tracking_uri()} ready, experiment "
-          f"{tracking.experiment_name()!r} (id {experiment_id})")
+          f"{tracking.experiment_name(profile)!r} (id {experiment_id})")
     return 0
 
 
@@ -209,6 +215,8 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_dvc)
 
     p = sub.add_parser("tracking-init", help="create the MLflow store and experiment before a fan-out")
+    p.add_argument("--profile", help="grid profile whose experiment to create (default: params.yaml's "
+                                     "default_profile; `custom` for runs trained from arguments)")
     p.set_defaults(func=cmd_tracking_init)
 
     args = parser.parse_args(argv)

@@ -377,6 +377,7 @@ def _finish(spec, state, student, objective, teacher, data, tracker) -> dict:
         "train_size": data.n_train,
         "test_size": data.n_test,
     }
+    tracker.sync(history)  # MLflow has every epoch before the outputs exist (at.tracking's policy)
     checkpoint.save({"spec": spec, "epoch": history[-1]["epoch"], "model": student.state_dict(),
                      "objective": objective.state_dict(), "history": history,
                      "mlflow_run_id": tracker.run_id}, out / "checkpoint.pt")
@@ -384,7 +385,7 @@ def _finish(spec, state, student, objective, teacher, data, tracker) -> dict:
     atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     tracker.finish({k: v for k, v in metrics.items() if k in ("final_test_error", "best_test_error",
                                                                "student_params", "wall_time_s")},
-                   [out / "metrics.json", out / "history.csv"])
+                   [out / "metrics.json", out / "history.csv", out / "checkpoint.pt"])
     print(f"[{spec['id']}] done: final test error {metrics['final_test_error']:.2f}% "
           f"after {metrics['final_epoch']} epochs", flush=True)
     return metrics
