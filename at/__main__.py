@@ -95,7 +95,7 @@ def _validated(args) -> tuple[dict, str]:
     from at import grid
 
     params = params_mod.load(args.params)
-    grid.validate(params)
+    grid.validate(params, args.params)
     return params, grid.profile_name(params, args.profile)
 
 
