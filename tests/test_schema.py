@@ -64,16 +64,16 @@ def test_protocol_values_of_the_wrong_type_or_range_name_the_key_and_what_is_all
     assert f"must be {expect}, got {value!r}" in message
 
 
-@pytest.mark.parametrize("key, value, allowed", [
-    ("augment", "crop", "crop_flip, flip, none, imagenet"),
-    ("bn_weight_init", "zeros", "uniform, ones"),
-    ("precision", "fp16", "auto, float32, bf16"),
-])
 def test_a_bad_list_item_is_named_by_its_index(params):
     params["protocols"]["cifar"]["lr_drops"] = [60, 0]
     assert _schema_error(params) == "params.yaml: protocols.cifar.lr_drops.1: must be a positive integer, got 0"
 
 
+@pytest.mark.parametrize("key, value, allowed", [
+    ("augment", "crop", "crop_flip, flip, none, imagenet"),
+    ("bn_weight_init", "zeros", "uniform, ones"),
+    ("precision", "fp16", "auto, float32, bf16"),
+])
 def test_protocol_choices_list_the_allowed_values(params, key, value, allowed):
     params["protocols"]["cifar"][key] = value
     assert _schema_error(params) == f"params.yaml: protocols.cifar.{key}: unknown value {value!r}; allowed: {allowed}"
