@@ -154,8 +154,8 @@ def train(spec: dict, options: Options | None = None) -> dict:
 
     torch.manual_seed(spec["seed"])
     data = sources.load(spec, device)
-    student = models.build(spec["student"], num_classes=spec.get("num_classes", 10),
-                           weights=spec.get("weights")).to(device)
+    student = models.build(spec["student"], num_classes=spec.get("num_classes", 10), weights=spec.get("weights"),
+                           bn_weight_init=protocol.get("bn_weight_init", "uniform")).to(device)
     teacher = _load_teacher(spec, device)
     objective = Objective(spec["method"], student, teacher, input_shape=data.input_shape).to(device)
     if use_channels_last:

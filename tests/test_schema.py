@@ -178,3 +178,13 @@ def test_a_run_spec_with_a_bad_protocol_stops_before_training(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
     assert done.returncode == 2
     assert done.stderr.strip() == "error: run x: protocol.nesterov: must be true or false, got 'yes'"
+
+
+def test_bn_weight_init_reaches_the_run_spec(params):
+    """params.yaml's choice (the authors' uniform init) is part of every CIFAR run's spec, which
+    the trainer passes to models.build; a profile can override it."""
+    run = "cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed0"
+    assert grid.run_spec(params, run, "paper")["protocol"]["bn_weight_init"] == "uniform"
+    params["profiles"]["ci"]["protocol"]["bn_weight_init"] = "ones"
+    grid.validate(params)
+    assert grid.run_spec(params, run, "ci")["protocol"]["bn_weight_init"] == "ones"
