@@ -126,7 +126,35 @@ def cmd_report(args) -> int:
                   for run in runs]
     written = report.render(cells_only, grid.report_dir(profile), context)
     print(f"report: {len(written)} files in {grid.report_dir(profile)}")
+    from at import tracking
+    parents = tracking.record_cells(profile, _cell_summaries(runs, written), Path(grid.report_dir(profile)))
+    print(f"MLflow: {len(parents)} cell runs and the report in experiment {tracking.experiment_name(profile)!r}")
     return 0
+
+
+def _cell_summaries(runs: list[dict], written: list) -> list[dict]:
+    """The report's per-cell numbers (its <table>.csv files) with each cell's metric and runs,
+    in the form tracking.record_cells takes."""
+    import csv
+
+    members: dict[tuple, dict] = {}
+    for run in runs:
+        for c in run["cells"]:
+            cell = members.setdefault((c["table"], c["row"], c["column"]), {"metric": c["metric"], "run_ids": []})
+            cell["run_ids"].append(run["id"])
+    summaries = []
+    for path in (Path(p) for p in written):
+        if path.suffix != ".csv":
+            continue
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                key = (row["table"], row["row"], row["column"])
+                if key not in members:
+                    continue   # a cell of the paper that this profile does not run
+                summaries.append({"table": key[0], "row": key[1], "column": key[2], **members[key],
+                                  "n": int(row["n"]), "mean": float(row["mean"]) if row["mean"] else None,
+                                  "std": float(row["std"]) if row["std"] else None})
+    return summaries
 
 
 def cmd_dvc(args) -> int:
