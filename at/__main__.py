@@ -77,6 +77,8 @@ def _warn_about(specs: list[dict]) -> None:
 
 
 def cmd_train(args) -> int:
+    from at import tracking
+    tracking.check_reachable(tracking.tracking_uri())  # before torch and the data load: in seconds
     from at.train import EXIT_INTERRUPTED, Interrupted, Options, TrainingDiverged, train_cohort
 
     specs = _train_specs(args)
@@ -128,7 +130,7 @@ def _validated(args) -> tuple[dict, str]:
     from at import grid
 
     params = params_mod.load(args.params)
-    grid.validate(params)
+    grid.validate(params, args.params)
     return params, grid.profile_name(params, args.profile)
 
 
@@ -164,14 +166,42 @@ def cmd_report(args) -> int:
     runs = grid.runs(params, profile)
     context = {"profile": profile, "description": provenance.describe(params, profile, runs),
                "purpose": (params["profiles"][profile] or {}).get("purpose"),
-               "not_run": grid.not_run(params, profile), "tables": grid_tables(params),
+               "not_run": grid.not_run(params, profile), "tables": grid_tables(params, profile),
                "references": references.load(args.references or references.path_beside(args.params)),
                "data_md5": {d: expected_data_md5(d, grid.data_dir(d, params)) for d in sorted({r["dataset"] for r in runs})}}
     # each run with its protocol's planned epochs: the report refuses a metrics.json that differs
     planned = [{**run, "epochs": grid.protocol_of(params, run)["epochs"]} for run in runs]
     written = report.render(planned, grid.report_dir(profile), context)
     print(f"report: {len(written)} files in {grid.report_dir(profile)}")
+    from at import tracking
+    parents = tracking.record_cells(profile, _cell_summaries(runs, written), Path(grid.report_dir(profile)))
+    print(f"MLflow: {len(parents)} cell runs and the report in experiment {tracking.experiment_name(profile)!r}")
     return 0
+
+
+def _cell_summaries(runs: list[dict], written: list) -> list[dict]:
+    """The report's per-cell numbers (its <table>.csv files) with each cell's metric and runs,
+    in the form tracking.record_cells takes."""
+    import csv
+
+    members: dict[tuple, dict] = {}
+    for run in runs:
+        for c in run["cells"]:
+            cell = members.setdefault((c["table"], c["row"], c["column"]), {"metric": c["metric"], "run_ids": []})
+            cell["run_ids"].append(run["id"])
+    summaries = []
+    for path in (Path(p) for p in written):
+        if path.suffix != ".csv":
+            continue
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                key = (row["table"], row["row"], row["column"])
+                if key not in members:
+                    continue   # a cell of the paper that this profile does not run
+                summaries.append({"table": key[0], "row": key[1], "column": key[2], **members[key],
+                                  "n": int(row["n"]), "mean": float(row["mean"]) if row["mean"] else None,
+                                  "std": float(row["std"]) if row["std"] else None})
+    return summaries
 
 
 def cmd_dvc(args) -> int:
@@ -196,9 +226,13 @@ def cmd_dvc(args) -> int:
 def cmd_tracking_init(args) -> int:
     from at import tracking
 
-    experiment_id = tracking.init_store()
+    profile = args.profile
+    if profile != "custom":  # `custom`: runs trained from command-line arguments, not the grid
+        from at import grid
+        profile = grid.profile_name(params_mod.load(args.params), profile)
+    experiment_id = tracking.init_store(profile)
     print(f"MLflow store {tracking.tracking_uri()} ready, experiment "
-          f"{tracking.experiment_name()!r} (id {experiment_id})")
+          f"{tracking.experiment_name(profile)!r} (id {experiment_id})")
     return 0
 
 
@@ -263,16 +297,52 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_dvc)
 
     p = sub.add_parser("tracking-init", help="create the MLflow store and experiment before a fan-out")
+    p.add_argument("--profile", help="grid profile whose experiment to create (default: params.yaml's "
+                                     "default_profile; `custom` for runs trained from arguments)")
     p.set_defaults(func=cmd_tracking_init)
 
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        # our errors (bad params, checksums, checkpoints, data) are ValueErrors with a message
-        # that names the problem: show it without a traceback
+    except Exception as e:
+        if not _is_user_error(e):
+            raise  # a bug: the traceback is what its fixer needs
+        # bad params, checksums, checkpoints, data, an unreachable tracking store: the message
+        # names the problem, a traceback would only hide it
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+# Errors that report bad input or an unavailable service, by the module that defines them.
+USER_ERRORS = {
+    "at.params": ("ParamsError",),
+    "at.checkpoint": ("CheckpointError",),
+    "at.tracking": ("TrackingError",),
+    "at.data.download": ("ChecksumError", "DownloadError", "ArchiveError"),
+    "at.data.cifar": ("CifarFormatError",),
+    "at.data.folders": ("DataLayoutError",),
+    "at.report.inputs": ("ReportInputError",),
+}
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _is_user_error(e: Exception) -> bool:
+    """Whether ``e`` is one of our reports of bad input (one line, exit 2) rather than a bug.
+
+    Only modules already imported can have raised their errors, so the check imports nothing.
+    A plain ValueError counts when our own code raised it (argument and spec validation, e.g.
+    an unknown model name); one raised inside a library (torch, numpy) is a bug.
+    """
+    known = tuple(getattr(sys.modules[module], name) for module, names in USER_ERRORS.items()
+                  if module in sys.modules for name in names)
+    if isinstance(e, known + (FileNotFoundError,)):
+        return True
+    if type(e) is ValueError and e.__traceback__ is not None:
+        tb = e.__traceback__
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
+    return False
 
 
 if __name__ == "__main__":

@@ -33,17 +33,43 @@ def save(payload: dict, path: Path) -> None:
     atomic.write_with(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **payload}, f))
 
 
-def load(path: Path, map_location="cpu") -> dict:
-    """Load a checkpoint written by :func:`save`, refusing anything else with a clear error."""
+# What every checkpoint holds; a resume state (``last.pt``) holds more (optimizer, RNG states).
+REQUIRED_KEYS = ("spec", "model")
+
+
+def _torch_reason(error: Exception) -> str:
+    """The part of torch's error that says what is wrong with the file, without its advice.
+
+    torch's refusal of a pickled object suggests re-running with ``weights_only=False``: for a
+    file of unknown origin that is the advice to run its code, so no message of ours repeats it.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    refused = [line for line in lines if line.startswith("Trying to load unsupported")]
+    if refused:
+        return f"it holds Python objects that a safe load refuses ({refused[0].rstrip('.')})"
+    if not lines:
+        return type(error).__name__
+    sentences = [s for s in lines[0].split(". ") if "weights_only" not in s]
+    return (sentences[0] if sentences else type(error).__name__).rstrip(".")
+
+
+def load(path: Path, map_location="cpu", required: tuple[str, ...] = REQUIRED_KEYS) -> dict:
+    """Load a checkpoint written by :func:`save`, refusing anything else with a clear error.
+
+    ``required`` names the keys the caller needs; a checkpoint without one of them is an error
+    that names the missing keys (not a KeyError later).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a copy or a write that did not finish")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
+    except (RuntimeError, EOFError, IndexError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a trusted attention-transfer checkpoint "
-            f"(loaded with weights_only=True): {str(e).splitlines()[0]}"
+            f"(loaded with weights_only=True): {_torch_reason(e)}"
         ) from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
@@ -54,6 +80,9 @@ def load(path: Path, map_location="cpu") -> dict:
         raise CheckpointError(
             f"checkpoint {path} has format version {payload.get('version')!r}; this code reads version {VERSION}"
         )
+    missing = [key for key in required if key not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no {' and no '.join(missing)}: it is incomplete")
     return payload
 
 

@@ -300,16 +300,16 @@ def _start_tracking(member: Member, data, force: bool) -> None:
 
 
 def _finish(member: Member, data, tracking: bool, force: bool) -> dict:
+    if tracking:
+        if member.tracker is None:   # outputs written again from the final state
+            _start_tracking(member, data, force)
+        # MLflow has every epoch before the outputs exist (at.tracking's policy)
+        member.tracker.sync(member.history)
     metrics = member.write_outputs(data)
     if tracking:
-        if member.tracker is None:
-            from at.tracking import run_is_finished
-            if member.mlflow_run_id and run_is_finished(member.mlflow_run_id):
-                return metrics   # re-written from the final state: MLflow already has it all
-            _start_tracking(member, data, force)
         member.tracker.finish({k: v for k, v in metrics.items()
                                if k in ("final_test_error", "best_test_error", "student_params", "wall_time_s")},
-                              [member.out / "metrics.json", member.out / "history.csv"])
+                              [member.out / "metrics.json", member.out / "history.csv", member.out / "checkpoint.pt"])
     print(f"[{member.id}] done: final test error {metrics['final_test_error']:.2f}% "
           f"after {metrics['final_epoch']} epochs", flush=True)
     return metrics

@@ -11,28 +11,21 @@ import copy
 import re
 from pathlib import Path
 
-from at import models
+from at import models, schema
 from at.data import datasets as data_sets
 from at.method import requires_teacher
 from at.params import ParamsError, method as resolve_method
-from at.train import validate_protocol
 
 RUNS_ROOT = "runs"
 RESULTS_ROOT = "results"
 CELL_KEYS = {"dataset", "protocol", "student", "teacher", "method", "train", "weights",
              "teacher_weights", "metric"}
-# `teachers`: models whose baseline runs the table's students learn from but which have no
-# cell of their own in the paper's table (Table 3's NIN-wide teacher).
-TABLE_KEYS = CELL_KEYS | {"rows", "columns", "seeds", "teachers"}
-# `purpose`: one line that the report puts first in its README and every table (at.report)
-PROFILE_KEYS = {"tables", "seeds", "protocol", "resources", "not_run", "purpose"}
-RESOURCE_KEYS = {"gpu", "cpus_per_task", "mem_mb", "runtime"}
 WEIGHTS = (None, "imagenet")
 MODEL_FORMS = ["wrn-D-K (D = 6n+4)", "nin-thin", "nin-wide", "nin-thin-nobn", "nin-wide-nobn", "resnet18", "resnet34"]
 
 
 def _fail(key: str, problem: str, allowed=None) -> ParamsError:
-    message = f"params.yaml: {key}: {problem}"
+    message = f"{key}: {problem}"
     if allowed is not None:
         message += f"; allowed: {', '.join(map(str, sorted(allowed, key=str)))}"
     return ParamsError(message)
@@ -61,64 +54,37 @@ def _check_keys(key: str, mapping, allowed: set) -> None:
         raise _fail(key, f"unknown key(s) {sorted(unknown)}", allowed)
 
 
-def _check_seeds(key: str, seeds) -> None:
-    if not isinstance(seeds, list) or not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
-        raise _fail(key, f"must be a non-empty list of non-negative integers, got {seeds!r}")
+def validate(params: dict, source: str = "params.yaml") -> None:
+    """Check params.yaml before any job starts: one clear error naming the file (``source``),
+    the key and the allowed values. The structure and types are at.schema's; what follows are
+    the references between parts, which a schema cannot see."""
+    schema.check(params, source)
+    try:
+        _validate_references(params)
+    except ParamsError as e:
+        raise ParamsError(f"{source}: {e}") from None
 
 
-def _check_resources(key: str, resources) -> None:
-    _check_keys(key, resources, RESOURCE_KEYS)
-    for k, v in resources.items():
-        if not isinstance(v, int) or v < 0:
-            raise _fail(f"{key}.{k}", f"must be a non-negative integer, got {v!r}")
-
-
-def validate(params: dict) -> None:
-    """Check params.yaml before any job starts: one clear error naming the key and the allowed values."""
-    _check_keys("(top level)", params, {"default_profile", "seeds", "data", "protocols", "methods",
-                                        "tables", "resources", "profiles", "cohort"})
-    cohort = params.get("cohort") or {}
-    _check_keys("cohort", cohort, {"max_size"})
-    size = cohort.get("max_size", 8)
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise _fail("cohort.max_size", f"must be a positive integer, got {size!r}")
-    _check_seeds("seeds", params.get("seeds"))
+def _validate_references(params: dict) -> None:
     data, protocols, methods = params.get("data") or {}, params.get("protocols") or {}, params.get("methods") or {}
     tables, profiles = params.get("tables") or {}, params.get("profiles") or {}
     for name, source in data.items():
         data_sets.check_source(name, source)
-    for name, protocol in protocols.items():
-        try:
-            validate_protocol(protocol, f"protocols.{name}")
-        except ValueError as e:
-            raise ParamsError(f"params.yaml: {e}") from e
     for name in methods:
-        try:
-            resolve_method(params, name)
-        except ParamsError as e:
-            raise ParamsError(f"params.yaml: {e}") from e
-    _check_resources("resources.train", (params.get("resources") or {}).get("train", {}))
+        resolve_method(params, name)
     profile_name(params, None)
     for name, profile in profiles.items():
-        key = f"profiles.{name}"
-        _check_keys(key, profile or {}, PROFILE_KEYS)
         profile = profile or {}
         for table in list(profile.get("tables", [])) + list(profile.get("not_run", {})):
             if table not in tables:
-                raise _fail(f"{key}.tables", f"unknown table {table!r}", tables)
-        if "seeds" in profile:
-            _check_seeds(f"{key}.seeds", profile["seeds"])
-        if "resources" in profile:
-            _check_resources(f"{key}.resources", profile["resources"])
-        for proto_name, proto in protocols.items():
-            try:
-                validate_protocol({**proto, **(profile.get("protocol") or {})}, f"{key}.protocol (applied to {proto_name})")
-            except ValueError as e:
-                raise ParamsError(f"params.yaml: {e}") from e
+                raise _fail(f"profiles.{name}.tables", f"unknown table {table!r}", tables)
+        for table, rows in (profile.get("rows") or {}).items():
+            if table not in tables:
+                raise _fail(f"profiles.{name}.rows", f"unknown table {table!r}", tables)
+            for row in rows:
+                if row not in (tables[table].get("rows") or {}):
+                    raise _fail(f"profiles.{name}.rows.{table}", f"unknown row {row!r}", tables[table]["rows"])
     for table_name, table in tables.items():
-        _check_keys(f"tables.{table_name}", table, TABLE_KEYS)
-        if "seeds" in table:
-            _check_seeds(f"tables.{table_name}.seeds", table["seeds"])
         for row in table.get("rows") or {}:
             for column in table.get("columns") or {}:
                 cell = _cell(params, table_name, row, column)
@@ -209,6 +175,13 @@ def _tables_of(params: dict, profile: str) -> list[str]:
     return [t for t in tables if t not in not_run(params, profile)]
 
 
+def rows_of(params: dict, profile: str, table: str) -> list[str]:
+    """The rows of ``table`` that the profile runs: all, or those its `rows` key lists."""
+    rows = list(params["tables"][table].get("rows") or {})
+    selected = ((params["profiles"][profile] or {}).get("rows") or {}).get(table)
+    return rows if selected is None else [r for r in rows if r in selected]
+
+
 def not_run(params: dict, profile: str) -> dict[str, str]:
     """Tables the profile does not run, with the reason (the report shows it)."""
     prof = params["profiles"][profile] or {}
@@ -248,7 +221,7 @@ def runs(params: dict, profile: str | None = None) -> list[dict]:
     for table in _tables_of(params, profile):
         spec = params["tables"][table]
         seeds = prof.get("seeds") or spec.get("seeds") or params["seeds"]
-        for row in spec["rows"]:
+        for row in rows_of(params, profile, table):
             for column in spec["columns"]:
                 cell = _cell(params, table, row, column)
                 for seed in seeds:

@@ -91,7 +91,8 @@ class Member:
         # would have alone, whatever else the cohort builds before or after it.
         torch.manual_seed(spec["seed"])
         self.student = arithmetic.prepare(models.build(
-            spec["student"], num_classes=spec.get("num_classes", 10), weights=spec.get("weights")))
+            spec["student"], num_classes=spec.get("num_classes", 10), weights=spec.get("weights"),
+            bn_weight_init=self.protocol.get("bn_weight_init", "uniform")))
         self.objective = Objective(spec["method"], self.student, teacher,
                                    input_shape=data.input_shape).to(device)
         self.trainable = list(self.student.parameters()) + list(self.objective.parameters())

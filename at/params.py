@@ -15,6 +15,7 @@ class ParamsError(ValueError):
 
 
 def load(path: Path | str = DEFAULT_PATH) -> dict:
+    """The parsed file, checked against params.yaml's schema (at.schema); errors name ``path``."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run from the repository root or pass --params")
@@ -24,6 +25,9 @@ def load(path: Path | str = DEFAULT_PATH) -> dict:
         raise ParamsError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(params, dict):
         raise ParamsError(f"{path} must hold a mapping at its top level")
+    from at import schema  # it imports ParamsError from here
+
+    schema.check(params, str(path))
     return params
 
 
@@ -36,7 +40,7 @@ def data_source(params: dict, dataset: str) -> dict:
     """
     sources = params.get("data", {})
     if dataset not in sources:
-        raise ParamsError(f"data.{dataset}: unknown data set; params.yaml defines {sorted(sources)}")
+        raise ParamsError(f"data.{dataset}: unknown data set; defined: {', '.join(sorted(sources))}")
     source = dict(sources[dataset])
     prefix = f"AT_{dataset.upper().replace('-', '_')}_"
     for key in ("url", "md5"):
@@ -50,7 +54,7 @@ def method(params: dict, name: str) -> dict:
 
     methods = params.get("methods", {})
     if name not in methods:
-        raise ParamsError(f"methods.{name}: unknown method; params.yaml defines {sorted(methods)}")
+        raise ParamsError(f"methods.{name}: unknown method; defined: {', '.join(sorted(methods))}")
     try:
         validate_method(methods[name])
     except ValueError as e:
@@ -61,5 +65,5 @@ def method(params: dict, name: str) -> dict:
 def protocol(params: dict, name: str) -> dict:
     protocols = params.get("protocols", {})
     if name not in protocols:
-        raise ParamsError(f"protocols.{name}: unknown protocol; params.yaml defines {sorted(protocols)}")
+        raise ParamsError(f"protocols.{name}: unknown protocol; defined: {', '.join(sorted(protocols))}")
     return dict(protocols[name])

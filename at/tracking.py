@@ -1,9 +1,36 @@
-"""MLflow adapter: one MLflow run per training run, continued across restarts.
+"""MLflow adapter: one MLflow run per training run, continued across restarts, organised the
+way a user browses it.
 
-The store defaults to a SQLite file at the project root (``mlruns.db`` in the working
-directory); ``MLFLOW_TRACKING_URI`` points every job at another store, e.g. an ``mlflow server``
-on a cluster's head node. Many jobs may start at once, so :func:`init_store` creates the store
-and the experiment before the fan-out, and every call retries on SQLite's "database is locked".
+Layout of the store (docs/interfaces.md, "MLflow"):
+
+- one experiment per profile, ``attention-transfer/<profile>`` (``AT_MLFLOW_EXPERIMENT``
+  replaces the name, for every profile);
+- one run per training run (tag ``at.run_id``), with per-epoch metrics (step = epoch), the
+  data set as an input (its md5 as digest) and the final checkpoint as an artifact;
+- one parent run per table cell (tag ``at.cell``), made by ``python -m at report`` once the
+  seeds finished, holding the cell's mean, std and n over seeds; each seed's run is nested
+  under it (``mlflow.parentRunId``). A run shared by several cells nests under the first and
+  lists all of them in its tag ``at.cells``;
+- one report run (tag ``at.kind = report``) holding the rendered tables and figures.
+
+The store defaults to a SQLite file in the working directory (``mlruns.db``);
+``MLFLOW_TRACKING_URI`` points every job at another store, e.g. an ``mlflow server``.
+
+Failure policy. An unreachable server is found at the start of a run, in seconds, by one
+request with a short timeout: the run stops with one line naming the URI before it trains. A
+refused connection is never retried (no server listens: waiting will not start one). What is
+retried, with a printed line per retry and for a bounded time, are the failures that go away
+by themselves: SQLite's "database is locked" (concurrent writers on one file), HTTP 429/5xx
+(a busy or restarting server) and timeouts (a slow answer). MLflow's own HTTP retries and
+timeouts are bounded too (:data:`HTTP_DEFAULTS`), since ours wrap them.
+
+If the store goes away *during* training, the run keeps training: the metrics are in the
+run's checkpoint and history, which are the record; MLflow is a mirror of them. Each epoch
+tries once more to send every epoch the store lacks (for at most :data:`MIDRUN_BUDGET_S` s).
+At the end the store must have every epoch before the run writes its final outputs: if it
+is still unreachable, the run fails with one line and keeps ``last.pt``, so a retry (by hand
+or by Snakemake) resumes at the end, sends what is missing and finishes. Training hours are
+never lost to a tracking outage, and a finished run is never missing from MLflow.
 """
 
 from __future__ import annotations
@@ -11,14 +38,40 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
+import warnings
 from pathlib import Path
 
 from at import atomic
 
-EXPERIMENT = "attention-transfer"
-RUN_ID_TAG = "at.run_id"
+EXPERIMENT_PREFIX = "attention-transfer"
+RUN_ID_TAG = "at.run_id"       # a training run: its id in the grid
+KIND_TAG = "at.kind"           # "cell" or "report" for the runs that `report` makes
+CELL_TAG = "at.cell"           # a cell's parent run: "table/row/column"
+CELLS_TAG = "at.cells"         # a training run: JSON list of every cell it counts in
+PARENT_TAG = "mlflow.parentRunId"
+
+# MLflow's HTTP client retries a failed request up to 7 times with exponential backoff and
+# waits up to 120 s per request: wrapped in our retries that is close to an hour before an
+# error. These bounds (used unless the user set the variables) make one call give up in under
+# a minute; our retry loop decides what is worth retrying.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
+REACHABLE_TIMEOUT_S = 5.0   # the start-up check of a server
+RETRY_BUDGET_S = 120.0      # how long a call keeps retrying transient failures
+MIDRUN_BUDGET_S = 30.0      # how long an epoch waits for the store before training on
+
+
+class TrackingError(RuntimeError):
+    """The tracking store is unreachable or keeps failing; the message names its URI."""
 
 
 def tracking_uri() -> str:
@@ -28,30 +81,79 @@ def tracking_uri() -> str:
     return f"sqlite:///{(Path.cwd() / 'mlruns.db').resolve()}"
 
 
-def experiment_name() -> str:
-    return os.environ.get("AT_MLFLOW_EXPERIMENT", EXPERIMENT)
+def experiment_name(profile: str) -> str:
+    return os.environ.get("AT_MLFLOW_EXPERIMENT") or f"{EXPERIMENT_PREFIX}/{profile}"
 
 
-def _retry(call, *args, attempts: int = 12, **kwargs):
-    """Run an MLflow call, retrying transient failures of a shared store.
+def check_reachable(uri: str, timeout: float = REACHABLE_TIMEOUT_S) -> None:
+    """Fail in seconds, naming ``uri``, when an HTTP tracking server does not answer.
 
-    SQLite refuses concurrent writers with "database is locked" and a busy HTTP server may drop
-    a request; both go away when retried after a short, jittered wait.
+    Any HTTP answer (even an error status) shows a server is there; only a failed connection
+    or a timeout is an error. Other stores (SQLite, a folder) are local files: nothing to check.
     """
-    delay = 0.1
-    for attempt in range(attempts):
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingError(f"MLflow tracking server {uri} is not reachable ({reason}): start it, or point "
+                            f"MLFLOW_TRACKING_URI at a running one (unset, runs use ./mlruns.db)") from None
+
+
+def _transient(error: Exception) -> str | None:
+    """Why ``error`` may go away when retried, or None if it will not."""
+    text = str(error).lower()
+    if "connection refused" in text or "failed to establish a new connection" in text:
+        return None   # no server listens: retrying only delays the error
+    if "database is locked" in text or "database is busy" in text:
+        return "SQLite store locked by another writer"
+    if re.search(r"\b(429|500|502|503|504)\b", text):
+        return "server busy or restarting (HTTP 429/5xx)"
+    if "timed out" in text or "timeout" in text:
+        return "request timed out"
+    return None
+
+
+def _unreachable(error: Exception) -> bool:
+    text = str(error).lower()
+    return any(s in text for s in ("connection refused", "failed to establish a new connection",
+                                   "max retries exceeded", "timed out", "remotedisconnected"))
+
+
+def _retry(call, *args, budget_s: float = RETRY_BUDGET_S, **kwargs):
+    """Run an MLflow call, retrying transient failures (:func:`_transient`) for ``budget_s`` s.
+
+    Every retry is printed. A failure to reach the store becomes a :class:`TrackingError`
+    naming it; any other error is raised as it is.
+    """
+    deadline = time.monotonic() + budget_s
+    delay, attempt = 0.1, 0
+    name = getattr(call, "__name__", "call")
+    while True:
         try:
             return call(*args, **kwargs)
         except Exception as e:  # mlflow wraps the driver's errors in several exception types
-            text = str(e).lower()
-            transient = any(s in text for s in ("locked", "busy", "connection", "timed out", "503", "502"))
-            if not transient or attempt == attempts - 1:
+            reason = _transient(e)
+            attempt += 1
+            if reason is None or time.monotonic() + delay > deadline:
+                if reason is not None or _unreachable(e):
+                    raise TrackingError(f"MLflow store {tracking_uri()}: {name} failed "
+                                        f"({reason or 'not reachable'}, {attempt} attempt(s)): "
+                                        f"{str(e).splitlines()[0][:300]}") from None
                 raise
+            print(f"mlflow: {name} failed ({reason}); retry {attempt} in {delay:.1f} s", file=sys.stderr,
+                  flush=True)
             time.sleep(delay * (1 + random.random()))
             delay = min(delay * 2, 5.0)
 
 
 def _client():
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -60,24 +162,27 @@ def _client():
     return MlflowClient(tracking_uri=uri)
 
 
-def init_store() -> str:
-    """Create the store (schema migrations included) and the experiment; return its id.
+def init_store(profile: str) -> str:
+    """Create the store (schema migrations included) and the profile's experiment; return its id.
 
     Idempotent. Run it once before starting many jobs, so that they do not race to create the
     schema or the experiment.
     """
+    uri = tracking_uri()
+    check_reachable(uri)
     client = _client()
-    name = experiment_name()
+    name = experiment_name(profile)
     found = _retry(client.get_experiment_by_name, name)
     if found is not None:
         return found.experiment_id
     kwargs = {}
-    uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         # keep artifacts beside the database instead of in the working directory of each job
-        kwargs["artifact_location"] = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        kwargs["artifact_location"] = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
     try:
         return _retry(client.create_experiment, name, **kwargs)
+    except TrackingError:
+        raise
     except Exception:
         found = _retry(client.get_experiment_by_name, name)  # another process created it first
         if found is None:
@@ -107,11 +212,26 @@ def _flatten(prefix: str, value, out: dict) -> dict:
     return out
 
 
+def _dataset_input(name: str, folder: str, md5: str):
+    """The data set as an MLflow input: its folder as source, its archive's md5 as digest."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    with warnings.catch_warnings():
+        # mlflow registers the file scheme twice and warns that it picked one of the two
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(Path(folder).resolve().as_uri())
+    dataset = MetaDataset(source, name=name, digest=md5)
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])
+
+
 class RunTracker:
     """The MLflow run of one training run.
 
     ``id_file`` (in the run's folder) remembers the MLflow run id as soon as the run exists, so a
-    run killed before its first checkpoint leaves no orphan: the next fresh start deletes it.
+    run killed before its first checkpoint leaves no orphan: the next fresh start deletes it,
+    unless it is FINISHED (a finished run is a result: it is never deleted nor changed).
     """
 
     def __init__(self, spec: dict, id_file: Path):
@@ -119,23 +239,31 @@ class RunTracker:
         self.id_file = Path(id_file)
         self.client = _client()
         self.run_id: str | None = None
+        self.was_finished = False   # resumed a run that MLflow already has as FINISHED
+
+    def _status(self, run_id: str) -> str | None:
+        try:
+            return _retry(self.client.get_run, run_id).info.status
+        except TrackingError:
+            raise
+        except Exception:  # deleted, or in another store
+            return None
 
     def start(self, resume_run_id: str | None, tags: dict) -> str:
         from mlflow.entities import Param, RunTag
 
-        if resume_run_id is not None:
+        experiment_id = init_store(self.spec.get("profile", "custom"))   # checks the server first
+        if resume_run_id is not None and self._status(resume_run_id) is not None:
             self.run_id = resume_run_id
-            _retry(self.client.update_run, resume_run_id, status="RUNNING")
+            # killed between finishing and removing last.pt: the MLflow run is complete already
+            self.was_finished = self._status(resume_run_id) == "FINISHED"
+            if not self.was_finished:
+                _retry(self.client.update_run, resume_run_id, status="RUNNING")
             return resume_run_id
         if self.id_file.exists():
             orphan = self.id_file.read_text().strip()
-            # a FINISHED run is a result (a forced retrain starts a new one beside it), never an orphan
-            if not run_is_finished(orphan):
-                try:
-                    _retry(self.client.delete_run, orphan)
-                except Exception:
-                    pass  # already deleted or in another store: nothing to clean
-        experiment_id = init_store()
+            if self._status(orphan) not in (None, "FINISHED"):
+                _retry(self.client.delete_run, orphan)
         all_tags = {RUN_ID_TAG: self.spec["id"], "mlflow.runName": self.spec["id"], **tags}
         run = _retry(self.client.create_run, experiment_id, run_name=self.spec["id"],
                      tags={k: str(v) for k, v in all_tags.items()})
@@ -147,20 +275,18 @@ class RunTracker:
         for i in range(0, len(items), 100):
             _retry(self.client.log_batch, self.run_id, params=items[i:i + 100])
         _retry(self.client.log_batch, self.run_id, tags=[RunTag("checkpoint_path", tags.get("checkpoint_path", ""))])
+        if tags.get("data_md5") and self.spec.get("data_dir"):
+            _retry(self.client.log_inputs, self.run_id,
+                   [_dataset_input(self.spec["dataset"], self.spec["data_dir"], str(tags["data_md5"]))])
         return self.run_id
 
-    def logged_epochs(self) -> set[int]:
-        return {m.step for m in _retry(self.client.get_metric_history, self.run_id, "test_error")}
+    def logged_epochs(self, budget_s: float = RETRY_BUDGET_S) -> set[int]:
+        return {m.step for m in _retry(self.client.get_metric_history, self.run_id, "test_error", budget_s=budget_s)}
 
-    def log_epochs(self, rows: list[dict]) -> None:
-        """Log per-epoch rows (``epoch`` is the step) that MLflow does not have yet.
-
-        Called after each checkpoint with the whole history, so an epoch whose metrics were not
-        sent before a kill is sent on resume, and none is sent twice.
-        """
+    def _send_epochs(self, rows: list[dict], budget_s: float) -> None:
         from mlflow.entities import Metric
 
-        have = self.logged_epochs()
+        have = self.logged_epochs(budget_s)
         now = int(time.time() * 1000)
         batch: list = []
         for row in rows:
@@ -171,38 +297,147 @@ class RunTracker:
             epoch_metrics = [Metric(k, float(v), now, step) for k, v in sorted(row.items())
                              if k != "epoch" and v is not None]
             if len(batch) + len(epoch_metrics) > 1000:  # MLflow's per-batch limit
-                _retry(self.client.log_batch, self.run_id, metrics=batch)
+                _retry(self.client.log_batch, self.run_id, metrics=batch, budget_s=budget_s)
                 batch = []
             batch += epoch_metrics
         if batch:
-            _retry(self.client.log_batch, self.run_id, metrics=batch)
+            _retry(self.client.log_batch, self.run_id, metrics=batch, budget_s=budget_s)
+
+    def log_epochs(self, rows: list[dict]) -> None:
+        """Send the per-epoch rows (``epoch`` is the step) that MLflow does not have yet.
+
+        Called after each checkpoint with the whole history, so an epoch whose metrics were not
+        sent before a kill (or while the store was away) is sent later, and none is sent twice.
+        A store that does not answer within :data:`MIDRUN_BUDGET_S` is reported and training
+        goes on (module docstring).
+        """
+        if self.was_finished:
+            return
+        try:
+            self._send_epochs(rows, MIDRUN_BUDGET_S)
+        except TrackingError as e:
+            print(f"[{self.spec['id']}] warning: {e}; training goes on, the epochs are sent when the "
+                  f"store answers again (the run cannot finish before)", file=sys.stderr, flush=True)
+
+    def sync(self, rows: list[dict]) -> None:
+        """Send every epoch the store lacks, or raise :class:`TrackingError`: call before the
+        final outputs are written, so that a run never finishes with an incomplete MLflow run."""
+        if not self.was_finished:
+            self._send_epochs(rows, RETRY_BUDGET_S)
 
     def finish(self, summary: dict, files: list[Path]) -> None:
+        """Final metrics and files, then FINISHED. ``files`` become artifacts of the run: the
+        checkpoint among them is stored as the file it is, not as an MLflow model, because an
+        MLflow PyTorch model is a pickled module whose loading runs code, exactly what our
+        checkpoint format (loaded with weights_only=True) avoids; it also keeps spec and history."""
         from mlflow.entities import Metric
 
+        if self.was_finished:
+            return
         now = int(time.time() * 1000)
         numbers = [Metric(k, float(v), now, 0) for k, v in summary.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
         _retry(self.client.log_batch, self.run_id, metrics=numbers)
         for f in files:
-            try:
-                _retry(self.client.log_artifact, self.run_id, str(f))
-            except Exception as e:  # artifacts are a convenience; the run's folder has the files
-                print(f"warning: could not store {f} as an MLflow artifact: {e}")
+            _retry(self.client.log_artifact, self.run_id, str(f))
         _retry(self.client.set_terminated, self.run_id, "FINISHED")
 
+    def _end(self, status: str) -> None:
+        # called while another error (SIGTERM, a crash) is being raised: a store that is away
+        # must not replace that error, so this is best effort
+        if self.run_id is None or self.was_finished:
+            return
+        try:
+            _retry(self.client.set_terminated, self.run_id, status, budget_s=MIDRUN_BUDGET_S)
+        except Exception as e:  # noqa: BLE001 - reported, and the original error goes on
+            print(f"[{self.spec['id']}] warning: could not mark MLflow run {self.run_id} {status}: "
+                  f"{str(e).splitlines()[0][:300]}", file=sys.stderr, flush=True)
+
     def interrupted(self) -> None:
-        if self.run_id is not None:
-            _retry(self.client.set_terminated, self.run_id, "KILLED")
+        self._end("KILLED")
 
     def failed(self) -> None:
-        if self.run_id is not None:
-            _retry(self.client.set_terminated, self.run_id, "FAILED")
+        self._end("FAILED")
 
 
-def run_is_finished(run_id: str) -> bool:
-    """Whether the MLflow run exists and is FINISHED (False where it cannot be read)."""
-    try:
-        return _retry(_client().get_run, run_id).info.status == "FINISHED"
-    except Exception:
-        return False
+def _search(client, experiment_id: str, filter_string: str) -> list:
+    """Every run of the experiment that matches, page by page (a page holds at most 1000)."""
+    found, token = [], None
+    while True:
+        page = _retry(client.search_runs, [experiment_id], filter_string, max_results=1000, page_token=token)
+        found += list(page)
+        token = page.token
+        if not token:
+            return found
+
+
+def _latest_runs_by_id(client, experiment_id: str) -> dict[str, object]:
+    """Each training run's newest FINISHED MLflow run, by its grid id."""
+    found: dict[str, object] = {}
+    for run in _search(client, experiment_id, "attributes.status = 'FINISHED'"):
+        rid = run.data.tags.get(RUN_ID_TAG)
+        if rid and (rid not in found or run.info.start_time > found[rid].info.start_time):
+            found[rid] = run
+    return found
+
+
+def _runs_of_kind(client, experiment_id: str, kind: str) -> list:
+    return _search(client, experiment_id, f"tags.`{KIND_TAG}` = '{kind}'")
+
+
+def cell_key(cell: dict) -> str:
+    return f"{cell['table']}/{cell['row']}/{cell['column']}"
+
+
+def record_cells(profile: str, cells: list[dict], report_dir: Path | None = None) -> dict[str, str]:
+    """Make or update one parent run per table cell, nest each seed's run under it, and store
+    the report folder as the artifacts of the profile's report run.
+
+    ``cells``: ``{table, row, column, metric, mean, std, n, run_ids}`` per cell, ``run_ids`` the
+    grid ids of its seeds' runs (``mean``/``std`` may be None: too few finished seeds). Parent
+    runs are found by their tag ``at.cell``, so calling this again updates them and never makes
+    a second one. Returns ``{"table/row/column": parent MLflow run id}``.
+    """
+    from mlflow.entities import Metric, RunTag
+
+    client = _client()
+    experiment_id = init_store(profile)
+    parents = {r.data.tags[CELL_TAG]: r.info.run_id for r in _runs_of_kind(client, experiment_id, "cell")}
+    seeds = _latest_runs_by_id(client, experiment_id)
+    now = int(time.time() * 1000)
+    cells_of_run: dict[str, list[str]] = {}
+    for cell in sorted(cells, key=cell_key):
+        key = cell_key(cell)
+        tags = {KIND_TAG: "cell", CELL_TAG: key, "table": cell["table"], "row": cell["row"],
+                "column": cell["column"], "metric": cell["metric"], "mlflow.runName": key,
+                "run_ids": json.dumps(sorted(cell["run_ids"]))}
+        if key not in parents:
+            run = _retry(client.create_run, experiment_id, run_name=key, tags=tags)
+            parents[key] = run.info.run_id
+        else:
+            _retry(client.log_batch, parents[key], tags=[RunTag(k, v) for k, v in tags.items()])
+        stats = {k: cell[k] for k in ("mean", "std", "n") if cell.get(k) is not None}
+        _retry(client.log_batch, parents[key], metrics=[Metric(k, float(v), now, 0) for k, v in stats.items()])
+        _retry(client.set_terminated, parents[key], "FINISHED")
+        for rid in cell["run_ids"]:
+            cells_of_run.setdefault(rid, []).append(key)
+    for rid, keys in sorted(cells_of_run.items()):
+        if rid not in seeds:
+            continue  # not finished (or not tracked in this store): nothing to nest
+        _retry(client.log_batch, seeds[rid].info.run_id,
+               tags=[RunTag(PARENT_TAG, parents[keys[0]]), RunTag(CELLS_TAG, json.dumps(keys))])
+    if report_dir is not None:
+        _record_report(client, experiment_id, profile, Path(report_dir))
+    return {key: parents[key] for key in (cell_key(c) for c in cells)}
+
+
+def _record_report(client, experiment_id: str, profile: str, report_dir: Path) -> str:
+    found = _runs_of_kind(client, experiment_id, "report")
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run_id = _retry(client.create_run, experiment_id, run_name=f"report/{profile}",
+                        tags={KIND_TAG: "report", "mlflow.runName": f"report/{profile}"}).info.run_id
+    _retry(client.log_artifacts, run_id, str(report_dir))
+    _retry(client.set_terminated, run_id, "FINISHED")
+    return run_id

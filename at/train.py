@@ -23,7 +23,8 @@ import torch
 from at import cohort as cohort_loop
 from at.cohort import Interrupted
 from at.member import TrainingDiverged, learning_rate
-from at.precision import PRECISIONS, Arithmetic, resolve as resolve_precision
+from at.precision import Arithmetic, resolve as resolve_precision
+from at.schema import AUGMENTATIONS, PROTOCOL_KEYS, validate_protocol  # noqa: F401 (the protocol's schema)
 
 # A SLURM job that is preempted or reaches its time limit gets SIGTERM before SIGKILL. The run
 # saves its position and exits with this status, which marks the job failed, so Snakemake's
@@ -31,35 +32,6 @@ from at.precision import PRECISIONS, Arithmetic, resolve as resolve_precision
 EXIT_INTERRUPTED = 128 + signal.SIGTERM
 
 
-PROTOCOL_KEYS = {
-    "epochs", "batch_size", "lr", "lr_drops", "lr_gamma", "momentum", "nesterov", "weight_decay",
-    "reset_momentum_at_drops", "train_subset", "test_subset", "augment", "eval_batch_size",
-    "precision",
-}
-AUGMENTATIONS = ("crop_flip", "flip", "none", "imagenet")
-
-
-def validate_protocol(protocol: dict, where: str = "protocol") -> None:
-    unknown = set(protocol) - PROTOCOL_KEYS
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(PROTOCOL_KEYS)}")
-    for key in ("epochs", "batch_size"):
-        if not isinstance(protocol.get(key), int) or protocol[key] <= 0:
-            raise ValueError(f"{where}.{key} must be a positive integer, got {protocol.get(key)!r}")
-    for key in ("lr", "lr_gamma"):
-        if not isinstance(protocol.get(key), (int, float)) or protocol[key] <= 0:
-            raise ValueError(f"{where}.{key} must be a positive number, got {protocol.get(key)!r}")
-    for key in ("train_subset", "test_subset"):
-        value = protocol.get(key)
-        if value is not None and (not isinstance(value, int) or value <= 0):
-            raise ValueError(f"{where}.{key} must be a positive integer or null, got {value!r}")
-    if protocol.get("augment", "crop_flip") not in AUGMENTATIONS:
-        raise ValueError(f"{where}.augment must be one of {AUGMENTATIONS}, got {protocol.get('augment')!r}")
-    if protocol.get("precision", "auto") not in PRECISIONS:
-        raise ValueError(f"{where}.precision must be one of {PRECISIONS}, got {protocol.get('precision')!r}")
-    drops = protocol.get("lr_drops", [])
-    if not isinstance(drops, list) or any(not isinstance(d, int) or d <= 0 for d in drops):
-        raise ValueError(f"{where}.lr_drops must be a list of positive epoch numbers, got {drops!r}")
 
 
 @dataclass

@@ -76,13 +76,13 @@ def test_unknown_mapping_names_the_method_and_the_mappings(params):
 
 def test_unknown_default_profile_names_the_key_and_the_profiles(params):
     params["default_profile"] = "fast"
-    _assert_names(_error(params), "default_profile", "'fast'", "allowed: ci, paper, smoke")
+    _assert_names(_error(params), "default_profile", "'fast'", "allowed: ci, mini, paper, smoke")
 
 
 def test_unknown_profile_asked_for_names_the_profiles(params):
     with pytest.raises(ParamsError) as info:
         grid.runs(params, "fast")
-    _assert_names(str(info.value), "'fast'", "profiles", "ci, paper, smoke")
+    _assert_names(str(info.value), "'fast'", "profiles", "ci, mini, paper, smoke")
 
 
 def test_unknown_table_in_a_profile_is_refused(params):

@@ -477,15 +477,32 @@ def test_wrn_init_is_kaiming_normal_fan_in():
     assert torch.equal(model.fc.bias, torch.zeros(10))
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            assert torch.equal(m.weight, torch.ones_like(m.weight))
             assert torch.equal(m.bias, torch.zeros_like(m.bias))
 
 
-def test_wrn_uniform_bn_weight_option():
+def _bn_weights(model: nn.Module) -> torch.Tensor:
+    return torch.cat([m.weight.detach() for m in model.modules() if isinstance(m, nn.BatchNorm2d)])
+
+
+def test_wrn_bn_weights_are_uniform_by_default_as_the_authors_code():
+    """U(0, 1): all in [0, 1), mean 1/2 and std 1/sqrt(12) (the moments of U(0, 1)), and the
+    empirical CDF within the Kolmogorov-Smirnov bound of the line F(x) = x."""
+    weights = torch.cat([_bn_weights(seeded("wrn-40-2", seed)) for seed in range(5)])
+    n = weights.numel()   # 5 x 2704 BN channels
+    assert weights.min() >= 0 and weights.max() < 1
+    assert abs(weights.mean().item() - 0.5) < 4 * (1 / 12) ** 0.5 / n ** 0.5
+    assert abs(weights.std().item() - (1 / 12) ** 0.5) < 0.02
+    x = weights.sort().values.double()
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    ks = torch.maximum(i / n - x, x - (i - 1) / n).max().item()
+    assert ks < 1.63 / n ** 0.5   # the KS test's 1% critical value
+
+
+def test_wrn_bn_weights_are_ones_with_the_option_and_other_values_are_refused():
     torch.manual_seed(0)
-    model = WideResNet(16, 1, bn_weight_init="uniform")
-    weights = torch.cat([m.weight for m in model.modules() if isinstance(m, nn.BatchNorm2d)])
-    assert weights.min() >= 0 and weights.max() < 1 and weights.std() > 0.2
+    model = build("wrn-16-1", bn_weight_init="ones")
+    weights = _bn_weights(model)
+    assert torch.equal(weights, torch.ones_like(weights))
     with pytest.raises(ValueError, match="bn_weight_init"):
         WideResNet(16, 1, bn_weight_init="zeros")
     with pytest.raises(ValueError, match="6n\\+4"):

@@ -354,9 +354,10 @@ def test_mlflow_holds_one_finished_run_per_training_job(ci_run):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=_env(ci_run)["MLFLOW_TRACKING_URI"])
-    experiment = client.get_experiment_by_name("attention-transfer")
+    experiment = client.get_experiment_by_name("attention-transfer/ci")
     assert experiment is not None
-    found = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=1000)
+    found = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
+                                filter_string="tags.`at.run_id` != ''")  # not the cells' and report's runs
     runs = _ci_runs(ci_run)
     assert sorted(r.data.tags.get("at.run_id") for r in found) == sorted(r["id"] for r in runs)
     for mlflow_run in found:

@@ -21,7 +21,7 @@ def test_16_concurrent_training_processes_all_complete_in_one_sqlite_store(tmp_p
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
     # what the Snakefile's onstart does before the fan-out
-    subprocess.run([sys.executable, "-m", "at", "tracking-init"], env=env, cwd=tmp_path, check=True,
+    subprocess.run([sys.executable, "-m", "at", "tracking-init", "--profile", "custom"], env=env, cwd=tmp_path, check=True,
                    capture_output=True)
     procs = []
     for i in range(JOBS):
@@ -37,7 +37,7 @@ def test_16_concurrent_training_processes_all_complete_in_one_sqlite_store(tmp_p
     assert not failed, failed
 
     client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name("attention-transfer")
+    experiment = client.get_experiment_by_name("attention-transfer/custom")
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     by_id = {r.data.tags["at.run_id"]: r for r in runs}
     assert sorted(by_id) == sorted(f"concurrent/run{i}" for i in range(JOBS)), "one run per job, none lost"

@@ -62,7 +62,7 @@ def _assert_same_result(a: Path, b: Path) -> None:
 def _mlflow_runs(uri: str):
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name("attention-transfer")
+    exp = client.get_experiment_by_name("attention-transfer/custom")  # runs trained from arguments
     return client, client.search_runs([exp.experiment_id])
 
 

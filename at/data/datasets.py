@@ -175,7 +175,7 @@ def check_augment(name: str, augment: str) -> None:
 
 def check_source(name: str, source) -> None:
     """Checks a params.yaml ``data`` entry against the data set's record."""
-    key = f"params.yaml: data.{name}"
+    key = f"data.{name}"
     if name not in DATASETS:
         raise ParamsError(f"{key}: unknown data set; known: {', '.join(sorted(DATASETS))} "
                           f"(a new one needs a record in at/data/datasets.py)")

@@ -1,6 +1,6 @@
 """The model zoo: every model's ``forward(x)`` returns ``(logits, taps)``.
 
-Names (``build(name, num_classes=10, weights=None)``):
+Names (``build(name, num_classes=10, weights=None, bn_weight_init="uniform")``):
 
 - ``wrn-D-K``: pre-activation Wide ResNet, D = 6n + 4 (n >= 1), integer K >= 1, e.g.
   ``wrn-16-1``, ``wrn-40-2`` (``at.models.wrn``); taps: the 3 group outputs.
@@ -79,12 +79,15 @@ def is_known(name: object) -> bool:
     return True
 
 
-def build(name: str, num_classes: int = 10, weights: str | None = None) -> nn.Module:
+def build(name: str, num_classes: int = 10, weights: str | None = None,
+          bn_weight_init: str = "uniform") -> nn.Module:
     """The model called ``name``, freshly initialised from torch's global RNG.
 
     ``weights`` is ``None`` (random init) or, for ``resnet18``/``resnet34`` only,
-    ``"imagenet"``. Bad names, class counts or weights raise ``ValueError`` before anything
-    is built.
+    ``"imagenet"``. ``bn_weight_init`` (``"uniform"``: U(0, 1) as the authors' code, or
+    ``"ones"``) sets the BatchNorm weights of WRNs, the models of the authors' CIFAR code; NIN
+    and ResNet keep their own init. Bad names, class counts or weights raise ``ValueError``
+    before anything is built.
     """
     _check_name(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -105,7 +108,7 @@ def build(name: str, num_classes: int = 10, weights: str | None = None) -> nn.Mo
         layout, batch_norm = NIN_NAMES[name]
         return NIN(layout, num_classes, batch_norm=batch_norm)
     depth, width = _parse_wrn(name)
-    return WideResNet(depth, width, num_classes)
+    return WideResNet(depth, width, num_classes, bn_weight_init=bn_weight_init)
 
 
 def parameter_count(model: nn.Module) -> int:

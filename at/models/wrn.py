@@ -19,8 +19,9 @@ before the head's BN-ReLU (32x32, 16x16, 8x8 for a 32x32 input), as in the autho
 Initialisation, following the authors' attention-transfer code (utils.py, ``conv_params`` and
 ``linear_params`` call ``torch.nn.init.kaiming_normal_`` with its defaults): conv and linear
 weights ~ N(0, 2 / fan_in) (He et al. 2015, fan_in mode, ReLU gain); linear bias 0; BN bias
-0. BN weight: 1 by default (``bn_weight_init="ones"``, the usual PyTorch choice); the authors'
-code draws BN weights from U(0, 1) (``torch.rand``), available as ``bn_weight_init="uniform"``.
+0. BN weight: drawn from U(0, 1) by default (``bn_weight_init="uniform"``), as the authors'
+code does (``torch.rand``); ``bn_weight_init="ones"`` is the usual PyTorch choice. params.yaml
+chooses it per protocol (key ``bn_weight_init``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BN_WEIGHT_INITS = ("ones", "uniform")
+BN_WEIGHT_INITS = ("uniform", "ones")
 
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: int) -> nn.Conv2d:
@@ -74,7 +75,7 @@ class WideResNet(nn.Module):
         depth: int,
         width: int,
         num_classes: int = 10,
-        bn_weight_init: str = "ones",
+        bn_weight_init: str = "uniform",
     ):
         super().__init__()
         blocks_per_group = wrn_blocks_per_group(depth)

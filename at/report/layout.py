@@ -77,7 +77,10 @@ def layouts(grid_tables: dict[str, dict], references: dict[str, ReferenceTable]
             for name, spec in grid_tables.items()}
 
 
-def grid_tables(params: dict) -> dict[str, dict]:
-    """The rows and columns of every table of params.yaml: what `layouts` takes."""
-    return {name: {"rows": list(spec.get("rows") or {}), "columns": list(spec.get("columns") or {})}
+def grid_tables(params: dict, profile: str | None = None) -> dict[str, dict]:
+    """The rows and columns of every table of params.yaml (the rows the profile runs, where it
+    selects some with its `rows` key): what `layouts` takes."""
+    selected = ((params.get("profiles") or {}).get(profile) or {}).get("rows") or {} if profile else {}
+    return {name: {"rows": [r for r in (spec.get("rows") or {}) if name not in selected or r in selected[name]],
+                   "columns": list(spec.get("columns") or {})}
             for name, spec in (params.get("tables") or {}).items()}

@@ -50,8 +50,8 @@ def _jobs_since(cluster, start: str) -> list[dict]:
 def _mlflow_runs(root: Path):
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns.db'}")
-    experiment = client.get_experiment_by_name("attention-transfer")
-    return client, client.search_runs([experiment.experiment_id], max_results=1000)
+    experiment = client.get_experiment_by_name("attention-transfer/ci")
+    return client, client.search_runs([experiment.experiment_id], "tags.`at.run_id` != ''", max_results=1000)
 
 
 def test_ci_grid_runs_every_training_job_as_a_slurm_gpu_job(slurm_cluster, tmp_path):

@@ -1,0 +1,189 @@
+"""The structure of params.yaml as one JSON Schema: keys, types, ranges and allowed values.
+
+:data:`PARAMS_SCHEMA` documents the file and :func:`check` enforces it, with one error line that
+names the key path and what is allowed. What a schema cannot see, references between parts
+(a cell's unknown model, method or teacher, a profile's unknown table), is checked by
+``at.grid.validate`` after this.
+
+Two choices beyond standard JSON Schema, both because YAML is read into Python values:
+
+- ``number`` means a *finite* number: YAML's ``.nan`` and ``.inf`` are floats, and ``nan > 0``
+  is false, so ``lr: .nan`` would pass ``exclusiveMinimum: 0``;
+- ``integer`` and ``number`` never accept booleans (``epochs: true`` is not 1), as in JSON.
+
+``x-expect`` (ignored by the validator) is the phrase the error message uses for a value that
+has the wrong type or range: "must be a positive integer, got 0".
+"""
+
+from __future__ import annotations
+
+import math
+
+import jsonschema
+
+from at.params import ParamsError
+
+AUGMENTATIONS = ("crop_flip", "flip", "none", "imagenet")
+BN_WEIGHT_INITS = ("uniform", "ones")
+PRECISIONS = ("auto", "float32", "bf16")
+
+
+def _int(minimum: int, expect: str) -> dict:
+    return {"type": "integer", "minimum": minimum, "x-expect": expect}
+
+
+POSITIVE_INT = _int(1, "a positive integer")
+POSITIVE_NUMBER = {"type": "number", "exclusiveMinimum": 0, "x-expect": "a positive (finite) number"}
+OPTIONAL_POSITIVE_INT = {"type": ["integer", "null"], "minimum": 1, "x-expect": "a positive integer or null"}
+SEEDS = {"type": "array", "minItems": 1, "items": _int(0, "a non-negative integer"),
+         "x-expect": "a non-empty list of non-negative integers"}
+NAMES = {"type": "array", "items": {"type": "string"}, "x-expect": "a list of names"}
+
+PROTOCOL_PROPERTIES = {
+    "epochs": POSITIVE_INT,
+    "batch_size": POSITIVE_INT,
+    "eval_batch_size": POSITIVE_INT,
+    "lr": POSITIVE_NUMBER,
+    "lr_drops": {"type": "array", "items": POSITIVE_INT, "x-expect": "a list of positive epoch numbers"},
+    "lr_gamma": POSITIVE_NUMBER,
+    "momentum": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "x-expect": "a number in [0, 1)"},
+    "nesterov": {"type": "boolean", "x-expect": "true or false"},
+    "weight_decay": {"type": "number", "minimum": 0, "x-expect": "a non-negative number"},
+    "reset_momentum_at_drops": {"type": "boolean", "x-expect": "true or false"},
+    "train_subset": OPTIONAL_POSITIVE_INT,
+    "test_subset": OPTIONAL_POSITIVE_INT,
+    "augment": {"enum": list(AUGMENTATIONS)},
+    # BatchNorm weights of WRNs at init: the authors' code draws them from U(0, 1)
+    "bn_weight_init": {"enum": list(BN_WEIGHT_INITS)},
+    "precision": {"enum": list(PRECISIONS)},
+}
+PROTOCOL_KEYS = frozenset(PROTOCOL_PROPERTIES)
+# what a protocol (of params.yaml or a run spec) must give; the other keys have defaults in
+# the trainer (docs/interfaces.md); a profile overrides any subset
+PROTOCOL_REQUIRED = ["epochs", "batch_size", "lr", "lr_gamma"]
+PROTOCOL_SCHEMA = {"type": "object", "properties": PROTOCOL_PROPERTIES, "required": PROTOCOL_REQUIRED,
+                   "additionalProperties": False}
+PROTOCOL_OVERRIDE_SCHEMA = {"type": "object", "properties": PROTOCOL_PROPERTIES, "additionalProperties": False}
+
+RESOURCES_SCHEMA = {"type": "object", "additionalProperties": False, "properties": {
+    k: _int(0, "a non-negative integer") for k in ("gpu", "cpus_per_task", "mem_mb", "runtime")}}
+
+CELL_PROPERTIES = {
+    "dataset": {"type": "string"}, "protocol": {"type": "string"}, "student": {"type": "string"},
+    "teacher": {"type": "string"}, "method": {"type": "string"},
+    "train": {"enum": ["student", "teacher"]},
+    "weights": {"enum": [None, "imagenet"]}, "teacher_weights": {"enum": [None, "imagenet"]},
+    "metric": {"enum": ["top1", "top5"]},
+}
+CELL_SCHEMA = {"type": ["object", "null"], "properties": CELL_PROPERTIES, "additionalProperties": False}
+TABLE_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["rows", "columns"],
+    "properties": {
+        **CELL_PROPERTIES,
+        "rows": {"type": "object", "minProperties": 1, "additionalProperties": CELL_SCHEMA},
+        "columns": {"type": "object", "minProperties": 1, "additionalProperties": CELL_SCHEMA},
+        "seeds": SEEDS,
+        # models whose baseline runs the students learn from, without a cell in the paper
+        "teachers": NAMES,
+    },
+}
+DATA_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["num_classes"],
+    "properties": {
+        "url": {"type": ["string", "null"]}, "md5": {"type": ["string", "null"], "pattern": "^[0-9a-f]{32}$",
+                                                    "x-expect": "32 lowercase hex digits or null"},
+        "train_list": {"type": "string"}, "test_list": {"type": "string"},
+        "folder": {"type": ["string", "null"]},
+        "num_classes": POSITIVE_INT,
+    },
+}
+PROFILE_SCHEMA = {
+    "type": ["object", "null"], "additionalProperties": False,
+    "properties": {
+        "tables": NAMES, "seeds": SEEDS, "protocol": PROTOCOL_OVERRIDE_SCHEMA, "resources": RESOURCES_SCHEMA,
+        "not_run": {"type": "object", "additionalProperties": {"type": "string"}},
+        # one line the report puts first in its README and every table (at.report)
+        "purpose": {"type": "string"},
+        # the rows of a table the profile runs (default: all of them)
+        "rows": {"type": "object", "additionalProperties": NAMES},
+    },
+}
+PARAMS_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "params.yaml of attention-transfer",
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["seeds", "data", "protocols", "methods", "tables", "profiles"],
+    "properties": {
+        "default_profile": {"type": "string"},
+        "seeds": SEEDS,
+        "data": {"type": "object", "additionalProperties": DATA_SCHEMA},
+        "protocols": {"type": "object", "additionalProperties": PROTOCOL_SCHEMA},
+        # a method's terms are checked by at.method.validate_method (their keys depend on the type)
+        "methods": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["terms"], "additionalProperties": False,
+            "properties": {"terms": {"type": "array", "minItems": 1, "items": {"type": "object"}}}}},
+        "tables": {"type": "object", "additionalProperties": TABLE_SCHEMA},
+        "resources": {"type": "object", "additionalProperties": False, "properties": {"train": RESOURCES_SCHEMA}},
+        "profiles": {"type": "object", "minProperties": 1, "additionalProperties": PROFILE_SCHEMA},
+        # runs sharing a data stream train in one process (at.grid.cohorts)
+        "cohort": {"type": "object", "additionalProperties": False, "properties": {"max_size": POSITIVE_INT}},
+    },
+}
+
+
+def _is_finite_number(checker, instance) -> bool:
+    return (isinstance(instance, (int, float)) and not isinstance(instance, bool)
+            and math.isfinite(instance))
+
+
+_BASE = jsonschema.Draft202012Validator
+_Validator = jsonschema.validators.extend(
+    _BASE, type_checker=_BASE.TYPE_CHECKER.redefine("number", _is_finite_number))
+_Validator.check_schema(PARAMS_SCHEMA)
+_PARAMS_VALIDATOR = _Validator(PARAMS_SCHEMA)
+_PROTOCOL_VALIDATOR = _Validator(PROTOCOL_SCHEMA)
+
+
+def _path(where: str, error: jsonschema.ValidationError) -> str:
+    parts = [where] if where else []
+    return ".".join(parts + [str(p) for p in error.absolute_path]) or "(top level)"
+
+
+def _message(where: str, error: jsonschema.ValidationError) -> str:
+    key = _path(where, error)
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = sorted(schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed))
+        return f"{key}: unknown key(s) {unknown}; allowed: {', '.join(allowed)}"
+    if error.validator == "required":
+        return f"{key}: {error.message.replace('is a required property', 'is missing')}"
+    if error.validator == "enum":
+        allowed = ", ".join("null" if v is None else str(v) for v in error.validator_value)
+        return f"{key}: unknown value {error.instance!r}; allowed: {allowed}"
+    if "x-expect" in schema:
+        return f"{key}: must be {schema['x-expect']}, got {error.instance!r}"
+    if error.validator == "type":
+        return f"{key}: must be of type {error.validator_value}, got {error.instance!r}"
+    return f"{key}: {error.message}"
+
+
+def _first_error(validator, instance):
+    errors = sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path])
+    return jsonschema.exceptions.best_match(errors) if errors else None
+
+
+def check(params: dict, source: str = "params.yaml") -> None:
+    """Raise :class:`ParamsError` naming ``source``, the key path and the allowed values if
+    ``params`` does not have the structure of :data:`PARAMS_SCHEMA`."""
+    error = _first_error(_PARAMS_VALIDATOR, params)
+    if error is not None:
+        raise ParamsError(f"{source}: {_message('', error)}")
+
+
+def validate_protocol(protocol: dict, where: str = "protocol") -> None:
+    """Check one protocol (of params.yaml, a profile's merge, or a run spec); ``where`` names it."""
+    error = _first_error(_PROTOCOL_VALIDATOR, protocol)
+    if error is not None:
+        raise ParamsError(_message(where, error))

@@ -1,0 +1,236 @@
+"""MLflow tracking: fails fast on an unreachable server, retries only what is transient (and
+says so), survives a server that goes away mid-run, and never touches a FINISHED run."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from at import tracking
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _closed_port() -> int:
+    """A loopback port that nothing listens on (the OS just handed it out and we closed it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_cmd(out: Path, data_dir: Path, epochs: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "at", "--params", str(REPO / "params.yaml"), "train", "--student", "wrn-10-1",
+            "--out", str(out), "--id", "tracked", "--data-dir", str(data_dir), "--epochs", str(epochs),
+            "--train-subset", "64", "--test-subset", "64", "--batch-size", "32", "--lr-drops", "",
+            "--threads", "1", "--no-progress", *extra]
+
+
+def _env(uri: str) -> dict:
+    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
+
+
+def test_unreachable_server_fails_in_seconds_with_one_line_naming_it(tmp_path, cifar_mini_dir):
+    uri = f"http://127.0.0.1:{_closed_port()}/"
+    start = time.monotonic()
+    result = subprocess.run(_train_cmd(tmp_path / "run", cifar_mini_dir, 1), env=_env(uri), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2, result.stderr
+    assert elapsed < 15, f"took {elapsed:.1f} s to report an unreachable server"
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and uri in lines[0], result.stderr
+    assert "refused" in lines[0].lower()
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_refused_connection_is_not_retried(capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_closed_port()}")
+    for key, value in tracking.HTTP_DEFAULTS.items():
+        monkeypatch.setenv(key, value)
+    client = tracking._client()
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingError, match="not reachable"):
+        tracking._retry(client.get_experiment_by_name, "x")
+    assert time.monotonic() - start < 15
+    assert "retry" not in capsys.readouterr().err
+
+
+class _Busy(http.server.BaseHTTPRequestHandler):
+    """Answers every request with 503, as an overloaded server or its proxy does."""
+
+    def do_GET(self):
+        self.server.hits += 1
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_http_5xx_is_retried_with_a_printed_line_per_retry_then_fails_naming_the_uri(capsys, monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Busy)
+    server.hits = 0
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        for key, value in tracking.HTTP_DEFAULTS.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")   # keep the test short
+        tracking.check_reachable(uri)   # a server that answers (even 503) is reachable
+        client = tracking._client()
+        with pytest.raises(tracking.TrackingError) as info:
+            tracking._retry(client.get_experiment_by_name, "x", budget_s=2.0)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert uri in str(info.value) and "5xx" in str(info.value)
+    retries = [line for line in capsys.readouterr().err.splitlines() if "retry" in line]
+    assert retries and all("HTTP 429/5xx" in line for line in retries)
+    assert server.hits >= 2 * len(retries)
+
+
+def test_locked_sqlite_store_is_retried_and_succeeds(tmp_path, monkeypatch, capsys):
+    db = tmp_path / "mlruns.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.chdir(tmp_path)
+    tracking.init_store("p")
+    client = tracking._client()
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")   # another writer holds the file
+
+    def release():
+        # longer than the 20 s SQLite busy timeout that MLflow sets: MLflow reports "locked"
+        time.sleep(22)
+        holder.execute("COMMIT")
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    try:
+        experiment_id = tracking._retry(client.create_experiment, "other")
+    finally:
+        releaser.join()
+        holder.close()
+    assert client.get_experiment(experiment_id).name == "other"
+    assert "SQLite store locked" in capsys.readouterr().err
+
+
+def test_a_finished_run_is_never_deleted_but_an_unfinished_orphan_is(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    spec = {"id": "orphans", "profile": "custom", "dataset": "cifar10", "seed": 0}
+    id_file = tmp_path / "mlflow_run_id"
+    first = tracking.RunTracker(spec, id_file)
+    first.start(None, {})
+    first.finish({}, [])
+    second = tracking.RunTracker(spec, id_file)
+    second.start(None, {})           # a fresh start beside a finished run: a new run
+    third = tracking.RunTracker(spec, id_file)
+    third.start(None, {})            # a fresh start beside an unfinished one: it was an orphan
+    client = first.client
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert client.get_run(first.run_id).info.lifecycle_stage == "active"
+    assert client.get_run(second.run_id).info.lifecycle_stage == "deleted"
+    assert len({first.run_id, second.run_id, third.run_id}) == 3
+    # resuming a run that MLflow has as FINISHED (killed after finishing, before last.pt went)
+    # changes nothing in it
+    resumed = tracking.RunTracker(spec, id_file)
+    resumed.start(first.run_id, {})
+    resumed.log_epochs([{"epoch": 1, "test_error": 50.0}])
+    resumed.finish({"final_test_error": 1.0}, [])
+    resumed.failed()
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and not run.data.metrics
+
+
+# --- a real MLflow server that goes away in the middle of a run ---------------------------
+
+def _start_server(tmp_path: Path, port: int) -> subprocess.Popen:
+    mlflow = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen(
+        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--default-artifact-root", (tmp_path / "server-artifacts").as_uri(), "--no-serve-artifacts",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError:
+            assert proc.poll() is None, "mlflow server exited at start"
+            assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
+            time.sleep(0.5)
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)   # the server and its worker: gone without a goodbye
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_server_killed_mid_run_training_goes_on_then_the_retry_finishes_the_same_mlflow_run(
+        tmp_path, cifar_mini_dir):
+    from mlflow.tracking import MlflowClient
+
+    epochs = 4
+    port = _closed_port()
+    uri = f"http://127.0.0.1:{port}"
+    out = tmp_path / "run"
+    server = _start_server(tmp_path, port)
+    try:
+        proc = subprocess.Popen(_train_cmd(out, cifar_mini_dir, epochs), env=_env(uri), cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while not (out / "last.pt").exists():   # epoch 1 is trained and logged
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGSTOP)          # hold training while the server goes away
+    finally:
+        _stop_server(server)
+    proc.send_signal(signal.SIGCONT)
+    start = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=300)
+    assert time.monotonic() - start < 120, "a dead server must not stall training"
+    assert proc.returncode == 2, stderr
+    assert f"epoch {epochs}/{epochs}" in stdout, "training went on without the server"
+    assert "warning:" in stderr and "training goes on" in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and uri in errors[0] and "Traceback" not in stderr, stderr
+    assert (out / "last.pt").exists() and not (out / "checkpoint.pt").exists()
+
+    server = _start_server(tmp_path, _closed_port())   # the server is back (on another port)
+    try:
+        uri = f"http://127.0.0.1:{server.args[server.args.index('--port') + 1]}"
+        result = subprocess.run(_train_cmd(out, cifar_mini_dir, epochs), env=_env(uri), cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert "epoch 1/" not in result.stdout, "the retry resumes: it does not train again"
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(tracking.experiment_name("custom"))
+        runs = client.search_runs([experiment.experiment_id])
+        assert len(runs) == 1, "the retry continues the same MLflow run"
+        run = runs[0]
+        assert run.info.status == "FINISHED"
+        assert run.info.run_id == (out / "mlflow_run_id").read_text().strip()
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "test_error"))
+        assert steps == list(range(1, epochs + 1)), steps
+        assert "checkpoint.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    finally:
+        _stop_server(server)
