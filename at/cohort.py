@@ -135,6 +135,32 @@ class Teachers:
         return (None, None) if key is None else (self.models[key], self.hashes[key])
 
 
+def load_resume_state(out: Path, run_id: str) -> dict | None:
+    """A run's resume state: ``last.pt``, or where that is missing or unreadable (a kill between
+    the rotation and the write, a truncated copy) the one before it, ``last.prev.pt``, with a
+    warning. None where there is neither; a clear error where neither can be read."""
+    out = Path(out)
+    current, previous = out / "last.pt", out / "last.prev.pt"
+    problems = []
+    for path in (current, previous):
+        if not path.exists():
+            continue
+        try:
+            saved = checkpoint.load(path)
+        except checkpoint.CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            print(f"[{run_id}] warning: {problems[0]}; resuming from the state before it, {path} "
+                  f"(one epoch is trained again)", flush=True)
+        return saved
+    if problems:
+        raise checkpoint.CheckpointError(
+            f"run {run_id}: no readable resume state ({'; '.join(problems)}); delete {current} and "
+            f"{previous} to start the run again from epoch 1")
+    return None
+
+
 def _saved_state(member_out: Path, spec: dict, teacher_sha256, force: bool) -> tuple[str, dict | None]:
     """What a run's folder holds for this spec: ("finished" | "final" | "resume" | "fresh", state)."""
     out = Path(member_out)
@@ -148,9 +174,9 @@ def _saved_state(member_out: Path, spec: dict, teacher_sha256, force: bool) -> t
             done = None
         if done is not None and done.get("spec") == spec and done.get("teacher_sha256") == teacher_sha256:
             return "finished", None
-    if not resume_path.exists():
+    saved = load_resume_state(out, spec["id"])
+    if saved is None:
         return "fresh", None
-    saved = checkpoint.load(resume_path)
     if saved.get("spec") != spec:
         differing = sorted(k for k in set(saved.get("spec") or {}) | set(spec)
                            if (saved.get("spec") or {}).get(k) != spec.get(k))
@@ -257,8 +283,10 @@ def run(specs: list[dict], arithmetic: Arithmetic, *, progress: bool = True, for
             continue
         if saved is not None:
             member.load_state(saved)
-        if force:
+        if force or status == "fresh":
+            # a stale or discarded state must not become the fallback of this run's new states
             member.resume_path.unlink(missing_ok=True)
+            member.previous_path.unlink(missing_ok=True)
         if status == "final":
             print(f"[{member.id}] finished earlier; writing its outputs again from {member.resume_path}",
                   flush=True)
@@ -324,8 +352,7 @@ def _train(cohort: Cohort, members: list[Member], *, progress: bool, sigterm, tr
     first = min(members, key=lambda m: m.position)
     start_epoch, start_step = first.position
     if first.history or first.step:
-        saved = checkpoint.load(first.resume_path)
-        stream.restore({"data": saved["rng"]["data"], "perm": saved.get("perm")})
+        stream.restore(first.stream_state)
     check_every = 1 if arithmetic.device.type != "cuda" else CUDA_FINITE_CHECK_EVERY
     diverged: dict[str, TrainingDiverged] = {}
     members = list(members)   # a diverged member leaves this list, the caller's stays whole

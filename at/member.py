@@ -83,6 +83,7 @@ class Member:
         self.protocol = spec["protocol"]
         self.out = Path(spec["out_dir"])
         self.resume_path = self.out / "last.pt"
+        self.previous_path = self.out / "last.prev.pt"
         self.teacher = teacher
         self.teacher_sha256 = teacher_sha256
         self.arithmetic = arithmetic
@@ -147,6 +148,8 @@ class Member:
         self.epoch, self.step = saved["epoch"], saved["step"]
         self.history, self.elapsed_s = saved["history"], saved["elapsed_s"]
         self.mlflow_run_id = saved["mlflow_run_id"]
+        # where the data stream stood: a cohort restarts its stream from its earliest member's
+        self.stream_state = {"data": saved["rng"]["data"], "perm": saved.get("perm")}
         partial = saved.get("partial")
         if partial is not None and self.step > 0:
             self.partial = {**partial, "loss": partial["loss"].to(device),
@@ -155,6 +158,10 @@ class Member:
         # the optimizer's lr is set at each epoch start: a state saved mid-epoch has the right one
 
     def save(self, stream_state: dict) -> None:
+        """Write the resume state; the one it replaces stays as ``last.prev.pt``, so a state that
+        turns out unreadable (a disk that lied, a copy cut short) costs one epoch, not the run."""
+        if self.resume_path.exists():
+            self.resume_path.replace(self.previous_path)
         checkpoint.save(self.state(stream_state), self.resume_path)
 
     # -- training -----------------------------------------------------------------------------

@@ -262,6 +262,9 @@ def test_sigterm_saves_every_member_mid_epoch_and_exits_for_a_retry(tmp_path, ci
     saved = [checkpoint.load(Path(s["out_dir"]) / "last.pt") for s in specs]
     positions = {(s["epoch"], s["step"]) for s in saved}
     assert len(positions) == 1 and 0 < saved[0]["step"] < 64, f"expected one mid-epoch position, got {positions}"
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    assert {client.get_run(p.read_text().strip()).info.status for p in ids} == {"KILLED"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,3 +313,78 @@ def test_a_finished_run_is_left_alone_and_outputs_come_back_from_the_final_state
     assert forced.returncode == 0, forced.stderr
     assert forced.stdout.count("epoch 1/1") == 2
     assert_same_run(out, out)  # still loadable and whole
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume states that cannot be read
+
+
+@pytest.mark.slow
+def test_an_unreadable_last_pt_falls_back_to_the_state_before_it(tmp_path, cifar_mini_dir, teacher):
+    reference = [make_spec(tmp_path / "reference", cifar_mini_dir, "wrn-10-1", "at-sum-p2", teacher, epochs=3)]
+    train_cohort(reference, Options(progress=False, threads=1))
+    specs = relocate(reference, tmp_path / "resumed")
+    out = Path(specs[0]["out_dir"])
+    with pytest.raises(cohort.Interrupted):   # stop at the end of epoch 2: last.pt and last.prev.pt exist
+        cohort.run(specs, CPU, progress=False, sigterm=StopAfter(8 + 1 + 7))
+    assert checkpoint.load(out / "last.pt")["epoch"] == 2 and checkpoint.load(out / "last.prev.pt")["epoch"] == 1
+    (out / "last.pt").write_bytes(b"")          # an empty file, as a full disk leaves it
+    done = subprocess.run(_cli(_spec_file(tmp_path / "c.yaml", specs)), env=_env(tmp_path), cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming from the state before it" in done.stdout and "at epoch 2, step 0" in done.stdout
+    assert_same_run(out, Path(reference[0]["out_dir"]))
+
+
+def test_no_readable_resume_state_names_the_files_to_delete(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"")
+    (tmp_path / "last.prev.pt").write_bytes(b"garbage")
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        cohort.load_resume_state(tmp_path, "some/run")
+    message = str(info.value)
+    assert f"delete {tmp_path / 'last.pt'} and {tmp_path / 'last.prev.pt'}" in message
+    assert "weights_only=False" not in message
+    assert cohort.load_resume_state(tmp_path / "nothing-here", "some/run") is None
+
+
+# ------------------------------------------------------------------------------------------------
+# What the loop feeds and records
+
+
+@pytest.mark.slow
+def test_the_loop_feeds_the_schedule_and_records_top5_and_failures(tmp_path, cifar_mini_dir, teacher):
+    from mlflow.tracking import MlflowClient
+
+    spec = make_spec(tmp_path / "run", cifar_mini_dir, "wrn-10-1", "baseline", epochs=3, lr_drops=[1, 2])
+    train(spec, Options(progress=False, threads=1))
+    with open(Path(spec["out_dir"]) / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.1, 0.02, 0.004])
+    # top-5 error of the final model, recomputed independently from the checkpoint
+    model, _ = checkpoint.load_model(Path(spec["out_dir"]) / "checkpoint.pt")
+    data = sources.load(spec, torch.device("cpu"))
+    with torch.no_grad():
+        logits = torch.cat([model(x)[0] for x, _ in data.test_batches(64)])
+    labels = torch.cat([y for _, y in data.test_batches(64)])
+    top5_wrong = sum(int(label not in row.topk(5).indices) for row, label in zip(logits, labels))
+    assert float(rows[-1]["test_error_top5"]) == pytest.approx(100.0 * top5_wrong / len(labels))
+    assert float(rows[-1]["test_error_top5"]) <= float(rows[-1]["test_error"])
+
+    # a diverging member fails alone, its MLflow run FAILED; the other finishes
+    diverging = make_spec(tmp_path / "diverging", cifar_mini_dir, "wrn-10-1", "baseline", epochs=1, lr=1e30)
+    calm = make_spec(tmp_path / "calm", cifar_mini_dir, "wrn-10-1", "kd", teacher, epochs=1)
+    with pytest.raises(cohort.TrainingDiverged, match="test/diverging"):
+        train_cohort([diverging, calm], Options(progress=False, threads=1))
+    assert (tmp_path / "calm" / "metrics.json").is_file() and not (tmp_path / "diverging" / "metrics.json").exists()
+    client = MlflowClient()
+    status = {name: client.get_run((tmp_path / name / "mlflow_run_id").read_text().strip()).info.status
+              for name in ("diverging", "calm")}
+    assert status == {"diverging": "FAILED", "calm": "FINISHED"}
+
+
+def test_a_teacher_checkpoint_of_another_model_is_refused(tmp_path, cifar_mini_dir, teacher):
+    spec = make_spec(tmp_path / "s", cifar_mini_dir, "wrn-10-1", "at-sum-p2", teacher)
+    spec["teacher"] = "wrn-16-2"   # the checkpoint holds a wrn-10-2
+    with pytest.raises(checkpoint.CheckpointError, match="holds a 'wrn-10-2', but run test/s expects teacher 'wrn-16-2'"):
+        train(spec, Options(progress=False, threads=1))
+    assert not (tmp_path / "s").exists(), "no empty run folder may stay behind"
