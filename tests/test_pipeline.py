@@ -454,3 +454,49 @@ def test_dvc_repro_runs_a_training_stage_itself(pulled_clone):
     assert json.loads(metrics.read_text())["run_id"] == run["id"]
     status = _sh(["dvc", "status", stage], pulled_clone).stdout
     assert "Data and pipelines are up to date." in status, status
+
+
+def _dry_run_with(params: dict, paper_copy: Path, tmp_path: Path, profile: str = "paper") -> list[dict]:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    done = _sh(["snakemake", "--snakefile", "workflow/Snakefile", "--config", f"params={path}",
+                f"profile={profile}", "--dry-run", "--printshellcmds", "--forceall", "--nolock"],
+               paper_copy, timeout=300)
+    return parse_dry_run(done.stdout)
+
+
+def test_a_users_own_table_runs_through_snakemake_and_dvc(paper_copy, tmp_path):
+    """A table no paper has (WRN-16-1 from WRN-40-2, AT and a new max-p2 mapping) is trained by
+    Snakemake's jobs and DVC's stages like the paper's (issue: reference numbers are data)."""
+    from at import dvc_pipeline, grid
+    from test_grid import USER_TABLE_RUNS, with_user_table
+
+    params = with_user_table(yaml.safe_load((paper_copy / "params.yaml").read_text()))
+    jobs = _dry_run_with(params, paper_copy, tmp_path)
+    outputs = {o for job in _train_jobs(jobs).values() for o in job["output"]}
+    stage_outs = {o for name, stage in dvc_pipeline.stages(params, "paper").items() if name.startswith("train-")
+                  for o in stage["outs"]}
+    for run_id in USER_TABLE_RUNS.values():
+        assert f"runs/paper/{run_id}/metrics.json" in outputs
+        assert f"runs/paper/{run_id}/checkpoint.pt" in stage_outs
+    assert len(_train_jobs(jobs)) == len(grid.cohorts(params, "paper"))
+
+
+def test_imagenet_from_the_users_folder_is_read_where_it_is(paper_copy, tmp_path):
+    """With data.imagenet.folder set, ImageNet's training jobs and stages read that folder and
+    nothing tries to download ImageNet."""
+    from at import dvc_pipeline
+
+    folder = tmp_path / "my-imagenet"
+    for split in ("train", "val"):
+        (folder / split / "n01440764").mkdir(parents=True)
+    params = yaml.safe_load((paper_copy / "params.yaml").read_text())
+    params["data"]["imagenet"]["folder"] = str(folder)
+    jobs = _dry_run_with(params, paper_copy, tmp_path)
+    imagenet = [j for j in _train_jobs(jobs).values() if "--cohort imagenet/" in j["shell"]]
+    assert imagenet and all(str(folder) in job["input"] for job in imagenet)
+    assert not [j for j in jobs if j["rule"] == "download" and "data/imagenet" in j["output"]]
+    stages = dvc_pipeline.stages(params, "paper")
+    imagenet_stages = [s for name, s in stages.items() if name.startswith("train-imagenet")]
+    assert imagenet_stages and all(str(folder) in s["deps"] for s in imagenet_stages)
+    assert "download-imagenet" not in stages
