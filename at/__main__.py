@@ -267,6 +267,7 @@ USER_ERRORS = {
     "at.data.download": ("ChecksumError", "DownloadError", "ArchiveError"),
     "at.data.cifar": ("CifarFormatError",),
     "at.data.folders": ("DataLayoutError",),
+    "at.report": ("ReportInputError",),
 }
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -282,7 +283,7 @@ def _is_user_error(e: Exception) -> bool:
                   if module in sys.modules for name in names)
     if isinstance(e, known + (FileNotFoundError,)):
         return True
-    if type(e) is ValueError and e.__traceback__ is not None:
+    if isinstance(e, ValueError) and e.__traceback__ is not None:
         tb = e.__traceback__
         while tb.tb_next is not None:
             tb = tb.tb_next
