@@ -253,10 +253,11 @@ class RunTracker:
         from mlflow.entities import Param, RunTag
 
         experiment_id = init_store(self.spec.get("profile", "custom"))   # checks the server first
-        if resume_run_id is not None and self._status(resume_run_id) is not None:
+        status = self._status(resume_run_id) if resume_run_id is not None else None
+        if status is not None:
             self.run_id = resume_run_id
             # killed between finishing and removing last.pt: the MLflow run is complete already
-            self.was_finished = self._status(resume_run_id) == "FINISHED"
+            self.was_finished = status == "FINISHED"
             if not self.was_finished:
                 _retry(self.client.update_run, resume_run_id, status="RUNNING")
             return resume_run_id
@@ -339,7 +340,11 @@ class RunTracker:
                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
         _retry(self.client.log_batch, self.run_id, metrics=numbers)
         for f in files:
-            _retry(self.client.log_artifact, self.run_id, str(f))
+            try:
+                _retry(self.client.log_artifact, self.run_id, str(f))
+            except Exception as e:  # noqa: BLE001 - the run's folder has the file; say it, go on
+                print(f"[{self.spec['id']}] warning: could not store {f} as an MLflow artifact: "
+                      f"{str(e).splitlines()[0][:300]}", file=sys.stderr, flush=True)
         _retry(self.client.set_terminated, self.run_id, "FINISHED")
 
     def _end(self, status: str) -> None:
