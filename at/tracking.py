@@ -26,7 +26,9 @@ timeouts are bounded too (:data:`HTTP_DEFAULTS`), since ours wrap them.
 
 If the store goes away *during* training, the run keeps training: the metrics are in the
 run's checkpoint and history, which are the record; MLflow is a mirror of them. Each epoch
-tries once more to send every epoch the store lacks (for at most :data:`MIDRUN_BUDGET_S` s).
+tries once more to send every epoch the store lacks (a refused connection fails at once;
+transient errors are retried for :data:`MIDRUN_BUDGET_S` s, plus the last request's own
+timeout).
 At the end the store must have every epoch before the run writes its final outputs: if it
 is still unreachable, the run fails with one line and keeps ``last.pt``, so a retry (by hand
 or by Snakemake) resumes at the end, sends what is missing and finishes. Training hours are
