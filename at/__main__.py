@@ -337,7 +337,7 @@ def _is_user_error(e: Exception) -> bool:
                   if module in sys.modules for name in names)
     if isinstance(e, known + (FileNotFoundError,)):
         return True
-    if type(e) is ValueError and e.__traceback__ is not None:
+    if isinstance(e, ValueError) and e.__traceback__ is not None:
         tb = e.__traceback__
         while tb.tb_next is not None:
             tb = tb.tb_next

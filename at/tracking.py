@@ -26,7 +26,9 @@ timeouts are bounded too (:data:`HTTP_DEFAULTS`), since ours wrap them.
 
 If the store goes away *during* training, the run keeps training: the metrics are in the
 run's checkpoint and history, which are the record; MLflow is a mirror of them. Each epoch
-tries once more to send every epoch the store lacks (for at most :data:`MIDRUN_BUDGET_S` s).
+tries once more to send every epoch the store lacks (a refused connection fails at once;
+transient errors are retried for :data:`MIDRUN_BUDGET_S` s, plus the last request's own
+timeout).
 At the end the store must have every epoch before the run writes its final outputs: if it
 is still unreachable, the run fails with one line and keeps ``last.pt``, so a retry (by hand
 or by Snakemake) resumes at the end, sends what is missing and finishes. Training hours are
@@ -253,10 +255,11 @@ class RunTracker:
         from mlflow.entities import Param, RunTag
 
         experiment_id = init_store(self.spec.get("profile", "custom"))   # checks the server first
-        if resume_run_id is not None and self._status(resume_run_id) is not None:
+        status = self._status(resume_run_id) if resume_run_id is not None else None
+        if status is not None:
             self.run_id = resume_run_id
             # killed between finishing and removing last.pt: the MLflow run is complete already
-            self.was_finished = self._status(resume_run_id) == "FINISHED"
+            self.was_finished = status == "FINISHED"
             if not self.was_finished:
                 _retry(self.client.update_run, resume_run_id, status="RUNNING")
             return resume_run_id
@@ -339,7 +342,11 @@ class RunTracker:
                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
         _retry(self.client.log_batch, self.run_id, metrics=numbers)
         for f in files:
-            _retry(self.client.log_artifact, self.run_id, str(f))
+            try:
+                _retry(self.client.log_artifact, self.run_id, str(f))
+            except Exception as e:  # noqa: BLE001 - the run's folder has the file; say it, go on
+                print(f"[{self.spec['id']}] warning: could not store {f} as an MLflow artifact: "
+                      f"{str(e).splitlines()[0][:300]}", file=sys.stderr, flush=True)
         _retry(self.client.set_terminated, self.run_id, "FINISHED")
 
     def _end(self, status: str) -> None:

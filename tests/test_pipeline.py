@@ -369,6 +369,14 @@ def test_mlflow_holds_one_finished_run_per_training_job(ci_run):
         assert logged == pytest.approx(history) and sorted(logged) == [1]
         # the checkpoint knows its MLflow run (a resumed run continues it)
         assert (ci_run / run["out_dir"] / "mlflow_run_id").read_text().strip() == mlflow_run.info.run_id
+    # the report made one parent run per cell; each run of a cell is nested under one of them
+    parents = {r.data.tags["at.cell"]: r.info.run_id
+               for r in client.search_runs([experiment.experiment_id], "tags.`at.kind` = 'cell'")}
+    assert sorted(parents) == sorted({f"{c['table']}/{c['row']}/{c['column']}" for r in runs for c in r["cells"]})
+    for mlflow_run in found:
+        run = next(r for r in runs if r["id"] == mlflow_run.data.tags["at.run_id"])
+        if run["cells"]:
+            assert mlflow_run.data.tags["mlflow.parentRunId"] in parents.values(), run["id"]
 
 
 def _folder_bytes(folder: Path) -> dict[str, bytes]:

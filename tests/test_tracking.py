@@ -234,3 +234,12 @@ def test_server_killed_mid_run_training_goes_on_then_the_retry_finishes_the_same
         assert "checkpoint.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
     finally:
         _stop_server(server)
+
+
+def test_mlflow_http_bounds_are_ours_unless_the_user_set_them(monkeypatch):
+    for key in tracking.HTTP_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "99")
+    tracking._client()
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "99"
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == tracking.HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
