@@ -264,12 +264,16 @@ def _all_trained_cells(params: dict) -> set[tuple]:
     return trained
 
 
+def _one(items: list[dict], wanted: str, what: str, params: dict, profile: str | None, lister: str) -> dict:
+    by_id = {item["id"]: item for item in items}
+    if wanted not in by_id:
+        raise ParamsError(f"{what} {wanted!r} is not in the {profile_name(params, profile)} profile's grid "
+                          f"(`{lister}` lists them)")
+    return by_id[wanted]
+
+
 def find(params: dict, run: str, profile: str | None = None) -> dict:
-    by_id = {r["id"]: r for r in runs(params, profile)}
-    if run not in by_id:
-        raise ParamsError(f"run {run!r} is not in the {profile_name(params, profile)} profile's grid "
-                          f"(`python -m at runs --profile ...` lists them)")
-    return by_id[run]
+    return _one(runs(params, profile), run, "run", params, profile, "python -m at runs --profile ...")
 
 
 def teacher_runs(runs_: list[dict]) -> set[str]:
@@ -325,11 +329,8 @@ def cohort_rule_name(cohort_id: str) -> str:
 
 
 def find_cohort(params: dict, cohort: str, profile: str | None = None) -> dict:
-    by_id = {c["id"]: c for c in cohorts(params, profile)}
-    if cohort not in by_id:
-        raise ParamsError(f"cohort {cohort!r} is not in the {profile_name(params, profile)} profile's grid "
-                          f"(`python -m at runs --cohorts --profile ...` lists them)")
-    return by_id[cohort]
+    return _one(cohorts(params, profile), cohort, "cohort", params, profile,
+                "python -m at runs --cohorts --profile ...")
 
 
 def protocol_of(params: dict, run: dict) -> dict:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
 import pytest
+
+from at import params as params_io
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AT_SHARED_DIR", REPO.parent / "shared"))
@@ -24,3 +27,15 @@ def cifar_mini_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cifar10")
     cifar.prepare(root, url=str(CIFAR_MINI), md5=CIFAR_MINI_MD5)
     return root
+
+
+@pytest.fixture(scope="module")
+def real_params() -> dict:
+    """params.yaml of the repository, as loaded (and schema-checked) by the code."""
+    return params_io.load(REPO / "params.yaml")
+
+
+@pytest.fixture
+def params(real_params) -> dict:
+    """A copy of params.yaml that a test may change."""
+    return copy.deepcopy(real_params)

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,21 +18,13 @@ from PIL import Image
 from at.data import folders
 from at.data.download import ChecksumError
 from at.data.folders import DataLayoutError, ImageDataset
+from cifar_archives import write_tar
 
 
 def _image_bytes(color, size=(10, 8), fmt="JPEG") -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format=fmt)
     return buffer.getvalue()
-
-
-def _write_tar(path: Path, files: dict[str, bytes], mode: str) -> Path:
-    with tarfile.open(path, mode) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def _md5(path: Path) -> str:
@@ -64,7 +55,7 @@ def _cub_files() -> dict[str, bytes]:
 def cub(tmp_path):
     served = tmp_path / "served"
     served.mkdir()
-    archive = _write_tar(served / "CUB_200_2011.tgz", _cub_files(), "w:gz")
+    archive = write_tar(served / "CUB_200_2011.tgz", _cub_files(), "w:gz")
     with serve(served) as server:
         root = tmp_path / "cub"
         folder = folders.prepare_cub(root, server.url("CUB_200_2011.tgz"), _md5(archive))
@@ -118,7 +109,7 @@ def test_cub_missing_image_is_named(cub):
 def test_cub_wrong_md5(tmp_path):
     served = tmp_path / "served"
     served.mkdir()
-    _write_tar(served / "CUB_200_2011.tgz", _cub_files(), "w:gz")
+    write_tar(served / "CUB_200_2011.tgz", _cub_files(), "w:gz")
     with serve(served) as server:
         with pytest.raises(ChecksumError, match=folders.CUB_MD5):
             folders.prepare_cub(tmp_path / "cub", server.url("CUB_200_2011.tgz"))
@@ -139,7 +130,7 @@ def _indoor_files(served: Path, variant: int = 0) -> None:
             rel = f"{name}/pic_{k}.jpg"
             files[f"Images/{rel}"] = _image_bytes((c * 80, k * 60, variant))
             (train_lines if k < 2 else test_lines).append(rel)
-    _write_tar(served / "indoorCVPR_09.tar", files, "w")
+    write_tar(served / "indoorCVPR_09.tar", files, "w")
     # Windows line endings and a trailing blank line, as plain text lists often have.
     (served / "TrainImages.txt").write_bytes(("\r\n".join(train_lines) + "\r\n\r\n").encode())
     (served / "TestImages.txt").write_bytes("\n".join(test_lines).encode())

@@ -16,21 +16,11 @@ import pytest
 import yaml
 
 from at import grid
-from at import params as params_io
 from at.params import ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "at"]
 
-
-@pytest.fixture(scope="module")
-def real_params() -> dict:
-    return params_io.load(REPO / "params.yaml")
-
-
-@pytest.fixture
-def params(real_params) -> dict:
-    return copy.deepcopy(real_params)
 
 
 def _error(params: dict) -> str:

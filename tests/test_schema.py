@@ -21,15 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "at"]
 
 
-@pytest.fixture(scope="module")
-def real_params() -> dict:
-    return params_io.load(REPO / "params.yaml")
-
-
-@pytest.fixture
-def params(real_params) -> dict:
-    return copy.deepcopy(real_params)
-
 
 def _schema_error(params: dict, source: str = "params.yaml") -> str:
     with pytest.raises(ParamsError) as info:
