@@ -22,7 +22,7 @@ pipeline: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash workflow/smoke.sh
 
 benchmark: $(STAMP)
-	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/cohort_throughput.py $(BENCHMARK_ARGS)
 
 clean-runs:
 	rm -rf runs results/smoke mlruns.db mlartifacts .snakemake
