@@ -186,23 +186,36 @@ def device_kind(description: dict) -> str:
 class GpuUtilisation:
     """Samples the GPU's utilisation (%) with nvidia-smi in a background thread.
 
-    ``summary()`` is None where nvidia-smi is not installed, so that a report never shows a
-    figure that was not measured."""
+    ``summary()`` is None where nvidia-smi is not installed or does not answer for this GPU, so
+    that a report never shows a figure that was not measured."""
 
     def __init__(self, device: torch.device):
         self.tool = shutil.which("nvidia-smi")
         self.samples: list[float] = []
         self._stop = threading.Event()
         self._thread = None
-        try:   # the GPU by its UUID: CUDA_VISIBLE_DEVICES renumbers the indices torch sees
-            self.gpu = f"GPU-{torch.cuda.get_device_properties(device).uuid}"
-        except (AttributeError, RuntimeError):
-            self.gpu = str(device.index or 0)
+        self.gpu = None
+        if self.tool:   # the first way of naming this GPU that nvidia-smi answers for
+            self.gpu = next((gpu for gpu in self._names(device) if self._query(gpu) is not None), None)
 
-    def _query(self) -> float | None:
+    @staticmethod
+    def _names(device: torch.device) -> list[str]:
+        """This GPU as nvidia-smi names it: by UUID (CUDA_VISIBLE_DEVICES renumbers the indices
+        torch sees), else by the index CUDA_VISIBLE_DEVICES maps torch's index to."""
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        names = []
+        try:
+            names.append(f"GPU-{torch.cuda.get_device_properties(index).uuid}")
+        except (AttributeError, RuntimeError):
+            pass
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        names.append(visible[index] if index < len(visible) else str(index))
+        return names
+
+    def _query(self, gpu: str | None = None) -> float | None:
         try:
             out = subprocess.run([self.tool, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                  "-i", self.gpu], capture_output=True, text=True, timeout=5)
+                                  "-i", gpu or self.gpu], capture_output=True, text=True, timeout=5)
             return float(out.stdout.strip().splitlines()[0])
         except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
             return None
@@ -214,7 +227,7 @@ class GpuUtilisation:
                 self.samples.append(value)
 
     def __enter__(self):
-        if self.tool:
+        if self.gpu is not None:
             self._thread = threading.Thread(target=self._loop, daemon=True)
             self._thread.start()
         return self
@@ -225,7 +238,7 @@ class GpuUtilisation:
             self._thread.join()
 
     def summary(self) -> dict | None:
-        if not self.tool:
+        if self.gpu is None:
             return None
         s = self.samples
         return {"samples": len(s), "mean": sum(s) / len(s) if s else None, "max": max(s) if s else None,
