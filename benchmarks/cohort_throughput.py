@@ -439,7 +439,7 @@ def _spawn(config: dict, workdir: Path) -> tuple[dict, float]:
     return json.loads(result_path.read_text()), wall
 
 
-def _row(worker: dict, wall: float, batch: int, steps: int, load_before, load_after) -> dict:
+def _row(worker: dict, wall: float, steps: int, load_before, load_after) -> dict:
     members = len(worker["members"])
     return {
         "members": worker["members"],
@@ -641,7 +641,7 @@ def main(argv: list[str] | None = None) -> dict:
                     load_before = os.getloadavg()
                     worker, wall = _spawn({**base, "label": label, "precision": precision, "specs": group}, workdir)
                     description = description or worker["device"]
-                    rows[mode].append(_row(worker, wall, args.batch, args.steps, load_before, os.getloadavg()))
+                    rows[mode].append(_row(worker, wall, args.steps, load_before, os.getloadavg()))
             cohort, solo = rows["cohort"][0], _solo_total(rows["solo"])
             results[precision] = {"auto": precision == auto, "cohort": cohort, "solo": solo,
                                   "cohort_vs_solo": cohort["run_images_per_s"] / solo["run_images_per_s"]}
