@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test pipeline benchmark clean-runs
+.PHONY: install test pipeline benchmark gpu-check clean-runs
 
 # Exact versions come from constraints.txt, so every machine resolves the same environment.
 $(STAMP): pyproject.toml constraints.txt
@@ -22,7 +22,12 @@ pipeline: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash workflow/smoke.sh
 
 benchmark: $(STAMP)
-	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/cohort_throughput.py $(BENCHMARK_ARGS)
+
+# On a machine with a CUDA GPU: the CUDA tests, the cohort benchmark on the GPU and a short real
+# cohort training, logged to gpu-check/<time>/ (benchmarks/README.md). Refuses without a GPU.
+gpu-check: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean-runs:
 	rm -rf runs results/smoke mlruns.db mlartifacts .snakemake

@@ -195,6 +195,7 @@ def test_cifar_constants():
     assert CIFAR_STD == pytest.approx((63.0 / 255, 62.1 / 255, 66.7 / 255))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("generator_device", ["cpu", "cuda"])
 def test_cuda_batch_matches_the_reference(generator_device):

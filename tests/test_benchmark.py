@@ -1,13 +1,15 @@
-"""benchmarks/train_step.py: the report's structure and self-consistency, and its input checks.
+"""benchmarks/cohort_throughput.py: the report's structure and self-consistency, and its input checks.
 
 No assertion on speed: timings depend on the machine and its load (DESIGN.md: measure with the
-benchmark's report, never with assertions on wall time).
+benchmark's report, never with assertions on wall time). The issue's speed and memory targets
+are data in the report; here only their bookkeeping is checked.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from at.data.stream import DataStream
+
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "train_step.py"
+SCRIPT = REPO / "benchmarks" / "cohort_throughput.py"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_train_step", SCRIPT)
+    spec = importlib.util.spec_from_file_location("bench_cohort_throughput", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -28,127 +32,182 @@ def _load_script():
 
 bench = _load_script()
 
-TINY = ["--batch", "8", "--steps", "2", "--warmup", "1", "--student", "wrn-10-1", "--teacher", "wrn-10-2",
-        "--dataset-size", "32", "--threads", "1", "--no-progress"]
+MEMBERS = ["baseline", "at-sum-p2"]
+TINY = ["--members", *MEMBERS, "--steps", "2", "--warmup", "1", "--batch", "16", "--dataset-size", "64",
+        "--threads", "1", "--device", "cpu", "--precision", "float32", "bf16"]
+# the paper's 8-run WRN-16-1 cohort of Tables 1 and 2, written out here rather than taken from the grid
+PAPER_METHODS = {"baseline", "at-sum-p2", "at-sum-p1", "at-sum-p4", "at-max-p1", "kd", "at+kd", "factt"}
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> dict:
+def run(tmp_path_factory) -> tuple[dict, str]:
     """One run of the script as a user runs it (a subprocess, from another directory)."""
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "reports" / "tiny.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--device", "cpu", "--output", str(out)],
-                          cwd=tmp, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--output", str(out)],
+                          cwd=tmp, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for case in ("student", "at", "kd", "grad-at"):
-        assert any(line.startswith(case) for line in proc.stdout.splitlines()), f"no table row for {case}"
     assert not list(out.parent.glob(".*tmp*")), "a temporary file was left beside the report"
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def report(run) -> dict:
+    return run[0]
+
+
+def _cpu_flags_from_proc() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
 
 
 def test_report_header(report):
-    assert report["format"] == "at-benchmark-train-step" and report["version"] == 1
+    assert report["format"] == "at-benchmark-cohort" and report["version"] == 1
     device = report["device"]
-    assert device["type"] == "cpu"
-    assert device["torch"] == torch.__version__
+    assert device["type"] == "cpu" and device["torch"] == torch.__version__
     assert device["cpu_model"] and device["torch_threads"] == 1 and device["logical_cpus"] >= 1
+    if Path("/proc/cpuinfo").is_file():
+        flags = _cpu_flags_from_proc()
+        assert device["cpu_flags"] == {f: f in flags for f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f")}
+        assert device["cpu_native_bf16"] == bool({"avx512_bf16", "amx_bf16"} & flags)
     settings = report["settings"]
-    assert settings["batch"] == 8 and settings["steps"] == 2 and settings["warmup"] == 1
-    # the trainer's CPU defaults: float32, contiguous (NCHW)
-    assert settings["bf16"] is False and settings["channels_last"] is False
+    assert (settings["batch"], settings["steps"], settings["warmup"]) == (16, 2, 1)
+    assert settings["precisions"] == ["float32", "bf16"]
+    assert settings["auto_precision"] == ("bf16" if device["cpu_native_bf16"] else "float32")
     assert settings["optimizer"]["lr"] == 0.1 and settings["optimizer"]["momentum"] == 0.9
+    assert settings["compile"] is False and settings["cuda_graphs"] is False
     for key in ("start", "end"):
-        assert len(report["load_average"][key]) == 3
-        assert all(v >= 0 for v in report["load_average"][key])
+        assert len(report["load_average"][key]) == 3 and all(v >= 0 for v in report["load_average"][key])
 
 
-def test_cases_and_their_models(report):
-    cases = report["cases"]
-    assert list(cases) == ["student", "at", "kd", "grad-at"]
-    expected = {"student": ("baseline", None), "at": ("at-sum-p2", "wrn-10-2"),
-                "kd": ("kd", "wrn-10-2"), "grad-at": ("grad-at", "wrn-10-2")}
+def test_members_are_the_pipelines_runs(report):
+    settings = report["settings"]
+    assert settings["members"] == MEMBERS
+    assert settings["run_ids"] == ["cifar10/wrn-16-1/baseline/seed0", "cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed0"]
+    assert settings["students"] == ["wrn-16-1"] and settings["teachers"] == ["wrn-16-2"]
     params = bench.at_params.load(REPO / "params.yaml")
-    for name, (method, teacher) in expected.items():
-        case = cases[name]
-        assert case["method"] == method and case["teacher"] == teacher and case["student"] == "wrn-10-1"
-        assert case["method_spec"] == params["methods"][method]
-        assert case["student_params"] == bench.models.parameter_count(bench.models.build("wrn-10-1"))
-        if teacher is None:
-            assert case["teacher_params"] is None
-        else:
-            assert case["teacher_params"] == bench.models.parameter_count(bench.models.build(teacher))
+    whole = bench.cohort_specs(params, bench.COHORT, bench.PROFILE, None)
+    assert {s["method_name"] for s in whole} == PAPER_METHODS
+    assert {(s["student"], s["teacher"]) for s in whole} == {("wrn-16-1", None), ("wrn-16-1", "wrn-16-2")}
+    assert all(s["protocol"]["batch_size"] == 128 for s in whole), "the paper's batch"
 
 
-def test_numbers_are_positive_and_consistent(report):
-    batch = report["settings"]["batch"]
-    for name, case in report["cases"].items():
-        steps_ms = case["step_ms_all"]
-        assert len(steps_ms) == report["settings"]["steps"], f"{name}: warm-up steps must not be timed"
-        assert all(t > 0 for t in steps_ms)
-        ms, ips = case["step_ms"], case["images_per_s"]
-        assert ms["min"] == min(steps_ms) and ms["max"] == max(steps_ms)
-        assert ms["mean"] == pytest.approx(sum(steps_ms) / len(steps_ms))
-        # rates from the step times, computed here independently
-        assert ips["max"] == pytest.approx(batch * 1000 / min(steps_ms))
-        assert ips["min"] == pytest.approx(batch * 1000 / max(steps_ms))
-        assert ips["median"] == pytest.approx(sum(batch * 1000 / t for t in steps_ms) / 2)  # 2 steps
-        assert ips["mean"] == pytest.approx(batch * len(steps_ms) * 1000 / sum(steps_ms))
-        assert 0 < ips["min"] <= ips["median"] <= ips["max"]
-        mem = case["memory"]
-        assert mem["rss_before_steps_mib"] > 0 and mem["peak_rss_mib"] > 0
-        assert mem["step_rss_growth_mib"] >= 0
-        assert mem["step_rss_growth_mib"] == pytest.approx(mem["peak_rss_mib"] - mem["rss_before_steps_mib"])
-        assert mem["peak_rss_scope"] in ("steps", "process")
-        assert case["wall_time_s"] > case["timed_s"] > 0 and case["setup_s"] > 0
-        assert case["cpu_cores_used"] > 0
-        assert case["final_loss"] > 0
+def test_rows_per_precision_are_consistent(report):
+    steps, batch = report["settings"]["steps"], report["settings"]["batch"]
+    runs = report["settings"]["run_ids"]
+    assert list(report["results"]) == ["float32", "bf16"]
+    for precision, result in report["results"].items():
+        assert result["auto"] == (precision == report["settings"]["auto_precision"])
+        cohort, solo = result["cohort"], result["solo"]
+        # the cohort: every member trains every batch
+        assert cohort["members"] == runs
+        assert cohort["images"] == len(runs) * batch * steps
+        assert cohort["run_images_per_s"] == pytest.approx(len(runs) * batch * steps / cohort["timed_s"])
+        assert cohort["images_per_s_per_run"] == pytest.approx(batch * steps / cohort["timed_s"])
+        assert cohort["step_ms"] == pytest.approx(1000 * cohort["timed_s"] / steps)
+        # solo: one run per worker, images over the summed time
+        assert [r["members"] for r in solo["runs"]] == [[r] for r in runs]
+        assert all(r["images"] == batch * steps for r in solo["runs"])
+        total_time = sum(r["timed_s"] for r in solo["runs"])
+        assert solo["timed_s"] == pytest.approx(total_time)
+        assert solo["run_images_per_s"] == pytest.approx(len(runs) * batch * steps / total_time)
+        assert solo["memory"]["peak_rss_mib"] == max(r["memory"]["peak_rss_mib"] for r in solo["runs"])
+        assert result["cohort_vs_solo"] == pytest.approx(cohort["run_images_per_s"] / solo["run_images_per_s"])
+        assert report["speedups"]["cohort_vs_solo"][precision] == result["cohort_vs_solo"]
+        for row in [cohort, *solo["runs"]]:
+            assert row["wall_time_s"] > row["setup_s"] > 0 and row["timed_s"] > 0 and row["warmup_s"] > 0
+            assert row["cpu_cores_used"] > 0
+            assert row["gpu_utilisation_percent"] is None, "no GPU: nothing measured, nothing shown"
+            mem = row["memory"]
+            assert mem["peak_rss_mib"] >= mem["steps_peak_rss_mib"] > 0 and mem["rss_before_steps_mib"] > 0
+            assert mem["steps_peak_rss_scope"] in ("steps", "process")
+            assert all(math.isfinite(v) and v > 0 for v in row["mean_loss"].values())
+            assert set(row["mean_loss"]) == set(row["members"])
+    auto = report["settings"]["auto_precision"]
+    assert report["speedups"]["cohort_auto_vs_solo_float32"] == pytest.approx(
+        report["results"][auto]["cohort"]["run_images_per_s"] / report["results"]["float32"]["solo"]["run_images_per_s"])
 
 
-def test_unknown_case_is_refused_before_anything_runs(tmp_path):
-    out = tmp_path / "r.json"
-    with pytest.raises(ValueError, match=r"unknown case 'nonsense'.*allowed: student, at, kd, grad-at"):
-        bench.main(["--cases", "nonsense", "--output", str(out)])
-    with pytest.raises(ValueError, match="given twice"):
-        bench.main(["--cases", "at", "at", "--output", str(out)])
-    assert not out.exists()
+def test_targets_are_data(report):
+    targets = {t["name"]: t for t in report["targets"]}
+    assert set(targets) == {"cohort_auto_vs_solo_float32", "cohort_vs_solo_float32", "cohort_peak_rss_gib"}
+    assert targets["cohort_vs_solo_float32"]["value"] == report["results"]["float32"]["cohort_vs_solo"]
+    auto = report["settings"]["auto_precision"]
+    assert targets["cohort_peak_rss_gib"]["value"] == pytest.approx(
+        report["results"][auto]["cohort"]["memory"]["peak_rss_mib"] / 1024)
+    for t in targets.values():
+        assert t["applies"] is False, "2 members are not the paper's 8-run cohort"
+        assert t["met"] == (t["value"] >= t["threshold"] if t["comparison"] == ">=" else t["value"] < t["threshold"])
 
 
-def test_other_params_methods_are_cases():
-    params = bench.at_params.load(REPO / "params.yaml")
-    assert bench.resolve_cases(["student", "at+kd", "factt"], params) == [
-        ("student", "baseline"), ("at+kd", "at+kd"), ("factt", "factt")]
+def test_targets_apply_to_the_8_run_cohort_on_a_native_bf16_cpu():
+    def row(run_images_per_s, peak_mib):
+        return {"run_images_per_s": run_images_per_s, "memory": {"peak_rss_mib": peak_mib}}
+
+    report = {"device": {"type": "cpu", "cpu_native_bf16": True},
+              "settings": {"auto_precision": "bf16", "members": sorted(PAPER_METHODS)},
+              "results": {"float32": {"cohort": row(160, 3000), "solo": row(100, 900)},
+                          "bf16": {"cohort": row(350, 5000), "solo": row(150, 900)}}}
+    targets = {t["name"]: t for t in bench.evaluate_targets(report)}
+    assert targets["cohort_auto_vs_solo_float32"]["value"] == pytest.approx(3.5)
+    assert targets["cohort_vs_solo_float32"]["value"] == pytest.approx(1.6)
+    assert targets["cohort_peak_rss_gib"]["value"] == pytest.approx(5000 / 1024)
+    assert [targets[n]["met"] for n in ("cohort_auto_vs_solo_float32", "cohort_vs_solo_float32",
+                                        "cohort_peak_rss_gib")] == [True, True, False]
+    assert all(t["applies"] for t in targets.values())
+    report["device"]["cpu_native_bf16"] = False
+    targets = {t["name"]: t for t in bench.evaluate_targets(report)}
+    assert not targets["cohort_auto_vs_solo_float32"]["applies"] and targets["cohort_vs_solo_float32"]["applies"]
+
+
+def test_the_table_names_every_row_and_marks_auto(run):
+    report, stdout = run
+    auto = report["settings"]["auto_precision"]
+    lines = stdout.splitlines()
+    for precision in ("float32", "bf16"):
+        name = f"{precision} (auto)" if precision == auto else precision
+        for mode in ("cohort", "solo"):
+            assert any(line.split("  ")[0].strip() == name and f" {mode} " in line for line in lines), (precision, mode)
+    assert any(line.startswith("target cohort_vs_solo_float32") for line in lines)
+
+
+def test_the_stream_runs_on_past_an_epoch():
+    data = bench.SyntheticData(40, 10, torch.device("cpu"), seed=0)
+    stream = DataStream(data, 0, 16, torch.device("cpu"))
+    batches = bench.endless_batches(stream)
+    sizes = [len(next(batches)[1]) for _ in range(7)]
+    assert sizes == [16, 16, 8, 16, 16, 8, 16], "three batches per epoch of 40 images, then the next epoch"
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--dataset-size", "16", "--batch", "32"], "--dataset-size"),
+    (["--members", "nonsense"], "--members: 'nonsense' is not a method of cohort cifar10/wrn-16-1/seed0/cohort0"),
+    (["--members", "kd", "kd"], "given twice"),
     (["--steps", "0"], "--steps must be an integer >= 1"),
-    (["--bf16", "maybe"], "invalid choice"),
-    (["--student", "wrn-15-1"], "unknown model"),
-])
-def test_bad_arguments_are_refused(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        bench.parse_args(argv)
-    assert message in capsys.readouterr().err
+    (["--precision", "maybe"], "invalid choice: 'maybe'"),
+    (["--dataset-size", "16", "--batch", "32"], "--dataset-size (16) must be at least --batch (32)"),
+    (["--cohort", "cifar10/nothing"], "cohort 'cifar10/nothing' is not in the paper profile"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: this machine has no CUDA GPU")]))
+def test_bad_arguments_are_one_line(tmp_path, argv, message):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), *argv, "--output", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert message in proc.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_missing_cuda_is_a_clear_error():
-    with pytest.raises(ValueError, match="CUDA is not available"):
-        bench.resolve_device(bench.Options(device="cuda"))
-
-
-def test_default_report_names():
-    args = bench.parse_args([])
-    assert bench.default_output("cpu", args) == REPO / "benchmarks" / "reports" / "cpu.json"
-    args = bench.parse_args(["--bf16", "on", "--channels-last", "off"])
-    assert bench.default_output("cpu", args).name == "cpu-bf16-on-channels-last-off.json"
+def test_default_report_name():
+    assert bench.device_kind({"type": "cpu"}) == "cpu"
     assert bench.device_kind({"type": "cuda", "gpu_name": "NVIDIA H100 80GB HBM3"}) == "cuda-nvidia-h100-80gb-hbm3"
 
 
 def test_peak_rss_sees_an_allocation_after_a_reset():
     """The mechanism behind the CPU peak: reset the high-water mark, allocate, read it back."""
     if not bench.reset_peak_rss():
-        pytest.skip("no /proc/self/clear_refs here: the report then says peak_rss_scope 'process'")
+        pytest.skip("no /proc/self/clear_refs here: the report then says steps_peak_rss_scope 'process'")
     before = bench.rss_bytes()
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written, so resident
     peak, source = bench.peak_rss()

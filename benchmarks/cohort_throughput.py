@@ -1,0 +1,700 @@
+"""Run-images/s of a cohort against the same runs trained alone, written to a JSON report.
+
+A cohort (at.cohort) trains runs that share a data stream in one process: each batch is drawn
+and augmented once, each distinct teacher's forward runs once per batch, then every member takes
+its own forward, backward and SGD step. This benchmark measures what that buys on a device: the
+paper's 8-run WRN-16-1 cohort of Tables 1 and 2 (``cifar10/wrn-16-1/seed0/cohort0`` of the paper
+profile: baseline, AT with sum/max and p = 1, 2, 4, KD, AT+KD and F-ActT, all from a WRN-16-2
+teacher), trained as one cohort, against the same runs trained alone one after another (each a
+cohort of one), in each precision asked for.
+
+Everything timed is the trainer's own code: ``at.cohort.Cohort`` builds the members (students,
+objectives, optimizers) and the teacher from the grid's run specs, ``Cohort.stream`` draws the
+batches and ``Cohort.step`` trains them. Only the data are stand-ins: random uint8 CIFAR-shaped
+images held on the device (a step costs the same whatever the pixels are, and no download is
+needed), and a teacher checkpoint with random weights.
+
+The figure of merit is **run-images/s**: images trained per second summed over the runs, i.e.
+members x images per batch x steps / timed seconds. Every configuration runs in a fresh
+subprocess, so that its peak memory is its own.
+
+    python benchmarks/cohort_throughput.py                                # the 8-run cohort, float32 and bf16
+    python benchmarks/cohort_throughput.py --members baseline at-sum-p2 --steps 5 --device cpu
+
+See benchmarks/README.md for the report's fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Run as a plain script (python benchmarks/cohort_throughput.py), sys.path holds benchmarks/, not
+# the repository root where the `at` package lives.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from at import checkpoint, grid, models  # noqa: E402
+from at import params as at_params  # noqa: E402
+from at.cohort import Cohort  # noqa: E402
+from at.data.sources import TensorData  # noqa: E402
+from at.precision import NATIVE_BF16_CPU_FLAGS, PRECISIONS, Arithmetic, cpu_flags, cpu_has_native_bf16  # noqa: E402
+from at.precision import resolve as resolve_precision  # noqa: E402
+from at.train import Options  # noqa: E402
+
+REPORT_FORMAT = "at-benchmark-cohort"
+REPORT_VERSION = 1
+
+PROFILE = "paper"
+COHORT = "cifar10/wrn-16-1/seed0/cohort0"
+CIFAR_TRAIN_SIZE = 50_000
+IMAGE_SHAPE = (3, 32, 32)
+MIB = 2**20
+# CPU flags worth knowing when reading a bf16 figure: the native-bf16 ones, and the AMX tile unit
+CPU_FLAGS_OF_INTEREST = (*NATIVE_BF16_CPU_FLAGS, "amx_tile", "avx512f")
+# How often the GPU's utilisation is sampled during the timed steps (nvidia-smi takes ~20-50 ms)
+GPU_SAMPLE_INTERVAL_S = 0.2
+
+# The targets of the issue (item 8), recorded in the report as data: whether a machine meets them
+# is a measurement, never a test assertion.
+TARGETS = (
+    {"name": "cohort_auto_vs_solo_float32", "threshold": 3.0, "comparison": ">=",
+     "description": "run-images/s of the 8-run cohort at precision auto over the same runs trained "
+                    "alone in float32, on a CPU with native bf16 (avx512_bf16 or AMX)"},
+    {"name": "cohort_vs_solo_float32", "threshold": 1.5, "comparison": ">=",
+     "description": "run-images/s of the 8-run cohort over the same runs trained alone, both in float32, on a CPU"},
+    {"name": "cohort_peak_rss_gib", "threshold": 4.0, "comparison": "<",
+     "description": "peak resident memory (GiB) of the process training the 8-run cohort on a CPU, "
+                    "at the precision auto resolves to"},
+)
+PAPER_COHORT_SIZE = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Host memory
+
+
+def _proc_status_kib(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (Linux), or None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes() -> int | None:
+    """Current resident set size."""
+    kib = _proc_status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark to the current RSS (Linux >= 4.0); False where
+    that is not possible, and the peak then covers the whole worker process."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss() -> tuple[int, str]:
+    """(peak RSS in bytes, its source).
+
+    VmHWM is the high-water mark of this process's own address space. getrusage's ru_maxrss
+    is not used where VmHWM exists: Linux carries the parent's RSS at fork over into the
+    child's ru_maxrss, so a subprocess started by a 400 MiB Python would report >= 400 MiB.
+    """
+    kib = _proc_status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024, "VmHWM"
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (value if sys.platform == "darwin" else value * 1024), "ru_maxrss"
+
+
+# ---------------------------------------------------------------------------------------------
+# Device
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def describe_device(device: torch.device) -> dict:
+    flags = cpu_flags()
+    info = {
+        "type": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS_OF_INTEREST},
+        "cpu_native_bf16": cpu_has_native_bf16(flags),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update({
+            "gpu_name": props.name,
+            "gpu_memory_gib": round(props.total_memory / 2**30, 2),
+            "gpu_capability": f"{props.major}.{props.minor}",
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+        })
+    return info
+
+
+def device_kind(description: dict) -> str:
+    """``cpu`` or ``cuda-<gpu name>`` in lower case, for the report's file name."""
+    if description["type"] == "cuda":
+        return "cuda-" + re.sub(r"[^a-z0-9]+", "-", description["gpu_name"].lower()).strip("-")
+    return description["type"]
+
+
+class GpuUtilisation:
+    """Samples the GPU's utilisation (%) with nvidia-smi in a background thread.
+
+    ``summary()`` is None where nvidia-smi is not installed or does not answer for this GPU, so
+    that a report never shows a figure that was not measured."""
+
+    def __init__(self, device: torch.device):
+        self.tool = shutil.which("nvidia-smi")
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = None
+        self.gpu = None
+        if self.tool:   # the first way of naming this GPU that nvidia-smi answers for
+            self.gpu = next((gpu for gpu in self._names(device) if self._query(gpu) is not None), None)
+
+    @staticmethod
+    def _names(device: torch.device) -> list[str]:
+        """This GPU as nvidia-smi names it: by UUID (CUDA_VISIBLE_DEVICES renumbers the indices
+        torch sees), else by the index CUDA_VISIBLE_DEVICES maps torch's index to."""
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        names = []
+        try:
+            names.append(f"GPU-{torch.cuda.get_device_properties(index).uuid}")
+        except (AttributeError, RuntimeError):
+            pass
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        names.append(visible[index] if index < len(visible) else str(index))
+        return names
+
+    def _query(self, gpu: str | None = None) -> float | None:
+        try:
+            out = subprocess.run([self.tool, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                  "-i", gpu or self.gpu], capture_output=True, text=True, timeout=5)
+            return float(out.stdout.strip().splitlines()[0])
+        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+            return None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(GPU_SAMPLE_INTERVAL_S):
+            value = self._query()
+            if value is not None:
+                self.samples.append(value)
+
+    def __enter__(self):
+        if self.gpu is not None:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def summary(self) -> dict | None:
+        if self.gpu is None:
+            return None
+        s = self.samples
+        return {"samples": len(s), "mean": sum(s) / len(s) if s else None, "max": max(s) if s else None,
+                "interval_s": GPU_SAMPLE_INTERVAL_S}
+
+
+# ---------------------------------------------------------------------------------------------
+# One configuration (inside a worker process)
+
+
+class SyntheticData(TensorData):
+    """TensorData holding random uint8 CIFAR-shaped images instead of a prepared folder: the
+    trainer's own batching and augmentation, without a download."""
+
+    def __init__(self, size: int, num_classes: int, device: torch.device, seed: int):
+        cpu = torch.Generator().manual_seed(seed)
+        self.md5 = "synthetic"
+        self.train_x = torch.randint(0, 256, (size, *IMAGE_SHAPE), dtype=torch.uint8, generator=cpu).to(device)
+        self.train_y = torch.randint(0, num_classes, (size,), generator=cpu).to(device)
+        self.test_x, self.test_y = self.train_x[:0], self.train_y[:0]
+        self.crop, self.flip = True, True  # the CIFAR protocol's crop_flip
+
+
+def endless_batches(stream):
+    """The stream's batches, epoch after epoch (a new epoch's order drawn as the trainer does)."""
+    while True:
+        stream.start_epoch()
+        yield from stream.batches(0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(config: dict) -> dict:
+    """Build the cohort of ``config['specs']``, run warm-up and timed steps, return measurements."""
+    if config.get("threads"):
+        torch.set_num_threads(config["threads"])
+    device = torch.device(config["device"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the trainer
+    arithmetic = Arithmetic(device, config["precision"])
+    specs = config["specs"]
+    setup_tick = time.perf_counter()
+    data = SyntheticData(config["dataset_size"], specs[0].get("num_classes", 10), device, specs[0]["seed"])
+    cohort = Cohort(specs, arithmetic, data=data)
+    if config["compile"]:
+        for member in cohort.members:
+            member.student.compile()   # in place: the member's objective calls the compiled forward
+    batches = endless_batches(cohort.stream)
+    members = cohort.members
+
+    gc.collect()
+    _sync(device)
+    setup_peak, _ = peak_rss()
+    rss_before = rss_bytes()
+    peak_reset = reset_peak_rss()
+    cuda_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    setup_s = time.perf_counter() - setup_tick
+
+    warmup_tick = time.perf_counter()
+    for _ in range(config["warmup"]):
+        x, y = next(batches)
+        cohort.step(x, y, members)
+    _sync(device)
+    warmup_s = time.perf_counter() - warmup_tick
+
+    images = 0
+    with GpuUtilisation(device) if device.type == "cuda" else _NoSampler() as sampler:
+        cpu_start, wall_start = time.process_time(), time.perf_counter()
+        for _ in range(config["steps"]):
+            x, y = next(batches)
+            cohort.step(x, y, members)
+            images += len(y) * len(members)
+        _sync(device)   # the device has finished every timed step before the clock is read
+        timed_s = time.perf_counter() - wall_start
+        timed_cpu = time.process_time() - cpu_start
+
+    for member in members:   # after the clock: a diverged step would make the figure meaningless
+        member.check_finite(None, 0)
+    steps_peak, peak_source = peak_rss()
+    memory = {
+        "rss_before_steps_mib": None if rss_before is None else rss_before / MIB,
+        # the whole worker's high-water mark (set-up and steps): what a job must be given
+        "peak_rss_mib": max(setup_peak, steps_peak) / MIB,
+        "peak_rss_source": peak_source,
+        # the high-water mark of the steps alone where it could be reset before them, else the
+        # whole worker's ("process")
+        "steps_peak_rss_mib": steps_peak / MIB,
+        "steps_peak_rss_scope": "steps" if peak_reset and peak_source == "VmHWM" else "process",
+    }
+    if device.type == "cuda":
+        memory.update({
+            "cuda_allocated_before_steps_mib": cuda_before / MIB,
+            "cuda_peak_allocated_mib": torch.cuda.max_memory_allocated(device) / MIB,
+            "cuda_peak_reserved_mib": torch.cuda.max_memory_reserved(device) / MIB,
+        })
+    return {
+        "device": describe_device(device),
+        "members": [m.id for m in members],
+        "images": images,
+        "timed_s": timed_s,
+        "warmup_s": warmup_s,
+        "setup_s": setup_s,
+        # CPU seconds of this process per wall second while timed: below the thread count, the
+        # steps waited (for other processes' use of the cores, or for the GPU)
+        "cpu_cores_used": timed_cpu / timed_s if timed_s > 0 else None,
+        "gpu_utilisation_percent": sampler.summary(),
+        "memory": memory,
+        # each member's mean loss over all its steps (warm-up included): finite, and the same
+        # order of magnitude in every configuration
+        "mean_loss": {m.id: float(m.partial["loss"]) / m.partial["seen"] for m in members},
+    }
+
+
+class _NoSampler:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def summary(self):
+        return None
+
+
+def _worker_main(config_path: str, result_path: str) -> None:
+    config = json.loads(Path(config_path).read_text())
+    result = measure(config)
+    Path(result_path).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver (parent process)
+
+
+def cohort_specs(params: dict, cohort_id: str, profile: str, methods: list[str] | None) -> list[dict]:
+    """The run specs of a cohort of the grid, exactly as the pipeline trains them, optionally
+    narrowed to some of its methods (in the order given)."""
+    found = grid.find_cohort(params, cohort_id, profile)
+    specs = [grid.run_spec(params, run, profile) for run in found["runs"]]
+    if not methods:
+        return specs
+    by_method = {s["method_name"]: s for s in specs}
+    chosen = []
+    for method in methods:
+        if method not in by_method:
+            raise ValueError(f"--members: {method!r} is not a method of cohort {cohort_id}; "
+                             f"its methods: {', '.join(by_method)}")
+        if by_method[method] in chosen:
+            raise ValueError(f"--members: {method!r} is given twice")
+        chosen.append(by_method[method])
+    return chosen
+
+
+def benchmark_specs(specs: list[dict], batch: int, workdir: Path) -> tuple[list[dict], dict[str, str]]:
+    """The specs with the benchmark's batch size, output folders that are never written, a data
+    folder that is never read, and teacher checkpoints (random weights) in ``workdir``.
+
+    Returns the specs and {teacher checkpoint path: teacher model} to create."""
+    teachers: dict[str, str] = {}
+    out = []
+    for spec in specs:
+        spec = copy.deepcopy(spec)
+        spec["protocol"]["batch_size"] = batch
+        spec["data_dir"] = "synthetic-data-never-read"
+        spec["out_dir"] = str(workdir / "runs" / spec["id"])
+        if spec.get("teacher") and not spec.get("teacher_weights"):
+            path = str(workdir / "teachers" / f"{spec['teacher']}.pt")
+            teachers[path] = spec["teacher"]
+            spec["teacher_checkpoint"] = path
+        out.append(spec)
+    return out, teachers
+
+
+def write_random_teacher(path: Path, model_name: str, num_classes: int, seed: int) -> None:
+    """A teacher checkpoint as a finished teacher run leaves it, with random weights: a
+    forward costs the same with trained ones."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = models.build(model_name, num_classes=num_classes)
+    checkpoint.save({"spec": {"id": f"benchmark-teacher/{model_name}", "student": model_name,
+                              "num_classes": num_classes}, "model": model.state_dict()}, path)
+
+
+def _spawn(config: dict, workdir: Path) -> tuple[dict, float]:
+    name = re.sub(r"\W+", "_", config["label"])
+    config_path, result_path = workdir / f"{name}.config.json", workdir / f"{name}.result.json"
+    config_path.write_text(json.dumps(config))
+    tick = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker",
+                           str(config_path), str(result_path)])
+    wall = time.perf_counter() - tick
+    if proc.returncode != 0 or not result_path.is_file():
+        raise RuntimeError(f"configuration {config['label']!r} failed: its worker exited with status "
+                           f"{proc.returncode} (its error is printed above); no report written")
+    return json.loads(result_path.read_text()), wall
+
+
+def _row(worker: dict, wall: float, steps: int, load_before, load_after) -> dict:
+    members = len(worker["members"])
+    return {
+        "members": worker["members"],
+        "images": worker["images"],
+        "timed_s": worker["timed_s"],
+        "run_images_per_s": worker["images"] / worker["timed_s"],
+        # one member's view: batches per second x batch size
+        "images_per_s_per_run": worker["images"] / members / worker["timed_s"],
+        "step_ms": 1000 * worker["timed_s"] / steps,
+        "warmup_s": worker["warmup_s"],
+        "setup_s": worker["setup_s"],
+        "wall_time_s": wall,
+        "cpu_cores_used": worker["cpu_cores_used"],
+        "gpu_utilisation_percent": worker["gpu_utilisation_percent"],
+        "memory": worker["memory"],
+        "mean_loss": worker["mean_loss"],
+        "load_average_before": list(load_before),
+        "load_average_after": list(load_after),
+    }
+
+
+def _solo_total(rows: list[dict]) -> dict:
+    """The runs trained alone one after another: images over the summed time; the peak of the
+    largest run (they never run at the same time)."""
+    images, timed = sum(r["images"] for r in rows), sum(r["timed_s"] for r in rows)
+    memory = {k: max(r["memory"][k] for r in rows) for k in rows[0]["memory"]
+              if isinstance(rows[0]["memory"][k], (int, float))}
+    utilisation = [r["gpu_utilisation_percent"] for r in rows]
+    return {
+        "members": [m for r in rows for m in r["members"]],
+        "images": images,
+        "timed_s": timed,
+        "run_images_per_s": images / timed,
+        "wall_time_s": sum(r["wall_time_s"] for r in rows),
+        # averages over the timed seconds of all runs
+        "cpu_cores_used": sum(r["cpu_cores_used"] * r["timed_s"] for r in rows) / timed,
+        "gpu_utilisation_percent_mean": (
+            None if any(u is None or u["mean"] is None for u in utilisation)
+            else sum(u["mean"] * r["timed_s"] for u, r in zip(utilisation, rows)) / timed),
+        "memory": memory,
+        "load_average_after": rows[-1]["load_average_after"],
+        "runs": rows,
+    }
+
+
+def evaluate_targets(report: dict) -> list[dict]:
+    """The issue's targets with this report's values: data, not assertions."""
+    device = report["device"]
+    results, auto = report["results"], report["settings"]["auto_precision"]
+    full = len(report["settings"]["members"]) == PAPER_COHORT_SIZE
+    on_cpu = device["type"] == "cpu"
+
+    def speedup(cohort_precision, solo_precision):
+        if cohort_precision in results and solo_precision in results:
+            return results[cohort_precision]["cohort"]["run_images_per_s"] / \
+                results[solo_precision]["solo"]["run_images_per_s"]
+        return None
+
+    values = {
+        "cohort_auto_vs_solo_float32": (speedup(auto, "float32"), on_cpu and full and device["cpu_native_bf16"]),
+        "cohort_vs_solo_float32": (speedup("float32", "float32"), on_cpu and full),
+        "cohort_peak_rss_gib": ((results[auto]["cohort"]["memory"]["peak_rss_mib"] / 1024) if auto in results else None,
+                                on_cpu and full),
+    }
+    out = []
+    for target in TARGETS:
+        value, applies = values[target["name"]]
+        met = None
+        if value is not None:
+            met = value >= target["threshold"] if target["comparison"] == ">=" else value < target["threshold"]
+        out.append({**target, "value": value, "applies": applies, "met": met})
+    return out
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def format_table(report: dict) -> str:
+    cuda = report["device"]["type"] == "cuda"
+    auto = report["settings"]["auto_precision"]
+    header = ["precision", "mode", "runs", "run-img/s", "speedup", "timed s",
+              "peak alloc MiB" if cuda else "peak RSS MiB", "GPU %" if cuda else "cores used", "load 1m"]
+    rows = []
+    for precision, result in report["results"].items():
+        name = f"{precision} (auto)" if precision == auto else precision
+        cohort, solo = result["cohort"], result["solo"]
+        for mode, row in (("cohort", cohort), ("solo", solo)):
+            mem = row["memory"]
+            if cuda:
+                util = row.get("gpu_utilisation_percent")
+                busy = _fmt(util["mean"] if util else row.get("gpu_utilisation_percent_mean"))
+            else:
+                busy = _fmt(row["cpu_cores_used"], 2)
+            rows.append([name, mode, str(len(row["members"])) if mode == "cohort" else f"{len(row['members'])} x 1",
+                         _fmt(row["run_images_per_s"]),
+                         f"x{result['cohort_vs_solo']:.2f}" if mode == "cohort" else "",
+                         _fmt(row["timed_s"], 2), _fmt(mem["cuda_peak_allocated_mib"] if cuda else mem["peak_rss_mib"]),
+                         busy, _fmt(row["load_average_after"][0], 2)])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:  # names left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    lines = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    speedups = report["speedups"]
+    if speedups["cohort_auto_vs_solo_float32"] is not None:
+        lines.append(f"cohort at auto ({auto}) vs solo float32: x{speedups['cohort_auto_vs_solo_float32']:.2f}")
+    for target in report["targets"]:
+        state = {True: "met", False: "NOT met", None: "not measured"}[target["met"]]
+        lines.append(f"target {target['name']} {target['comparison']} {target['threshold']}: "
+                     f"{_fmt(target['value'], 2)} {state}" + ("" if target["applies"] else " (does not apply here)"))
+    return "\n".join(lines)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line naming the problem (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = _Parser(
+        prog="cohort_throughput.py",
+        description="Run-images/s and peak memory of a cohort of runs against the same runs trained "
+                    "alone, per precision, written to a JSON report.")
+    parser.add_argument("--cohort", default=COHORT, help="a cohort id of the grid (default: %(default)s)")
+    parser.add_argument("--profile", default=PROFILE, help="the grid profile of --cohort (default: %(default)s)")
+    parser.add_argument("--members", nargs="+", default=None, metavar="METHOD",
+                        help="some of the cohort's methods, e.g. baseline at-sum-p2 (default: all of them)")
+    parser.add_argument("--precision", nargs="+", default=["float32", "bf16"], choices=PRECISIONS,
+                        help="precisions to measure, each as cohort and solo (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=128, help="batch size (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps before them, per configuration (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each student (its compilation falls in the warm-up)")
+    parser.add_argument("--dataset-size", type=int, default=CIFAR_TRAIN_SIZE,
+                        help="images in the synthetic in-memory training set (default: %(default)s, CIFAR-10's)")
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml",
+                        help="params.yaml with the grid (default: the repository's)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="report path (default: benchmarks/reports/<device kind>-cohort.json)")
+    args = parser.parse_args(argv)
+    for name, low in (("batch", 1), ("steps", 1), ("warmup", 0), ("threads", 1), ("dataset_size", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            parser.error(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value}")
+    if args.dataset_size < args.batch:
+        parser.error(f"--dataset-size ({args.dataset_size}) must be at least --batch ({args.batch})")
+    if args.compile and args.warmup < 1:
+        parser.error("--compile needs --warmup >= 1: the first steps compile, and must not be timed")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    params = at_params.load(args.params)
+    specs = cohort_specs(params, args.cohort, args.profile, args.members)
+    # fails here, before anything runs, on a bad --device or a CUDA device that is not there
+    device = Options(device=args.device).resolve_device()
+    auto = resolve_precision("auto", device)
+    precisions = list(dict.fromkeys(resolve_precision(p, device) for p in args.precision))
+
+    started = datetime.now(timezone.utc)
+    load_start = os.getloadavg()
+    results: dict[str, dict] = {}
+    description = None
+    with tempfile.TemporaryDirectory(prefix="at-bench-cohort-") as tmp:
+        workdir = Path(tmp)
+        specs, teachers = benchmark_specs(specs, args.batch, workdir)
+        for path, model_name in teachers.items():
+            write_random_teacher(Path(path), model_name, specs[0].get("num_classes", 10), specs[0]["seed"])
+        base = {"device": str(device), "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
+                "dataset_size": args.dataset_size, "compile": args.compile}
+        for precision in precisions:
+            runs = {"cohort": [specs], "solo": [[spec] for spec in specs]}
+            rows: dict[str, list[dict]] = {}
+            for mode, groups in runs.items():
+                rows[mode] = []
+                for group in groups:
+                    label = f"{precision} {mode}" + ("" if mode == "cohort" else f" {group[0]['method_name']}")
+                    print(f"{label}: {len(group)} run(s), {args.warmup} warm-up + {args.steps} timed steps",
+                          flush=True)
+                    load_before = os.getloadavg()
+                    worker, wall = _spawn({**base, "label": label, "precision": precision, "specs": group}, workdir)
+                    description = description or worker["device"]
+                    rows[mode].append(_row(worker, wall, args.steps, load_before, os.getloadavg()))
+            cohort, solo = rows["cohort"][0], _solo_total(rows["solo"])
+            results[precision] = {"auto": precision == auto, "cohort": cohort, "solo": solo,
+                                  "cohort_vs_solo": cohort["run_images_per_s"] / solo["run_images_per_s"]}
+
+    from at.tracking import git_commit
+
+    report = {
+        "format": REPORT_FORMAT,
+        "version": REPORT_VERSION,
+        "created": started.isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "command": [Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)],
+        "device": description,
+        "settings": {
+            "device": str(device), "cohort": args.cohort, "profile": args.profile,
+            "members": [s["method_name"] for s in specs], "run_ids": [s["id"] for s in specs],
+            "students": sorted({s["student"] for s in specs}),
+            "teachers": sorted({s["teacher"] for s in specs if s.get("teacher")}),
+            "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+            "precisions": precisions, "precision_flags": args.precision, "auto_precision": auto,
+            "threads": description["torch_threads"], "compile": args.compile, "cuda_graphs": False,
+            "dataset_size": args.dataset_size, "augment": specs[0]["protocol"].get("augment", "crop_flip"),
+            "optimizer": {k: specs[0]["protocol"].get(k) for k in ("lr", "momentum", "nesterov", "weight_decay")},
+        },
+        # (1, 5, 15)-minute load averages of the machine: the benchmark's own threads count in
+        # them; more than the thread count means other processes competed for the cores
+        "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
+        "results": results,
+        "speedups": {
+            "cohort_vs_solo": {p: r["cohort_vs_solo"] for p, r in results.items()},
+            "cohort_auto_vs_solo_float32": (results[auto]["cohort"]["run_images_per_s"]
+                                            / results["float32"]["solo"]["run_images_per_s"]
+                                            if auto in results and "float32" in results else None),
+        },
+    }
+    report["targets"] = evaluate_targets(report)
+    output = args.output or REPO / "benchmarks" / "reports" / f"{device_kind(description)}-cohort.json"
+    _write_atomic(output, json.dumps(report, indent=2) + "\n")
+    print()
+    flags = ", ".join(f for f, present in description["cpu_flags"].items() if present) or "none"
+    print(f"{description.get('gpu_name') or description['cpu_model']} (CPU flags of interest: {flags}), "
+          f"torch {description['torch']}, {description['torch_threads']} threads, batch {args.batch}, "
+          f"{args.steps} timed steps after {args.warmup} warm-up, auto = {auto}")
+    print(format_table(report))
+    print(f"report: {output}")
+    return report
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        _worker_main(sys.argv[2], sys.argv[3])
+    else:
+        try:
+            main()
+        except (ValueError, RuntimeError) as e:
+            sys.exit(f"error: {e}")
