@@ -17,6 +17,16 @@ CIFAR_MINI_MD5 = "1c190744c9595cc62078be24b4b038fb"
 
 
 @pytest.fixture(scope="session")
+def cifar_mini_tarball() -> Path:
+    """The real CIFAR-10 mini archive of ../shared (a fixture, not an import: tests/slurm has a
+    conftest module of its own, which a plain `from conftest import` may pick up instead)."""
+    if not CIFAR_MINI.is_file():
+        pytest.fail(f"{CIFAR_MINI} is missing: the tests need ../shared beside the repository "
+                    f"(or AT_SHARED_DIR pointing at it)")
+    return CIFAR_MINI
+
+
+@pytest.fixture(scope="session")
 def cifar_mini_dir(tmp_path_factory) -> Path:
     """A data folder prepared from the mini tarball by the same code as the real download."""
     from at.data import cifar

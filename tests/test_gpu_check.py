@@ -86,10 +86,8 @@ def test_the_benchmark_step_is_the_cohort_benchmark_on_cuda(tmp_path):
     assert args.output == tmp_path / "benchmark-cohort.json" and args.members is None
 
 
-def test_the_data_step_prepares_the_mini_set_through_the_overrides(tmp_path, cifar_mini_dir):
-    from conftest import CIFAR_MINI
-
-    steps, _ = _plan(tmp_path / "check", "--mini-tarball", str(CIFAR_MINI))
+def test_the_data_step_prepares_the_mini_set_through_the_overrides(tmp_path, cifar_mini_tarball):
+    steps, _ = _plan(tmp_path / "check", "--mini-tarball", str(cifar_mini_tarball))
     step = steps["data"]
     proc = subprocess.run(step.command, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, **step.env, "PYTHONPATH": str(REPO)})
