@@ -279,9 +279,25 @@ class RunTracker:
             _retry(self.client.log_batch, self.run_id, params=items[i:i + 100])
         _retry(self.client.log_batch, self.run_id, tags=[RunTag("checkpoint_path", tags.get("checkpoint_path", ""))])
         if tags.get("data_md5") and self.spec.get("data_dir"):
-            _retry(self.client.log_inputs, self.run_id,
-                   [_dataset_input(self.spec["dataset"], self.spec["data_dir"], str(tags["data_md5"]))])
+            self._log_data_set(self.spec["dataset"], self.spec["data_dir"], str(tags["data_md5"]))
         return self.run_id
+
+    def _log_data_set(self, name: str, folder: str, md5: str, attempts: int = 5) -> None:
+        """Log the data set as the run's input. Runs starting at the same moment race on MLflow's
+        one row per (experiment, data set, digest): the loser's insert fails on the unique
+        constraint (seen with 16 concurrent jobs on SQLite), and its retry finds the row and
+        links it."""
+        for attempt in range(attempts):
+            try:
+                _retry(self.client.log_inputs, self.run_id, [_dataset_input(name, folder, md5)])
+                return
+            except Exception as e:  # noqa: BLE001 - only the race is retried, the rest re-raised
+                text = str(e).lower()
+                if ("unique constraint" not in text and "integrityerror" not in text) or attempt == attempts - 1:
+                    raise
+                print(f"[{self.spec['id']}] MLflow: data set {name} was being recorded by another run "
+                      f"at the same moment; retrying", file=sys.stderr, flush=True)
+                time.sleep(0.2 * (attempt + 1))
 
     def logged_epochs(self, budget_s: float = RETRY_BUDGET_S) -> set[int]:
         return {m.step for m in _retry(self.client.get_metric_history, self.run_id, "test_error", budget_s=budget_s)}
