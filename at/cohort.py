@@ -16,9 +16,9 @@ reaches them — the replayed batches are identical, so nothing changes for them
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,15 +38,6 @@ CUDA_FINITE_CHECK_EVERY = 50
 
 class Interrupted(Exception):
     """SIGTERM arrived; the members saved their positions and the process must exit for a retry."""
-
-
-@dataclass
-class Plan:
-    """What each run of a cohort needs: nothing (finished), its outputs re-written from its final
-    state, to resume, or to start."""
-
-    finished: list[dict] = field(default_factory=list)
-    messages: list[str] = field(default_factory=list)
 
 
 def weights_sha256(state_dict: dict) -> str:
@@ -307,7 +298,6 @@ def run(specs: list[dict], arithmetic: Arithmetic, *, progress: bool = True, for
 
 
 def _read_metrics(out: Path) -> dict:
-    import json
     return json.loads((Path(out) / "metrics.json").read_text())
 
 

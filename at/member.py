@@ -104,6 +104,7 @@ class Member:
         self.elapsed_s = 0.0
         self.mlflow_run_id: str | None = None
         self.partial: dict | None = None
+        self.last_terms: dict = {}   # the last step's weighted terms, for a divergence message
         self.tracker = None
 
     # -- position and state ---------------------------------------------------------------------
@@ -218,7 +219,7 @@ class Member:
         if bool(torch.isfinite(value)):
             return
         where = (f"step {self.step}" if loss is not None else f"between steps {since_step + 1} and {self.step}")
-        terms = {k: float(v) for k, v in getattr(self, "last_terms", {}).items()}
+        terms = {k: float(v) for k, v in self.last_terms.items()}
         raise TrainingDiverged(
             f"run {self.id}: loss became {float(value)} at epoch {self.epoch + 1}, {where} "
             f"(terms {terms}, lr {self.lr(self.epoch)}); stopping instead of training on")
