@@ -152,6 +152,31 @@ def load_resume_state(out: Path, run_id: str) -> dict | None:
     return None
 
 
+def started_precision(specs: list[dict]) -> str | None:
+    """The precision the runs of ``specs`` were started in, read from their resume states (None
+    where none has one). A run must not change arithmetic halfway: ``auto`` resolves by machine,
+    and a job requeued on another node, or a pipeline resumed on another laptop, may resolve it
+    differently. States saved for another spec do not count (they are discarded anyway); runs
+    started in different precisions cannot continue as one cohort."""
+    started: dict[str, str] = {}
+    for spec in specs:
+        out = Path(spec["out_dir"])
+        for path in (out / "last.pt", out / "last.prev.pt"):
+            try:
+                saved = checkpoint.load(path) if path.exists() else None
+            except checkpoint.CheckpointError:
+                saved = None   # load_resume_state reports it, when the cohort starts
+            if saved is not None:
+                if saved.get("spec") == spec and saved.get("precision"):
+                    started[spec["id"]] = saved["precision"]
+                break
+    if len(set(started.values())) > 1:
+        listed = ", ".join(f"{run} in {p}" for run, p in sorted(started.items()))
+        raise ValueError(f"these runs were started in different precisions and cannot resume as one "
+                         f"cohort: {listed}; resume them separately, or retrain with --force")
+    return next(iter(started.values()), None)
+
+
 def _saved_state(member_out: Path, spec: dict, teacher_sha256, force: bool) -> tuple[str, dict | None]:
     """What a run's folder holds for this spec: ("finished" | "final" | "resume" | "fresh", state)."""
     out = Path(member_out)

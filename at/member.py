@@ -138,6 +138,8 @@ class Member:
             "rng": {**self.rng, "data": stream_state["data"]},
             "perm": stream_state["perm"] if self.step > 0 else None,
             "history": self.history, "elapsed_s": self.elapsed_s, "mlflow_run_id": self.mlflow_run_id,
+            # a run resumes in the arithmetic it started in (at.cohort.started_precision)
+            "precision": self.arithmetic.precision,
         }
 
     def load_state(self, saved: dict) -> None:

@@ -58,10 +58,23 @@ class Options:
             raise ValueError(f"--device {self.device}: only cpu and cuda are supported")
         return device
 
-    def arithmetic(self, specs: list[dict]) -> Arithmetic:
+    def arithmetic(self, specs: list[dict], force: bool = False) -> Arithmetic:
+        """The device and precision of a cohort. A resumed run keeps the precision it started
+        in where the request is ``auto``; an explicit other precision is refused, because one
+        run in two arithmetics would be recorded as neither."""
         device = self.resolve_device()
         wanted = self.precision or specs[0]["protocol"].get("precision", "auto")
-        return Arithmetic(device, resolve_precision(wanted, device))
+        precision = resolve_precision(wanted, device)
+        started = None if force else cohort_loop.started_precision(specs)
+        if started is not None and started != precision:
+            if wanted != "auto":
+                raise ValueError(f"run {specs[0]['id']} was started in {started}: resuming it in {wanted} "
+                                 f"would mix two arithmetics in one run; resume with --precision "
+                                 f"{started}, or retrain with --force")
+            print(f"resuming in {started}, the precision these runs started in (auto here would be "
+                  f"{precision})", flush=True)
+            precision = started
+        return Arithmetic(device, precision)
 
 
 class _SigtermFlag:
@@ -93,7 +106,7 @@ def train_cohort(specs: list[dict], options: Options | None = None, force: bool 
         raise ValueError("a cohort needs at least one run")
     for spec in specs:
         validate_protocol(spec["protocol"], f"run {spec['id']}: protocol")
-    arithmetic = options.arithmetic(specs)
+    arithmetic = options.arithmetic(specs, force)
     if options.threads:
         torch.set_num_threads(options.threads)
     if arithmetic.device.type == "cuda":

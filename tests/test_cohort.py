@@ -27,7 +27,7 @@ import yaml
 from at import checkpoint, cohort, params as params_mod
 from at.data import sources
 from at.data.stream import DataStream, stream_key
-from at.precision import Arithmetic
+from at.precision import Arithmetic, resolve as resolve_precision
 from at.train import EXIT_INTERRUPTED, Options, train, train_cohort
 
 REPO = Path(__file__).resolve().parents[1]
@@ -388,3 +388,42 @@ def test_a_teacher_checkpoint_of_another_model_is_refused(tmp_path, cifar_mini_d
     with pytest.raises(checkpoint.CheckpointError, match="holds a 'wrn-10-2', but run test/s expects teacher 'wrn-16-2'"):
         train(spec, Options(progress=False, threads=1))
     assert not (tmp_path / "s").exists(), "no empty run folder may stay behind"
+
+
+# ------------------------------------------------------------------------------------------------
+# Precision across a resume
+
+
+def _started_in(precision: str, out: Path, data_dir: Path) -> dict:
+    """A run stopped after its first step, trained in ``precision`` (its protocol asks for auto)."""
+    spec = make_spec(out, data_dir, "wrn-10-1", "baseline", epochs=1, precision="auto",
+                     train_subset=64, test_subset=64)
+    with pytest.raises(cohort.Interrupted):
+        cohort.run([spec], Arithmetic(torch.device("cpu"), precision), progress=False,
+                   sigterm=StopAfter(0), tracking=False)
+    assert checkpoint.load(out / "last.pt")["precision"] == precision
+    return spec
+
+
+def test_a_resumed_run_keeps_the_precision_it_started_in(tmp_path, cifar_mini_dir, capsys):
+    # the precision that auto does not mean on this machine, as on another node of a cluster
+    here = resolve_precision("auto", torch.device("cpu"))
+    other = "float32" if here == "bf16" else "bf16"
+    spec = _started_in(other, tmp_path / "run", cifar_mini_dir)
+    capsys.readouterr()
+
+    with pytest.raises(ValueError, match=f"started in {other}.*--precision {other}"):
+        train(spec, Options(progress=False, threads=1, precision=here))
+    assert train(spec, Options(progress=False, threads=1))["precision"] == other
+    assert f"resuming in {other}" in capsys.readouterr().out
+    # --force starts again, in what auto means here
+    assert train(spec, Options(progress=False, threads=1), force=True)["precision"] == here
+
+
+def test_runs_started_in_different_precisions_cannot_resume_as_one_cohort(tmp_path, cifar_mini_dir):
+    a = _started_in("float32", tmp_path / "a", cifar_mini_dir)
+    b = _started_in("bf16", tmp_path / "b", cifar_mini_dir)
+    with pytest.raises(ValueError, match="different precisions.*a in float32.*b in bf16"):
+        cohort.started_precision([a, b])
+    # a state saved for another spec is discarded on resume, so it does not bind the precision
+    assert cohort.started_precision([{**b, "seed": 1}]) is None
