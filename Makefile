@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# One pytest worker per CPU (pytest-xdist); TEST_WORKERS=0 runs the suite in one process. The
+# real-SLURM tests share one cluster, so they stay together on one worker (--dist loadgroup).
+TEST_WORKERS ?= auto
+
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 pipeline: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash workflow/smoke.sh
