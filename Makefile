@@ -15,12 +15,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# One pytest worker per CPU (pytest-xdist); TEST_WORKERS=0 runs the suite in one process. The
-# real-SLURM tests share one cluster, so they stay together on one worker (--dist loadgroup).
+# One pytest worker per CPU (pytest-xdist), then the real-SLURM tests in a process of their own
+# (tests/run.sh says why); TEST_WORKERS=0 runs the first part in one process too.
 TEST_WORKERS ?= auto
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	TEST_WORKERS=$(TEST_WORKERS) PYTHON=$(BIN)/python tests/run.sh $(PYTEST_ARGS)
 
 pipeline: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash workflow/smoke.sh

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-# one cluster per pytest process: under pytest-xdist these tests share a worker
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def write(path: Path, text: str) -> None:

@@ -28,8 +28,7 @@ from at import checkpoint
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_pipeline import _env, _sh, copy_repository  # noqa: E402  (the same copy as the local e2e)
 
-# one cluster per pytest process: under pytest-xdist these tests share a worker
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def _env_for(cluster, root: Path) -> dict:
