@@ -316,6 +316,7 @@ def cohorts(params: dict, profile: str | None = None) -> list[dict]:
             chunk = members[start:start + limit]
             found.append({
                 "id": f"{segment}/{model}/seed{seed}/cohort{n}", "profile": profile, "level": level,
+                "seed": seed,
                 "runs": [r["id"] for r in chunk],
                 "teacher_runs": sorted({r["teacher_run"] for r in chunk if r["teacher_run"]}),
                 "dataset": chunk[0]["dataset"],

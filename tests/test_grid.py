@@ -291,22 +291,22 @@ def test_a_table_no_paper_has_is_valid_and_its_runs_are_in_the_grid(params, tmp_
 def test_the_mini_profile_is_the_laptop_evidence_the_results_are_made_of(real_params):
     """The committed results/mini/ are only worth what this grid is: Table 1's WRN-16-1 <- WRN-16-2
     row and Table 2 on the whole mini subset, 30 epochs with the lr cut after 9, 18 and 24
-    epochs, 3 seeds, every method paired with its own seed's baseline in one cohort."""
+    epochs, 5 seeds, every method paired with its own seed's baseline in one cohort."""
     runs = grid.runs(real_params, "mini")
     cells = {(c["table"], c["row"], c["column"]) for r in runs for c in r["cells"]}
     assert {t for t, _, _ in cells} == {"table1", "table2"}
     assert {r for t, r, _ in cells if t == "table1"} == {"wrn-16-1_from_wrn-16-2"}
     assert {c for t, _, c in cells if t == "table1"} == {"student", "at", "factt", "kd", "at+kd", "teacher"}
     assert {r for t, r, _ in cells if t == "table2"} == set(real_params["tables"]["table2"]["rows"])
-    assert sorted({r["seed"] for r in runs}) == [0, 1, 2]
-    assert len(runs) == 27   # per seed: the teacher, the baseline, 7 methods
+    assert sorted({r["seed"] for r in runs}) == [0, 1, 2, 3, 4]
+    assert len(runs) == 45   # per seed: the teacher, the baseline, 7 methods
     for run in runs:
         protocol = grid.protocol_of(real_params, run)
         assert (protocol["epochs"], protocol["lr_drops"], protocol["lr_gamma"], protocol["batch_size"]) == \
             (30, [9, 18, 24], 0.2, 128)
         assert (protocol["train_subset"], protocol["test_subset"], protocol["precision"]) == (None, None, "auto")
     students = [c for c in grid.cohorts(real_params, "mini") if c["level"] > 0]
-    assert len(students) == 3
+    assert len(students) == 5
     for c in students:
         seeds = {r["seed"] for r in runs if r["id"] in c["runs"]}
         methods = {r["method_name"] for r in runs if r["id"] in c["runs"]}
