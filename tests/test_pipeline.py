@@ -100,7 +100,8 @@ def parse_dry_run(text: str) -> list[dict]:
     for line in text.splitlines():
         head = line.strip()
         if head.startswith(("rule ", "localrule ")) and head.endswith(":"):
-            job = {"rule": head.split()[1].rstrip(":"), "input": [], "output": [], "wildcards": {}, "shell": None}
+            job = {"rule": head.split()[1].rstrip(":"), "input": [], "output": [], "wildcards": {}, "shell": None,
+                   "priority": 0}  # Snakemake prints a priority only where it is not 0
             jobs.append(job)
         elif job is None:
             continue
@@ -110,6 +111,8 @@ def parse_dry_run(text: str) -> list[dict]:
                 job[key] = value.split(", ")
             elif key == "wildcards":
                 job["wildcards"] = dict(item.split("=", 1) for item in value.split(", "))
+            elif key == "priority":
+                job["priority"] = int(value)
         elif line.startswith("Shell command: "):
             job["shell"] = line[len("Shell command: "):]
     stats = {}
@@ -236,6 +239,17 @@ def test_snakemake_dry_run_trains_every_run_of_the_grid_in_cohorts(snakemake_pap
     assert len(first["runs"]) == 8 and first["teacher_runs"] == ["cifar10/wrn-16-2/baseline/seed0"]
     tables = {c["table"] for r in grid_paper_runs for c in r["cells"]}
     assert tables == {"table1", "table2", "table3", "table4"}  # ImageNet: no folder given
+
+
+def test_snakemake_runs_the_grid_seed_by_seed(snakemake_paper_jobs, grid_paper_cohorts):
+    # a lower seed's job outranks a higher seed's whenever both are ready: a grid cut short (a
+    # laptop running out of time) has whole seeds, each teacher with all of its students
+    train = _train_jobs(snakemake_paper_jobs)
+    seeds = {c["id"]: c["seed"] for c in grid_paper_cohorts}
+    assert sorted(set(seeds.values())) == [0, 1, 2]
+    for cohort_id, job in train.items():
+        assert f"/seed{seeds[cohort_id]}/" in cohort_id
+        assert job["priority"] == 2 - seeds[cohort_id], (cohort_id, job["priority"])
 
 
 def test_dvc_stages_are_the_snakemake_jobs(paper_copy, snakemake_paper_jobs, grid_paper_cohorts):
