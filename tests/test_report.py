@@ -322,6 +322,39 @@ def test_not_run_table_and_unfilled_cells(rendered):
     assert "no cell of this table has a finished run paired with its baseline" in readme
 
 
+def test_a_profile_that_chooses_rows_shows_just_those(grid, tmp_path):
+    # the mini profile runs one pair of Table 1: the other three are its choice, named once,
+    # never 18 "not run" rows in the table nor empty panels in its figures
+    runs, _ = grid
+    params = real_params()
+    chosen = grid_tables(params, "mini")
+    assert chosen["table1"]["rows"] == [T1ROW]
+    assert chosen["table1"]["omitted"] == [r for r in params["tables"]["table1"]["rows"] if r != T1ROW]
+    assert chosen["table2"]["omitted"] == [] and grid_tables(params, "smoke")["table1"]["omitted"] == []
+    context = make_context(tables=chosen)
+    report.render(runs, tmp_path, context)
+    t1 = read_csv(tmp_path / "table1.csv")
+    assert {row for row, _ in t1} == {T1ROW} and len(t1) == 6
+    others = "NIN-thin, 0.2M / NIN-wide, 1M; WRN-16-1, 0.2M / WRN-40-1, 0.6M; WRN-16-2, 0.7M / WRN-40-2, 2.2M"
+    md = (tmp_path / "table1.md").read_text()
+    data_lines = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(data_lines) == 6 and all(line.startswith("| WRN-16-1, 0.2M | WRN-16-2, 0.7M |") for line in data_lines)
+    assert f"Rows this profile does not run (not shown): {others}." in md
+    readme = (tmp_path / "README.md").read_text()
+    assert f"this profile runs 1 of its rows; not shown: {others}" in readme
+    # the fake grid has no AT+KD run: of the 6 cells shown, not of 24
+    assert "table1: no run of this profile's grid fills 1 of 6 cells: WRN-16-1, 0.2M / WRN-16-2, 0.7M: AT+KD\n" in readme
+    # one panel per chosen row, and no reference bar of a row not shown
+    summaries, checked = summaries_of(runs, context)
+    layout = checked.tables["table1"]
+    assert layout.omitted_rows and list(layout.rows) == [T1ROW]
+    assert {r for r, _ in layout.reference} == {T1ROW}
+    series, _ = figures.curve_series(summaries)
+    curves = figures.curves_figure(series, layout, DESC)
+    assert [ax.get_title() for ax in curves.get_axes() if ax.get_visible()] == ["WRN-16-1, 0.2M / WRN-16-2, 0.7M"]
+    assert len(figures.bars_figure(summaries["table1"], layout, DESC).get_axes()) == 1
+
+
 def test_epoch_is_stated(rendered):
     tmp_path, runs, context = rendered
     assert "Reported epoch: the last one, epoch 2" in (tmp_path / "table1.md").read_text()

@@ -43,6 +43,9 @@ def _readme(summaries: dict[str, list[CellSummary]], results: list[RunResult], c
     for name, layout in context.tables.items():
         if name in context.not_run:
             gaps.append(f"- {layout.title}: not run: {context.not_run[name]}")
+        elif layout.omitted_rows:
+            gaps.append(f"- {layout.title}: this profile runs {len(layout.rows)} of its rows; not shown: "
+                        + "; ".join(layout.omitted_rows))
     for r in results:
         if r.missing:
             cells = ", ".join("/".join(c) for c in r.cells)

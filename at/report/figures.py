@@ -97,9 +97,11 @@ def curves_figure(series: dict, layout: TableLayout, description: str):
     from matplotlib.ticker import MaxNLocator
 
     colors = _method_colors(list(layout.columns))
-    fig = new_figure(10, 7.5)
     n_rows = len(layout.rows)
-    axes = fig.subplots((n_rows + 1) // 2, 2, squeeze=False).ravel()
+    columns = min(2, n_rows)   # one pair (a profile that runs one row) gets the whole width
+    grid_rows = -(-n_rows // columns)
+    fig = new_figure(5 * columns + 1, 3.5 * grid_rows + 0.5)
+    axes = fig.subplots(grid_rows, columns, squeeze=False).ravel()
     for ax in axes[n_rows:]:
         ax.set_visible(False)
     for ax, row in zip(axes, layout.rows):
@@ -127,7 +129,7 @@ def curves_figure(series: dict, layout: TableLayout, description: str):
 
 def bars_figure(cells: list[CellSummary], layout: TableLayout, description: str):
     columns = list(layout.columns)
-    fig = new_figure(13, 4.2)
+    fig = new_figure(max(7.0, 3.25 * len(layout.rows)), 4.2)
     axes = fig.subplots(1, len(layout.rows), squeeze=False, sharey=True).ravel()
     by_key = {(c.row, c.column): c for c in cells}
     x = np.arange(len(columns), dtype=float)
@@ -159,7 +161,10 @@ def bars_figure(cells: list[CellSummary], layout: TableLayout, description: str)
         ax.set_title(layout.rows[row]["label"], fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("test error (%)")
-    axes[0].legend(fontsize=8)
+    # the legend goes in a band above the tallest bar, where it can cover none
+    top = axes[0].get_ylim()[1]
+    axes[0].set_ylim(top=top * 1.18)
+    axes[0].legend(fontsize=8, loc="upper right", ncols=2)
     set_title(fig, f"Table 1: ours against the reference\n{description}")
     return fig
 

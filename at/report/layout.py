@@ -5,6 +5,10 @@ params.yaml decides which tables, rows and columns exist; a reference only adds 
 numbers. A row or column of params.yaml that the reference lacks is shown under its key, with
 no reference number; a reference row or column the grid lacks is shown too (its cells are "not
 run"), so that no published number silently disappears from the report.
+
+A profile that chooses some rows of a table (its `rows` key, e.g. the mini profile's one pair of
+Table 1) shows just those: the other rows are a choice, not a gap, so they are named once
+(`omitted_rows`) instead of filling the table and its figures with "not run".
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class TableLayout:
     rows: dict[str, dict[str, str]]   # row key -> {"label": ..., one text per row_header}
     columns: dict[str, str]           # column key -> label
     reference: dict[tuple[str, str], float]
+    omitted_rows: tuple[str, ...] = ()  # labels of the rows the profile chose not to run
 
     def cells(self) -> list[tuple[str, str]]:
         """(row, column) in display order: row by row."""
@@ -42,17 +47,22 @@ def _union(first: list[str], then: list[str]) -> list[str]:
 
 
 def table_layout(name: str, rows: list[str], columns: list[str],
-                 reference: ReferenceTable | None) -> TableLayout:
-    """The layout of one grid table (its rows and columns in params.yaml's order)."""
+                 reference: ReferenceTable | None, omitted: list[str] = ()) -> TableLayout:
+    """The layout of one grid table (its rows and columns in params.yaml's order).
+
+    omitted: params.yaml's rows that the profile leaves out; when there are any, the rows shown
+    are exactly ``rows`` (the reference's other rows are omitted too).
+    """
     if reference is None:
         return TableLayout(
             name=name, title=name,
             caption="A table of params.yaml with no published reference numbers.",
             dataset=None, citation=None, row_header=("row",), column_header="column",
             rows={r: {"label": r, "row": r} for r in rows}, columns={c: c for c in columns},
-            reference={},
+            reference={}, omitted_rows=tuple(omitted),
         )
-    row_keys = _union(list(rows), list(reference.rows))
+    row_keys = list(rows) if omitted else _union(list(rows), list(reference.rows))
+    left_out = [r for r in _union(list(omitted), list(reference.rows)) if r not in row_keys] if omitted else []
     column_keys = _union(list(columns), list(reference.columns))
     shown_rows = {}
     for r in row_keys:
@@ -63,7 +73,8 @@ def table_layout(name: str, rows: list[str], columns: list[str],
         citation=reference.citation(), row_header=reference.row_header,
         column_header=reference.column_header, rows=shown_rows,
         columns={c: reference.columns.get(c, c) for c in column_keys},
-        reference={(r, c): v for r, cs in reference.values.items() for c, v in cs.items()},
+        reference={(r, c): v for r, cs in reference.values.items() for c, v in cs.items() if r in shown_rows},
+        omitted_rows=tuple(reference.rows[r]["label"] if r in reference.rows else r for r in left_out),
     )
 
 
@@ -71,16 +82,22 @@ def layouts(grid_tables: dict[str, dict], references: dict[str, ReferenceTable]
             ) -> dict[str, TableLayout]:
     """{table: layout} for every table of the grid, in params.yaml's order.
 
-    grid_tables: {table: {"rows": [row keys], "columns": [column keys]}}, as params.yaml has them.
+    grid_tables: {table: {"rows": [row keys], "columns": [column keys], "omitted": [row keys]}},
+    as params.yaml and the profile have them ("omitted" optional: no row left out).
     """
-    return {name: table_layout(name, list(spec["rows"]), list(spec["columns"]), references.get(name))
+    return {name: table_layout(name, list(spec["rows"]), list(spec["columns"]), references.get(name),
+                               list(spec.get("omitted") or []))
             for name, spec in grid_tables.items()}
 
 
 def grid_tables(params: dict, profile: str | None = None) -> dict[str, dict]:
     """The rows and columns of every table of params.yaml (the rows the profile runs, where it
-    selects some with its `rows` key): what `layouts` takes."""
+    selects some with its `rows` key, and the rows it leaves out): what `layouts` takes."""
     selected = ((params.get("profiles") or {}).get(profile) or {}).get("rows") or {} if profile else {}
-    return {name: {"rows": [r for r in (spec.get("rows") or {}) if name not in selected or r in selected[name]],
-                   "columns": list(spec.get("columns") or {})}
-            for name, spec in (params.get("tables") or {}).items()}
+    found = {}
+    for name, spec in (params.get("tables") or {}).items():
+        rows = list(spec.get("rows") or {})
+        chosen = [r for r in rows if name not in selected or r in selected[name]]
+        found[name] = {"rows": chosen, "columns": list(spec.get("columns") or {}),
+                       "omitted": [r for r in rows if r not in chosen]}
+    return found

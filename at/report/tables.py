@@ -79,6 +79,8 @@ def _table_notes(layout: TableLayout, cells: list[CellSummary], context: Context
             baselines.setdefault(c.baseline.label, []).append(c.label)
     for label, of in baselines.items():
         notes.append(f"Baseline {label}: of {'; '.join(of)}.")
+    if layout.omitted_rows:
+        notes.append("Rows this profile does not run (not shown): " + "; ".join(layout.omitted_rows) + ".")
     reasons = sorted({c.not_run_reason for c in cells if c.not_run_reason})
     if cells and all(c.status == "not run" for c in cells):
         notes.append(f"Not run in this profile: {reasons[0] if len(reasons) == 1 else '; '.join(reasons)}.")
