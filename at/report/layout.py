@@ -61,8 +61,11 @@ def table_layout(name: str, rows: list[str], columns: list[str],
             rows={r: {"label": r, "row": r} for r in rows}, columns={c: c for c in columns},
             reference={}, omitted_rows=tuple(omitted),
         )
-    row_keys = list(rows) if omitted else _union(list(rows), list(reference.rows))
-    left_out = [r for r in _union(list(omitted), list(reference.rows)) if r not in row_keys] if omitted else []
+    if omitted:   # the profile chose its rows: show just those, name every other row once
+        row_keys = list(rows)
+        left_out = [r for r in _union(list(omitted), list(reference.rows)) if r not in row_keys]
+    else:
+        row_keys, left_out = _union(list(rows), list(reference.rows)), []
     column_keys = _union(list(columns), list(reference.columns))
     shown_rows = {}
     for r in row_keys:
