@@ -1,4 +1,9 @@
-"""Command line: ``python -m at download|train|tracking-init ...``."""
+"""Command line of attention-transfer: ``python -m at COMMAND``.
+
+download (fetch, verify and unpack a data set), train (a cohort or run of the grid, a spec file,
+or one run from arguments), runs (list the grid's runs or cohorts), report (tables and figures
+into results/<profile>), dvc (write dvc.yaml for a profile), tracking-init (create the MLflow
+store and experiment). `python -m at COMMAND --help` says more."""
 
 from __future__ import annotations
 
@@ -12,7 +17,10 @@ import yaml
 from at import params as params_mod
 
 
-def _spec_from_args(args, params: dict) -> dict:
+def _spec_from_args(args, params: dict):
+    from at import grid
+    from at.spec import RunSpec
+
     protocol = params_mod.protocol(params, args.protocol)
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                  "train_subset": args.train_subset, "test_subset": args.test_subset,
@@ -29,10 +37,11 @@ def _spec_from_args(args, params: dict) -> dict:
         if requires_teacher(method):
             teacher = checkpoint.load(args.teacher_checkpoint)["spec"]["student"]
     out = Path(args.out)
-    return {
+    source = params_mod.data_source(params, args.dataset)
+    return RunSpec.resolve({
         "id": args.id or out.as_posix(),
-        "dataset": "cifar10",
-        "data_dir": args.data_dir,
+        "dataset": args.dataset,
+        "data_dir": args.data_dir or grid.data_dir(args.dataset, params),
         "student": args.student,
         "teacher": teacher,
         "teacher_checkpoint": args.teacher_checkpoint,
@@ -40,13 +49,13 @@ def _spec_from_args(args, params: dict) -> dict:
         "method": method,
         "seed": args.seed,
         "out_dir": out.as_posix(),
-        "num_classes": 10,
+        "num_classes": source["num_classes"],
         "protocol": protocol,
-        "profile": "custom",
-    }
+        "plugins": params.get("plugins") or [],
+    })
 
 
-def _train_specs(args) -> list[dict]:
+def _train_specs(args) -> list:
     """The runs that `train` trains: a cohort of the grid, one run of the grid, a spec file
     (one spec, or a list of specs sharing a data stream), or one run from plain arguments."""
     from at import grid
@@ -58,21 +67,23 @@ def _train_specs(args) -> list[dict]:
             return [grid.run_spec(params, run_id, profile) for run_id in cohort["runs"]]
         return [grid.run_spec(params, args.run, profile)]
     if args.spec:
+        from at.spec import RunSpec
+
         loaded = yaml.safe_load(Path(args.spec).read_text())
-        return loaded if isinstance(loaded, list) else [loaded]
+        return [RunSpec.resolve(s) for s in (loaded if isinstance(loaded, list) else [loaded])]
     if not args.student or not args.out:
         raise ValueError("train needs --cohort ID, --run ID, --spec FILE, or --student and --out")
     spec = _spec_from_args(args, params_mod.load(args.params))
-    if args.teacher_checkpoint and not spec["teacher"]:
-        raise ValueError(f"--teacher-checkpoint given, but method {spec['method_name']!r} uses no teacher: "
+    if args.teacher_checkpoint and not spec.teacher:
+        raise ValueError(f"--teacher-checkpoint given, but method {spec.method_name!r} uses no teacher: "
                          f"drop it or choose a method that distils (--method)")
     return [spec]
 
 
-def _warn_about(specs: list[dict]) -> None:
+def _warn_about(specs: list) -> None:
     for spec in specs:
-        if spec["dataset"].startswith("cifar") and spec["student"].startswith("resnet"):
-            print(f"warning: run {spec['id']}: {spec['student']} is an ImageNet architecture (stride-2 stem "
+        if spec.dataset.startswith("cifar") and spec.student.startswith("resnet"):
+            print(f"warning: run {spec.id}: {spec.student} is an ImageNet architecture (stride-2 stem "
                   f"and max-pool): on 32x32 CIFAR images its last stage sees 1x1 maps", file=sys.stderr)
 
 
@@ -170,7 +181,7 @@ def cmd_report(args) -> int:
                "references": references.load(args.references or references.path_beside(args.params)),
                "data_md5": {d: expected_data_md5(d, grid.data_dir(d, params)) for d in sorted({r["dataset"] for r in runs})}}
     # each run with its protocol's planned epochs: the report refuses a metrics.json that differs
-    planned = [{**run, "epochs": grid.protocol_of(params, run)["epochs"]} for run in runs]
+    planned = [{**run, "epochs": grid.protocol_of(params, run).epochs} for run in runs]
     written = report.render(planned, grid.report_dir(profile), context)
     print(f"report: {len(written)} files in {grid.report_dir(profile)}")
     from at import tracking
@@ -237,7 +248,11 @@ def cmd_tracking_init(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m at", description=__doc__)
+    from at.data.augment import AUGMENTATIONS
+    from at.precision import PRECISIONS
+
+    parser = argparse.ArgumentParser(prog="python -m at", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="the experiment definition (default: params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -258,7 +273,9 @@ def main(argv=None) -> int:
     what.add_argument("--method", help="a method of params.yaml (default: baseline)")
     what.add_argument("--out", help="the run's folder")
     what.add_argument("--id", help="run id (default: the folder)")
-    what.add_argument("--data-dir", default="data/cifar10")
+    what.add_argument("--dataset", default="cifar10",
+                      help="a data set of params.yaml's data section (default: cifar10)")
+    what.add_argument("--data-dir", help="the prepared data folder (default: data/<dataset>)")
     what.add_argument("--seed", type=int, default=0)
     what.add_argument("--protocol", default="cifar", help="a protocol of params.yaml")
     what.add_argument("--epochs", type=int)
@@ -267,10 +284,10 @@ def main(argv=None) -> int:
     what.add_argument("--lr-drops", help="comma-separated epochs, e.g. 60,120,160")
     what.add_argument("--train-subset", type=int, help="train on the first N training images")
     what.add_argument("--test-subset", type=int, help="test on the first N test images")
-    what.add_argument("--augment", choices=["crop_flip", "flip", "none"])
+    what.add_argument("--augment", choices=list(AUGMENTATIONS))
     how = p.add_argument_group("how to run it")
     how.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    how.add_argument("--precision", choices=["auto", "float32", "bf16"],
+    how.add_argument("--precision", choices=list(PRECISIONS),
                      help="override the protocol's precision (auto: bf16 + channels_last on CUDA and on "
                           "CPUs with native bf16, else float32)")
     how.add_argument("--force", action="store_true",

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from at import atomic
+from at import atomic, models
+from at.spec import RunSpec
 
 FORMAT = "at-checkpoint"
 VERSION = 1
@@ -87,18 +88,18 @@ def load(path: Path, map_location="cpu", required: tuple[str, ...] = REQUIRED_KE
 
 
 def load_model(path: Path, map_location="cpu"):
-    """Rebuild the trained model of a run from its checkpoint: returns ``(model, spec)``.
-
-    The model comes back in eval mode with the checkpoint's weights.
-    """
-    from at import models
-
+    """Rebuild the trained model of a run from its checkpoint: returns ``(model, spec)``, the
+    spec resolved (at.spec.RunSpec). The model comes back in eval mode with the checkpoint's
+    weights."""
     payload = load(path, map_location)
-    spec = payload["spec"]
-    model = models.build(spec["student"], num_classes=spec.get("num_classes", 10))
+    try:
+        spec = RunSpec.resolve(payload["spec"])
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: its run spec no longer resolves: {e}") from e
+    model = models.build(spec.student, num_classes=spec.num_classes)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path}: weights do not fit model {spec['student']!r}: {e}") from e
+        raise CheckpointError(f"checkpoint {path}: weights do not fit model {spec.student!r}: {e}") from e
     model.eval()
     return model, spec

@@ -56,6 +56,8 @@ def train_params(params: dict, run: dict) -> list[str]:
             f"data.{run['dataset']}.num_classes"]
     if "protocol" in (params["profiles"][run["profile"]] or {}):
         keys.append(f"profiles.{run['profile']}.protocol")
+    if params.get("plugins"):   # the user's modules are part of every spec (at.spec.RunSpec.plugins)
+        keys.append("plugins")
     return keys
 
 

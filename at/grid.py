@@ -1,8 +1,9 @@
 """params.yaml -> the runs of the experiment, with ids, output folders and dependencies.
 
-The Snakefile, dvc.yaml and the report all take their runs from here (DESIGN contract 1), so a
-run, a path or a hyperparameter is spelled in params.yaml and nowhere else. A run is a pure
-function of its spec: the same params give the same ids and paths (contract 2).
+The Snakefile, dvc.yaml and the report all take their runs from here, so a run, a path or a
+hyperparameter is spelled in params.yaml and nowhere else; what a run computes is its
+:class:`at.spec.RunSpec` (:func:`run_spec`), resolved once. A run is a pure function of its
+spec: the same params give the same ids and paths (docs/interfaces.md).
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ from pathlib import Path
 
 from at import models, schema
 from at.data import datasets as data_sets
+from at.errors import ParamsError
 from at.method import requires_teacher
-from at.params import ParamsError, method as resolve_method
+from at.params import method as resolve_method
+from at.spec import Protocol, RunSpec, default_data_dir
 
 RUNS_ROOT = "runs"
 RESULTS_ROOT = "results"
 CELL_KEYS = {"dataset", "protocol", "student", "teacher", "method", "train", "weights",
              "teacher_weights", "metric"}
-WEIGHTS = (None, "imagenet")
-MODEL_FORMS = ["wrn-D-K (D = 6n+4)", "nin-thin", "nin-wide", "nin-thin-nobn", "nin-wide-nobn", "resnet18", "resnet34"]
 
 
 def _fail(key: str, problem: str, allowed=None) -> ParamsError:
@@ -92,19 +93,24 @@ def _validate_references(params: dict) -> None:
                                protocols[cell["protocol"]])
         for model in table.get("teachers") or []:
             if not models.is_known(model):
-                raise _fail(f"tables.{table_name}.teachers", f"unknown model {model!r}", MODEL_FORMS)
+                raise _fail(f"tables.{table_name}.teachers", f"unknown model {model!r}; allowed: "
+                            f"{models.allowed_forms()}")
             for k in ("dataset", "protocol"):
                 if k not in table:
                     raise _fail(f"tables.{table_name}", f"`teachers` needs the table's {k}")
     for profile in profiles:
-        # resolving every run also checks that each student's teacher is trained by the grid
+        # listing every run checks that each student's teacher is trained by the grid; resolving
+        # its spec checks the run as the trainer will read it (a profile's protocol included)
         for run in runs(params, profile):
-            _check_augment(f"profiles.{profile}, run {run['id']}", run["dataset"], protocol_of(params, run))
+            try:
+                run_spec(params, run)
+            except ParamsError as e:
+                raise ParamsError(f"profiles.{profile}, {e}") from None
 
 
 def _check_augment(key: str, dataset: str, protocol: dict) -> None:
     try:
-        data_sets.check_augment(dataset, protocol.get("augment", "crop_flip"))
+        data_sets.check_augment(dataset, Protocol.resolve(protocol, key).augment)
     except ParamsError as e:
         raise _fail(key, str(e)) from None
 
@@ -131,13 +137,12 @@ def _cell(params: dict, table_name: str, row: str, column: str) -> dict:
         raise _fail(f"{key}.method", f"unknown method {cell['method']!r}", methods)
     if cell.get("train", "student") not in ("student", "teacher"):
         raise _fail(f"{key}.train", f"unknown value {cell['train']!r}", ["student", "teacher"])
-    for k in ("weights", "teacher_weights"):
-        if cell.get(k) not in WEIGHTS:
-            raise _fail(f"{key}.{k}", f"unknown weights {cell[k]!r}", ["imagenet"])
-    for k in ("student", "teacher"):
-        if k in cell and not models.is_known(cell[k]):
-            raise _fail(f"{key}.{k}", f"unknown model {cell[k]!r}",
-                        MODEL_FORMS)
+    for k, weights in (("student", "weights"), ("teacher", "teacher_weights")):
+        if k in cell:
+            try:
+                models.check(cell[k], cell.get(weights))
+            except ValueError as e:
+                raise _fail(f"{key}.{k}", str(e)) from None
     if cell.get("train") == "teacher":
         if "teacher" not in cell:
             raise _fail(key, "train: teacher, but no teacher model is given")
@@ -153,7 +158,7 @@ def _cell(params: dict, table_name: str, row: str, column: str) -> dict:
             "method": cell["method"], "metric": cell.get("metric", "top1")}
 
 
-def _segment(params: dict, dataset: str, protocol: str) -> str:
+def _segment(dataset: str, protocol: str) -> str:
     # the data set alone when it runs under its usual protocol, else both: ids stay short and unique
     return dataset if data_sets.usual_protocol(dataset) == protocol else f"{dataset}-{protocol}"
 
@@ -162,11 +167,11 @@ def _model_segment(model: str, weights) -> str:
     return f"{model}-pretrained" if weights else model
 
 
-def run_id(params: dict, dataset, protocol, model, weights, teacher, teacher_weights, method, seed) -> str:
+def run_id(dataset, protocol, model, weights, teacher, teacher_weights, method, seed) -> str:
     who = _model_segment(model, weights)
     if teacher:
         who += "_from_" + _model_segment(teacher, teacher_weights or weights)
-    return f"{_segment(params, dataset, protocol)}/{who}/{method}/seed{seed}"
+    return f"{_segment(dataset, protocol)}/{who}/{method}/seed{seed}"
 
 
 def _tables_of(params: dict, profile: str) -> list[str]:
@@ -205,7 +210,7 @@ def runs(params: dict, profile: str | None = None) -> list[dict]:
     found: dict[str, dict] = {}
 
     def add(cell: dict, seed: int, table: str | None, row: str | None, column: str | None) -> dict:
-        rid = run_id(params, cell["dataset"], cell["protocol"], cell["model"], cell["weights"],
+        rid = run_id(cell["dataset"], cell["protocol"], cell["model"], cell["weights"],
                      cell["teacher"], cell["teacher_weights"], cell["method"], seed)
         run = found.setdefault(rid, {
             "id": rid, "profile": profile, "dataset": cell["dataset"], "protocol_name": cell["protocol"],
@@ -302,7 +307,7 @@ def cohorts(params: dict, profile: str | None = None) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for run in selected:
         level = 0 if run["id"] in teachers else 1
-        segment = _segment(params, run["dataset"], run["protocol_name"])
+        segment = _segment(run["dataset"], run["protocol_name"])
         key = (segment, _model_segment(run["student"], run["weights"]), run["seed"], level)
         groups.setdefault(key, []).append(run)
     found: list[dict] = []
@@ -334,10 +339,11 @@ def find_cohort(params: dict, cohort: str, profile: str | None = None) -> dict:
                 "python -m at runs --cohorts --profile ...")
 
 
-def protocol_of(params: dict, run: dict) -> dict:
+def protocol_of(params: dict, run: dict) -> Protocol:
+    """A run's protocol: its params.yaml protocol, the profile's overrides on top, resolved."""
     protocol = copy.deepcopy(params["protocols"][run["protocol_name"]])
     protocol.update((params["profiles"][run["profile"]] or {}).get("protocol") or {})
-    return protocol
+    return Protocol.resolve(protocol, f"protocols.{run['protocol_name']} (profile {run['profile']})")
 
 
 def resources_of(params: dict, profile: str) -> dict:
@@ -354,7 +360,7 @@ def data_dir(dataset: str, params: dict | None = None) -> str:
             raise ParamsError(f"params.yaml: data.{dataset}.folder: {dataset} is read from a folder you "
                               f"supply; set it to the folder (with train/ and val/ inside)")
         return str(folder)
-    return f"data/{dataset}"
+    return default_data_dir(dataset)
 
 
 def needs_download(params: dict, dataset: str) -> bool:
@@ -368,10 +374,10 @@ def teacher_checkpoint(params: dict, run: dict) -> str | None:
     return f"{RUNS_ROOT}/{run['profile']}/{run['teacher_run']}/checkpoint.pt"
 
 
-def run_spec(params: dict, run: str | dict, profile: str | None = None) -> dict:
-    """The spec that `python -m at train` runs (docs/interfaces.md)."""
+def run_spec(params: dict, run: str | dict, profile: str | None = None) -> RunSpec:
+    """The resolved spec that `python -m at train` runs (docs/interfaces.md)."""
     r = find(params, run, profile) if isinstance(run, str) else run
-    return {
+    return RunSpec.resolve({
         "id": r["id"], "dataset": r["dataset"], "data_dir": data_dir(r["dataset"], params),
         "student": r["student"], "weights": r["weights"],
         "teacher": r["teacher"], "teacher_weights": r["teacher_weights"],
@@ -379,8 +385,9 @@ def run_spec(params: dict, run: str | dict, profile: str | None = None) -> dict:
         "method_name": r["method_name"], "method": params["methods"][r["method_name"]],
         "seed": r["seed"], "out_dir": r["out_dir"],
         "num_classes": params["data"][r["dataset"]]["num_classes"],
-        "protocol": protocol_of(params, r), "profile": r["profile"],
-    }
+        "protocol": protocol_of(params, r).to_dict(), "profile": r["profile"],
+        "plugins": params.get("plugins") or [],
+    })
 
 
 def outputs(run: dict) -> dict[str, str]:

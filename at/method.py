@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 
 import at.terms  # noqa: F401  (registers the built-in term types)
 from at.attention import at_least_float32, forward_with_input_gradient, full_precision
+from at.registry import import_plugins
 from at.term_type import (
     COMMON_KEYS,
     REQUIRED,
@@ -165,23 +165,6 @@ def _known_type(where: str, kind: object) -> TermType:
         raise ValueError(f"{where}: {e}") from None
 
 
-def import_plugins(modules: object) -> None:
-    """Import the modules of a method's `plugins` list: each registers its term types (and
-    attention mappings) at import. They must be importable where the spec is read, i.e. by
-    `python -m at train`: installed, or on PYTHONPATH (the repository root is on it when
-    Snakemake runs the workflow)."""
-    if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
-        raise ValueError(f"method spec: plugins must be a list of importable module names, got {modules!r}")
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except Exception as e:  # one clear line, whatever went wrong inside the plugin
-            raise ValueError(
-                f"method spec: plugin {module!r} could not be imported ({type(e).__name__}: {e}); "
-                "it must be importable by `python -m at train` (installed, or on PYTHONPATH)"
-            ) from e
-
-
 def resolve_method(spec: object) -> list[Term]:
     """Check a method spec and return its terms with defaults filled in (importing its plugins
     first, so that the term types they register are known)."""
@@ -191,7 +174,7 @@ def resolve_method(spec: object) -> list[Term]:
         if key not in SPEC_KEYS:
             raise ValueError(f"method spec: unknown key {key!r}; allowed: {', '.join(SPEC_KEYS)}")
     if "plugins" in spec:
-        import_plugins(spec["plugins"])
+        import_plugins(spec["plugins"], "method spec")
     raw_terms = spec.get("terms")
     if not isinstance(raw_terms, list) or not raw_terms:
         raise ValueError(f"method spec: 'terms' must be a non-empty list, got {raw_terms!r}")
@@ -220,9 +203,13 @@ def requires_teacher(spec: object) -> bool:
     return any(TERM_TYPES[term.type].needs_teacher for term in resolve_method(spec))
 
 
-def term_names(spec: object) -> list[str]:
-    """The keys of StepResult.terms for this method, in spec order."""
-    return [term.name for term in resolve_method(spec)]
+def normalise_method(spec: object) -> dict:
+    """The method spec with every term's defaults written out (name, beta, schedule, options):
+    two specs that differ only in defaults left out or written out give the same dict."""
+    terms = [{"name": term.name, "type": term.type, "beta": term.beta, "schedule": term.schedule,
+              **copy.deepcopy(term.options)} for term in resolve_method(spec)]
+    plugins = spec.get("plugins") if isinstance(spec, dict) else None
+    return {"plugins": list(plugins), "terms": terms} if plugins else {"terms": terms}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +421,7 @@ __all__ = [
     "register_term",
     "requires_teacher",
     "resolve_method",
+    "normalise_method",
     "schedule_factor",
-    "term_names",
     "validate_method",
 ]

@@ -7,15 +7,17 @@ from pathlib import Path
 
 import yaml
 
+from at import schema
+from at.errors import ParamsError
+from at.method import validate_method
+from at.registry import import_plugins
+
 DEFAULT_PATH = Path("params.yaml")
 
 
-class ParamsError(ValueError):
-    """params.yaml is malformed; the message names the key and the allowed values."""
-
-
 def load(path: Path | str = DEFAULT_PATH) -> dict:
-    """The parsed file, checked against params.yaml's schema (at.schema); errors name ``path``."""
+    """The parsed file, checked against params.yaml's schema (at.schema), with the modules of
+    its ``plugins`` imported; errors name ``path``."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run from the repository root or pass --params")
@@ -25,9 +27,13 @@ def load(path: Path | str = DEFAULT_PATH) -> dict:
         raise ParamsError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(params, dict):
         raise ParamsError(f"{path} must hold a mapping at its top level")
-    from at import schema  # it imports ParamsError from here
-
     schema.check(params, str(path))
+    # the user's modules register their models, data sets, term types and mappings before
+    # anything names them
+    try:
+        import_plugins(params.get("plugins") or [], f"{path}: plugins")
+    except ValueError as e:
+        raise ParamsError(str(e)) from None
     return params
 
 
@@ -50,8 +56,6 @@ def data_source(params: dict, dataset: str) -> dict:
 
 
 def method(params: dict, name: str) -> dict:
-    from at.method import validate_method
-
     methods = params.get("methods", {})
     if name not in methods:
         raise ParamsError(f"methods.{name}: unknown method; defined: {', '.join(sorted(methods))}")

@@ -48,8 +48,8 @@ def describe(params: dict, profile: str, runs: list[dict]) -> str:
     if not runs:
         return f"{profile} profile: no runs"
     protocols = [grid.protocol_of(params, r) for r in runs]
-    epochs = sorted({p["epochs"] for p in protocols})
-    subsets = sorted({(p.get("train_subset"), p.get("test_subset")) for p in protocols}, key=str)
+    epochs = sorted({p.epochs for p in protocols})
+    subsets = sorted({(p.train_subset, p.test_subset) for p in protocols}, key=str)
     seeds = sorted({r["seed"] for r in runs})
     parts = [f"{profile} profile", "; ".join(data_description(d, params) for d in sorted({r['dataset'] for r in runs}))]
     for train, test in subsets:

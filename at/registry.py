@@ -9,6 +9,7 @@ registration order); entries are added only through `register`.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
@@ -61,3 +62,21 @@ class Registry(Mapping, Generic[Entry]):
 
     def __repr__(self) -> str:
         return f"Registry({self.what!r}: {', '.join(self._entries)})"
+
+
+def import_plugins(modules: object, where: str = "plugins") -> None:
+    """Import the user's modules named by a `plugins` list (params.yaml's top level, a method,
+    a run spec): each registers its models, data sets, term types or mappings at import. They
+    must be importable where the spec is read, i.e. by `python -m at train`: installed, or on
+    PYTHONPATH (the repository root is on it when Snakemake runs the workflow). ``where`` names
+    the list in the error."""
+    if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) and m for m in modules):
+        raise ValueError(f"{where}: plugins must be a list of importable module names, got {modules!r}")
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # one clear line, whatever went wrong inside the plugin
+            raise ValueError(
+                f"{where}: plugin {module!r} could not be imported ({type(e).__name__}: {e}); "
+                "it must be importable by `python -m at train` (installed, or on PYTHONPATH)"
+            ) from e

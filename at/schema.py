@@ -21,11 +21,10 @@ import math
 
 import jsonschema
 
-from at.params import ParamsError
-
-AUGMENTATIONS = ("crop_flip", "flip", "none", "imagenet")
-BN_WEIGHT_INITS = ("uniform", "ones")
-PRECISIONS = ("auto", "float32", "bf16")
+from at.data.augment import AUGMENTATIONS
+from at.errors import ParamsError
+from at.models.wrn import BN_WEIGHT_INITS
+from at.precision import PRECISIONS
 
 
 def _int(minimum: int, expect: str) -> dict:
@@ -39,28 +38,34 @@ SEEDS = {"type": "array", "minItems": 1, "items": _int(0, "a non-negative intege
          "x-expect": "a non-empty list of non-negative integers"}
 NAMES = {"type": "array", "items": {"type": "string"}, "x-expect": "a list of names"}
 
+# A protocol's keys with their types and ranges and, for the optional ones, their defaults: the
+# one place where a default of the training protocol lives (at.spec.Protocol fills them in).
 PROTOCOL_PROPERTIES = {
     "epochs": POSITIVE_INT,
     "batch_size": POSITIVE_INT,
-    "eval_batch_size": POSITIVE_INT,
+    "eval_batch_size": {**POSITIVE_INT, "default": 512},
     "lr": POSITIVE_NUMBER,
-    "lr_drops": {"type": "array", "items": POSITIVE_INT, "x-expect": "a list of positive epoch numbers"},
+    "lr_drops": {"type": "array", "items": POSITIVE_INT, "x-expect": "a list of positive epoch numbers",
+                 "default": []},
     "lr_gamma": POSITIVE_NUMBER,
-    "momentum": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "x-expect": "a number in [0, 1)"},
-    "nesterov": {"type": "boolean", "x-expect": "true or false"},
-    "weight_decay": {"type": "number", "minimum": 0, "x-expect": "a non-negative number"},
-    "reset_momentum_at_drops": {"type": "boolean", "x-expect": "true or false"},
-    "train_subset": OPTIONAL_POSITIVE_INT,
-    "test_subset": OPTIONAL_POSITIVE_INT,
-    "augment": {"enum": list(AUGMENTATIONS)},
+    "momentum": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "x-expect": "a number in [0, 1)",
+                 "default": 0.9},
+    "nesterov": {"type": "boolean", "x-expect": "true or false", "default": False},
+    "weight_decay": {"type": "number", "minimum": 0, "x-expect": "a non-negative number", "default": 5e-4},
+    # the authors re-create the optimizer at each lr drop, which resets the momentum
+    "reset_momentum_at_drops": {"type": "boolean", "x-expect": "true or false", "default": True},
+    "train_subset": {**OPTIONAL_POSITIVE_INT, "default": None},
+    "test_subset": {**OPTIONAL_POSITIVE_INT, "default": None},
+    "augment": {"enum": list(AUGMENTATIONS), "default": "crop_flip"},
     # BatchNorm weights of WRNs at init: the authors' code draws them from U(0, 1)
-    "bn_weight_init": {"enum": list(BN_WEIGHT_INITS)},
-    "precision": {"enum": list(PRECISIONS)},
+    "bn_weight_init": {"enum": list(BN_WEIGHT_INITS), "default": "uniform"},
+    "precision": {"enum": list(PRECISIONS), "default": "auto"},
 }
 PROTOCOL_KEYS = frozenset(PROTOCOL_PROPERTIES)
-# what a protocol (of params.yaml or a run spec) must give; the other keys have defaults in
-# the trainer (docs/interfaces.md); a profile overrides any subset
-PROTOCOL_REQUIRED = ["epochs", "batch_size", "lr", "lr_gamma"]
+PROTOCOL_DEFAULTS = {k: v["default"] for k, v in PROTOCOL_PROPERTIES.items() if "default" in v}
+# what a protocol (of params.yaml or a run spec) must give: the keys without a default; a
+# profile overrides any subset
+PROTOCOL_REQUIRED = [k for k in PROTOCOL_PROPERTIES if k not in PROTOCOL_DEFAULTS]
 PROTOCOL_SCHEMA = {"type": "object", "properties": PROTOCOL_PROPERTIES, "required": PROTOCOL_REQUIRED,
                    "additionalProperties": False}
 PROTOCOL_OVERRIDE_SCHEMA = {"type": "object", "properties": PROTOCOL_PROPERTIES, "additionalProperties": False}
@@ -87,8 +92,10 @@ TABLE_SCHEMA = {
         "teachers": NAMES,
     },
 }
+# A data set's source: which keys it may have beyond num_classes is the data set's record's
+# (at.data.datasets.check_source checks them); the types of the usual ones are here.
 DATA_SCHEMA = {
-    "type": "object", "additionalProperties": False, "required": ["num_classes"],
+    "type": "object", "additionalProperties": True, "required": ["num_classes"],
     "properties": {
         "url": {"type": ["string", "null"]}, "md5": {"type": ["string", "null"], "pattern": "^[0-9a-f]{32}$",
                                                     "x-expect": "32 lowercase hex digits or null"},
@@ -97,6 +104,10 @@ DATA_SCHEMA = {
         "num_classes": POSITIVE_INT,
     },
 }
+# modules imported before anything else is checked: they register models, data sets, term
+# types or mappings (at.registry) that params.yaml names
+PLUGINS = {"type": "array", "items": {"type": "string", "minLength": 1},
+           "x-expect": "a list of importable module names"}
 PROFILE_SCHEMA = {
     "type": ["object", "null"], "additionalProperties": False,
     "properties": {
@@ -116,13 +127,15 @@ PARAMS_SCHEMA = {
     "required": ["seeds", "data", "protocols", "methods", "tables", "profiles"],
     "properties": {
         "default_profile": {"type": "string"},
+        "plugins": PLUGINS,
         "seeds": SEEDS,
         "data": {"type": "object", "additionalProperties": DATA_SCHEMA},
         "protocols": {"type": "object", "additionalProperties": PROTOCOL_SCHEMA},
         # a method's terms are checked by at.method.validate_method (their keys depend on the type)
         "methods": {"type": "object", "additionalProperties": {
             "type": "object", "required": ["terms"], "additionalProperties": False,
-            "properties": {"terms": {"type": "array", "minItems": 1, "items": {"type": "object"}}}}},
+            "properties": {"terms": {"type": "array", "minItems": 1, "items": {"type": "object"}},
+                           "plugins": PLUGINS}}},
         "tables": {"type": "object", "additionalProperties": TABLE_SCHEMA},
         "resources": {"type": "object", "additionalProperties": False, "properties": {"train": RESOURCES_SCHEMA}},
         "profiles": {"type": "object", "minProperties": 1, "additionalProperties": PROFILE_SCHEMA},

@@ -236,8 +236,8 @@ class RunTracker:
     unless it is FINISHED (a finished run is a result: it is never deleted nor changed).
     """
 
-    def __init__(self, spec: dict, id_file: Path):
-        self.spec = spec
+    def __init__(self, spec, id_file: Path):
+        self.spec = spec   # the run's at.spec.RunSpec
         self.id_file = Path(id_file)
         self.client = _client()
         self.run_id: str | None = None
@@ -254,7 +254,7 @@ class RunTracker:
     def start(self, resume_run_id: str | None, tags: dict) -> str:
         from mlflow.entities import Param, RunTag
 
-        experiment_id = init_store(self.spec.get("profile", "custom"))   # checks the server first
+        experiment_id = init_store(self.spec.profile)   # checks the server first
         status = self._status(resume_run_id) if resume_run_id is not None else None
         if status is not None:
             self.run_id = resume_run_id
@@ -267,19 +267,19 @@ class RunTracker:
             orphan = self.id_file.read_text().strip()
             if self._status(orphan) not in (None, "FINISHED"):
                 _retry(self.client.delete_run, orphan)
-        all_tags = {RUN_ID_TAG: self.spec["id"], "mlflow.runName": self.spec["id"], **tags}
-        run = _retry(self.client.create_run, experiment_id, run_name=self.spec["id"],
+        all_tags = {RUN_ID_TAG: self.spec.id, "mlflow.runName": self.spec.id, **tags}
+        run = _retry(self.client.create_run, experiment_id, run_name=self.spec.id,
                      tags={k: str(v) for k, v in all_tags.items()})
         self.run_id = run.info.run_id
         atomic.write_text(self.id_file, self.run_id)
-        params = _flatten("", {k: v for k, v in self.spec.items() if k != "id"}, {})
+        params = _flatten("", {k: v for k, v in self.spec.to_dict().items() if k != "id"}, {})
         # MLflow caps a param value at 6000 characters and a batch at 100 params
         items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
             _retry(self.client.log_batch, self.run_id, params=items[i:i + 100])
         _retry(self.client.log_batch, self.run_id, tags=[RunTag("checkpoint_path", tags.get("checkpoint_path", ""))])
-        if tags.get("data_md5") and self.spec.get("data_dir"):
-            self._log_data_set(self.spec["dataset"], self.spec["data_dir"], str(tags["data_md5"]))
+        if tags.get("data_md5") and self.spec.data_dir:
+            self._log_data_set(self.spec.dataset, self.spec.data_dir, str(tags["data_md5"]))
         return self.run_id
 
     def _log_data_set(self, name: str, folder: str, md5: str, attempts: int = 5) -> None:
@@ -295,7 +295,7 @@ class RunTracker:
                 text = str(e).lower()
                 if ("unique constraint" not in text and "integrityerror" not in text) or attempt == attempts - 1:
                     raise
-                print(f"[{self.spec['id']}] MLflow: data set {name} was being recorded by another run "
+                print(f"[{self.spec.id}] MLflow: data set {name} was being recorded by another run "
                       f"at the same moment; retrying", file=sys.stderr, flush=True)
                 time.sleep(0.2 * (attempt + 1))
 
@@ -335,7 +335,7 @@ class RunTracker:
         try:
             self._send_epochs(rows, MIDRUN_BUDGET_S)
         except TrackingError as e:
-            print(f"[{self.spec['id']}] warning: {e}; training goes on, the epochs are sent when the "
+            print(f"[{self.spec.id}] warning: {e}; training goes on, the epochs are sent when the "
                   f"store answers again (the run cannot finish before)", file=sys.stderr, flush=True)
 
     def sync(self, rows: list[dict]) -> None:
@@ -361,7 +361,7 @@ class RunTracker:
             try:
                 _retry(self.client.log_artifact, self.run_id, str(f))
             except Exception as e:  # noqa: BLE001 - the run's folder has the file; say it, go on
-                print(f"[{self.spec['id']}] warning: could not store {f} as an MLflow artifact: "
+                print(f"[{self.spec.id}] warning: could not store {f} as an MLflow artifact: "
                       f"{str(e).splitlines()[0][:300]}", file=sys.stderr, flush=True)
         _retry(self.client.set_terminated, self.run_id, "FINISHED")
 
@@ -373,7 +373,7 @@ class RunTracker:
         try:
             _retry(self.client.set_terminated, self.run_id, status, budget_s=MIDRUN_BUDGET_S)
         except Exception as e:  # noqa: BLE001 - reported, and the original error goes on
-            print(f"[{self.spec['id']}] warning: could not mark MLflow run {self.run_id} {status}: "
+            print(f"[{self.spec.id}] warning: could not mark MLflow run {self.run_id} {status}: "
                   f"{str(e).splitlines()[0][:300]}", file=sys.stderr, flush=True)
 
     def interrupted(self) -> None:

@@ -1,37 +1,60 @@
-"""The one training loop, for teachers and students alike, with exact resume.
+"""The training loop, for teachers and students alike, in the order things happen.
 
-A run is described by its spec (see docs/interfaces.md): models, method, protocol, seed, data
-and output folder. :func:`train` trains one run, :func:`train_cohort` several runs that share a
-data stream (at.cohort): a run alone is a cohort of one, so both are the same loop, made of the
-pieces of at.member (building a run, its state to and from the checkpoint, its epoch) and
-at.cohort (the shared stream and teachers, one step for all members).
+:func:`train_cohort` trains runs that share a data stream (the same data set, protocol data
+keys and seed: at.data.stream) in one process; a run trained alone (:func:`train`) is a
+cohort of one. Reading top to bottom:
+
+1. **start**: resolve the specs, create the run folders, read what each folder holds (at.resume),
+   choose the arithmetic, build the cohort (the data, each distinct teacher once, a member per
+   run: at.member);
+2. **one epoch** (:func:`_train`): each member begins it (lr set once, momentum reset at a drop),
+   then for each batch the teachers' outputs, computed once per distinct teacher, and each
+   member's step (:func:`train_step`); at its end each member is evaluated (:func:`evaluate`),
+   saves its resume state and logs the epoch (history, MLflow, one console line);
+3. **finish** (:func:`_finish`): MLflow gets every epoch, then the final outputs are written.
 
 Restarted with the same spec after a kill at any moment, a run resumes from its ``last.pt``; on
 the CPU with a fixed seed it ends with bit-identical weights and metrics to an uninterrupted run,
 because every source of randomness (model init, data order, augmentation, dropout) comes from
-RNG states that the checkpoint saves and restores. A run that finished with the same spec (and
-the same teacher checkpoint) is left as it is; ``force`` retrains it.
+RNG states that the checkpoint saves and restores. Members of a cohort killed while saving at
+an epoch's end restart at different positions: the stream is replayed from the earliest one and
+members further ahead wait (they skip the batches they already trained on) until it reaches
+them; the replayed batches are identical. A run that finished with the same spec (and the same
+teacher) is left as it is; ``force`` retrains it.
 """
 
 from __future__ import annotations
 
+import json
 import signal
+import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
-from at import cohort as cohort_loop
-from at.cohort import Interrupted
-from at.member import TrainingDiverged, learning_rate
+from at import resume, run_folder
+from at.data.datasets import training_data
+from at.data.stream import DataStream, check_shared_stream
+from at.member import Member, TrainingDiverged, make_optimizer, rng_state, set_rng_state
+from at.method import Progress, TeacherOutput
 from at.precision import Arithmetic, resolve as resolve_precision
-from at.schema import AUGMENTATIONS, PROTOCOL_KEYS, validate_protocol  # noqa: F401 (the protocol's schema)
+from at.spec import RunSpec
+from at.teachers import Teachers
 
 # A SLURM job that is preempted or reaches its time limit gets SIGTERM before SIGKILL. The run
 # saves its position and exits with this status, which marks the job failed, so Snakemake's
 # retries resubmit it and the new job resumes. 128 + SIGTERM, as a shell reports it.
 EXIT_INTERRUPTED = 128 + signal.SIGTERM
 
+# On CUDA the loop never waits for the device inside an epoch except here: every this many steps
+# each member's running loss sum is read to stop a diverged run early. On the CPU nothing runs
+# ahead of Python, so every step is checked (and the error names the exact step).
+CUDA_FINITE_CHECK_EVERY = 50
 
+
+class Interrupted(Exception):
+    """SIGTERM arrived; the members saved their positions and the process must exit for a retry."""
 
 
 @dataclass
@@ -42,6 +65,7 @@ class Options:
     precision: str | None = None   # overrides the protocol's `precision` (auto | float32 | bf16)
     progress: bool = True
     threads: int | None = None
+    tracking: bool = True   # an MLflow run per training run (off: the benchmark, some tests)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -58,17 +82,16 @@ class Options:
             raise ValueError(f"--device {self.device}: only cpu and cuda are supported")
         return device
 
-    def arithmetic(self, specs: list[dict], force: bool = False) -> Arithmetic:
+    def arithmetic(self, specs: list[RunSpec], started: str | None = None) -> Arithmetic:
         """The device and precision of a cohort. A resumed run keeps the precision it started
-        in where the request is ``auto``; an explicit other precision is refused, because one
-        run in two arithmetics would be recorded as neither."""
+        in (``started``) where the request is ``auto``; an explicit other precision is refused,
+        because one run in two arithmetics would be recorded as neither."""
         device = self.resolve_device()
-        wanted = self.precision or specs[0]["protocol"].get("precision", "auto")
+        wanted = self.precision or specs[0].protocol.precision
         precision = resolve_precision(wanted, device)
-        started = None if force else cohort_loop.started_precision(specs)
         if started is not None and started != precision:
             if wanted != "auto":
-                raise ValueError(f"run {specs[0]['id']} was started in {started}: resuming it in {wanted} "
+                raise ValueError(f"run {specs[0].id} was started in {started}: resuming it in {wanted} "
                                  f"would mix two arithmetics in one run; resume with --precision "
                                  f"{started}, or retrain with --force")
             print(f"resuming in {started}, the precision these runs started in (auto here would be "
@@ -98,26 +121,100 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def train_cohort(specs: list[dict], options: Options | None = None, force: bool = False) -> list[dict]:
-    """Train (or resume, or leave alone when finished) runs sharing one data stream; return
-    each run's final metrics, in the order of ``specs``."""
-    options = options or Options()
-    if not specs:
-        raise ValueError("a cohort needs at least one run")
-    for spec in specs:
-        validate_protocol(spec["protocol"], f"run {spec['id']}: protocol")
-    arithmetic = options.arithmetic(specs, force)
-    if options.threads:
-        torch.set_num_threads(options.threads)
-    if arithmetic.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    with _SigtermFlag() as sigterm:
-        return cohort_loop.run(specs, arithmetic, progress=options.progress, force=force, sigterm=sigterm)
+# ---------------------------------------------------------------------------------------------
+# The cohort and one step
 
 
-def train(spec: dict, options: Options | None = None, force: bool = False) -> dict:
-    """Run (or resume) the training run ``spec``; return its final metrics."""
-    return train_cohort([spec], options, force)[0]
+class Cohort:
+    """Members on one data stream, with their teachers: what the loop (and the benchmark) steps."""
+
+    def __init__(self, specs: list[RunSpec], arithmetic: Arithmetic, data=None):
+        check_shared_stream(specs)
+        self.arithmetic = arithmetic
+        self.data = data if data is not None else training_data(specs[0], arithmetic.device)
+        protocol = specs[0].protocol
+        self.epochs = protocol.epochs
+        self.eval_batch_size = protocol.eval_batch_size
+        self.stream = DataStream(self.data, specs[0].seed, protocol.batch_size, arithmetic.device)
+        self.teachers = Teachers(specs, arithmetic)
+        self.members = []
+        for spec in specs:
+            teacher, teacher_sha256 = self.teachers.of(spec)
+            self.members.append(Member(spec, self.data, teacher, arithmetic, teacher_sha256))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, members: list[Member]) -> list[torch.Tensor]:
+        """One batch for ``members``: each distinct teacher's output once, then each member's step."""
+        x = self.arithmetic.layout(x)
+        shared: dict = {}
+        losses = []
+        for member in members:
+            key = member.teacher_key
+            output = None
+            if key is not None:
+                output = shared.get(key)
+                if output is None:
+                    with self.arithmetic.autocast():
+                        output = shared[key] = member.objective.teacher_output(x, y)
+            losses.append(train_step(member, x, y, output))
+        return losses
+
+
+def begin_epoch(member: Member) -> None:
+    """Step 0 of an epoch: the epoch's lr (the authors re-create the optimizer at an lr drop,
+    which resets the momentum), fresh running sums. A member resumed mid-epoch skips this: its
+    optimizer was saved with the epoch's lr."""
+    protocol = member.protocol
+    lr = protocol.learning_rate(member.epoch)
+    if member.epoch in protocol.lr_drops and protocol.reset_momentum_at_drops:
+        member.optimizer = make_optimizer(member.trainable, protocol, lr)
+    for group in member.optimizer.param_groups:
+        group["lr"] = lr
+    device = member.arithmetic.device
+    member.partial = {"loss": torch.zeros((), dtype=torch.float64, device=device),
+                      "correct": torch.zeros((), dtype=torch.int64, device=device),
+                      "seen": 0, "terms": {}}
+
+
+def train_step(member: Member, x: torch.Tensor, y: torch.Tensor,
+               teacher_output: TeacherOutput | None) -> torch.Tensor:
+    """One optimisation step of a member on a prepared batch; returns the loss, still on the device.
+
+    Nothing here reads a value back to the host: the running sums stay on the device and are
+    read once per epoch (and at the loop's finiteness checks)."""
+    protocol, device = member.protocol, member.arithmetic.device
+    progress = Progress(epoch=member.epoch, epochs=protocol.epochs,
+                        lr_factor=protocol.learning_rate(member.epoch) / protocol.lr)
+    set_rng_state(member.rng, device)   # dropout draws from this run's own stream
+    member.student.train()
+    with member.arithmetic.autocast():
+        result = member.objective(x, y, progress, teacher_output)
+    member.optimizer.zero_grad(set_to_none=True)
+    result.loss.backward()
+    member.optimizer.step()
+    member.rng = rng_state(device)
+    n = len(y)
+    loss = result.loss.detach()
+    member.partial["loss"] += loss.double() * n
+    member.partial["correct"] += (result.logits.detach().argmax(1) == y).sum()
+    member.partial["seen"] += n
+    for name, value in result.terms.items():
+        member.partial["terms"][name] = member.partial["terms"].get(name, 0) + value.double() * n
+    member.step += 1
+    member.last_terms = result.terms
+    return loss
+
+
+def check_finite(member: Member, loss: torch.Tensor | None, since_step: int) -> None:
+    """Raise TrainingDiverged if the loss of the last step (or the running sum since
+    ``since_step``) is not finite. Reads one number from the device."""
+    value = loss if loss is not None else member.partial["loss"]
+    if bool(torch.isfinite(value)):
+        return
+    where = (f"step {member.step}" if loss is not None else f"between steps {since_step + 1} and {member.step}")
+    terms = {k: float(v) for k, v in member.last_terms.items()}
+    raise TrainingDiverged(
+        f"run {member.id}: loss became {float(value)} at epoch {member.epoch + 1}, {where} "
+        f"(terms {terms}, lr {member.protocol.learning_rate(member.epoch)}); stopping instead of training on")
 
 
 @torch.no_grad()
@@ -136,5 +233,226 @@ def evaluate(model, data, batch_size: int, arithmetic: Arithmetic) -> tuple[floa
     return 100.0 * int(wrong1) / data.n_test, 100.0 * int(wrong5) / data.n_test
 
 
-__all__ = ["EXIT_INTERRUPTED", "Interrupted", "Options", "TrainingDiverged", "evaluate", "learning_rate",
-           "train", "train_cohort", "validate_protocol"]
+def end_epoch(member: Member, data, epoch_wall_s: float, eval_batch_size: int) -> dict:
+    """Evaluate, append the epoch's row to the history, move to the next epoch."""
+    test_error, test_error_top5 = evaluate(member.student, data, eval_batch_size, member.arithmetic)
+    partial = member.partial
+    seen = partial["seen"]
+    row = {"epoch": member.epoch + 1, "lr": member.protocol.learning_rate(member.epoch),
+           "train_loss": float(partial["loss"]) / seen}
+    row.update({f"loss_{k}": float(v) / seen for k, v in sorted(partial["terms"].items())})
+    row.update({
+        "train_error": 100.0 * (1 - int(partial["correct"]) / seen),
+        "test_error": test_error,
+        "test_error_top5": test_error_top5,
+        # wall time of the cohort's epoch: what this run cost, shared batches included
+        "images_per_s": seen / max(epoch_wall_s, 1e-9),
+        "epoch_time_s": epoch_wall_s,
+    })
+    member.history.append(row)
+    member.elapsed_s += epoch_wall_s
+    member.epoch, member.step, member.partial = member.epoch + 1, 0, None
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_cohort(specs: list, options: Options | None = None, force: bool = False, stop=None) -> list[dict]:
+    """Train (or resume, or leave alone when finished) runs sharing one data stream; return
+    each run's final metrics, in the order of ``specs`` (RunSpecs, or dicts resolved here).
+
+    A member whose loss diverges fails alone: the others train on, and TrainingDiverged is raised
+    at the end, naming every diverged run. ``stop`` stands in for the SIGTERM flag (anything with
+    a ``raised`` attribute, read once per step and once per epoch end): tests stop a cohort at
+    an exact step with it, in-process."""
+    options = options or Options()
+    if not specs:
+        raise ValueError("a cohort needs at least one run")
+    specs = [RunSpec.resolve(spec) for spec in specs]
+    check_shared_stream(specs)
+    # SIGTERM becomes a flag from here on: the loop saves and exits between two steps, and a
+    # run that is writing its outputs finishes them
+    with _SigtermFlag() as sigterm:
+        sigterm = stop if stop is not None else sigterm
+        created = run_folder.prepare(specs)
+        try:
+            saved = {spec.id: resume.Saved.read(spec, force) for spec in specs}
+            arithmetic = options.arithmetic(specs, resume.started_precision(list(saved.values())))
+            if options.threads:
+                torch.set_num_threads(options.threads)
+            if arithmetic.device.type == "cuda":
+                torch.backends.cudnn.benchmark = True
+            cohort = Cohort(specs, arithmetic)
+        except BaseException:
+            run_folder.remove_empty(created)   # nothing trained: no empty run folders left behind
+            raise
+        results: dict[str, dict] = {}
+        training: list[Member] = []
+        for member in cohort.members:
+            found = saved[member.id]
+            situation = "fresh" if force else found.situation(member.teacher_sha256)
+            if situation == "finished":
+                print(f"[{member.id}] already finished with this spec: left as it is "
+                      f"(`--force` retrains it)", flush=True)
+                results[member.id] = _read_metrics(member)
+                continue
+            if situation in ("final", "resume"):
+                member.load_state(found.state)
+            else:
+                # a stale or discarded state must not become the fallback of this run's new states
+                member.resume_path.unlink(missing_ok=True)
+                member.previous_path.unlink(missing_ok=True)
+            if situation == "final":
+                print(f"[{member.id}] finished earlier; writing its outputs again from {member.resume_path}",
+                      flush=True)
+                results[member.id] = _finish(member, cohort.data, options.tracking, force)
+                continue
+            if situation == "resume":
+                print(f"[{member.id}] resuming from {found.state_path} at epoch {member.epoch + 1}, "
+                      f"step {member.step}", flush=True)
+            training.append(member)
+        if training:
+            diverged = _train(cohort, training, progress=options.progress, sigterm=sigterm,
+                              tracking=options.tracking, force=force)
+            for member in training:
+                if member.id not in diverged:
+                    results[member.id] = _finish(member, cohort.data, options.tracking, force)
+            if diverged:
+                raise TrainingDiverged("; ".join(str(e) for e in diverged.values()))
+    return [results[spec.id] for spec in specs]
+
+
+def train(spec, options: Options | None = None, force: bool = False) -> dict:
+    """Run (or resume) one training run; return its final metrics."""
+    return train_cohort([spec], options, force)[0]
+
+
+def _label(members: list[Member]) -> str:
+    return members[0].id if len(members) == 1 else f"cohort of {len(members)} ({members[0].id}, ...)"
+
+
+def _train(cohort: Cohort, members: list[Member], *, progress: bool, sigterm, tracking: bool,
+           force: bool) -> dict[str, TrainingDiverged]:
+    """The epochs of the members still training; returns the members that diverged."""
+    stream, arithmetic = cohort.stream, cohort.arithmetic
+    steps = stream.steps_per_epoch
+    # the stream starts where the member furthest behind stands, from that member's saved state
+    first = min(members, key=lambda m: m.position)
+    start_epoch, start_step = first.position
+    if first.history or first.step:
+        stream.restore(first.stream_state)
+    check_every = 1 if arithmetic.device.type != "cuda" else CUDA_FINITE_CHECK_EVERY
+    diverged: dict[str, TrainingDiverged] = {}
+    members = list(members)   # a diverged member leaves this list, the caller's stays whole
+    try:
+        if tracking:
+            for member in members:
+                _start_tracking(member, cohort.data, force)
+        for epoch in range(start_epoch, cohort.epochs):
+            step0 = start_step if epoch == start_epoch else 0
+            if step0 == 0:
+                stream.start_epoch()
+            bar = tqdm(total=steps, initial=step0, disable=not progress, unit="batch",
+                       desc=f"{_label(members)} epoch {epoch + 1}/{cohort.epochs}",
+                       dynamic_ncols=True, mininterval=1.0, leave=False)
+            tick = time.perf_counter()
+            since = {id(m): m.step for m in members}
+            for step, (x, y) in enumerate(stream.batches(step0), start=step0):
+                # members further ahead (a cohort killed between its members' saves) wait
+                active = [m for m in members if m.position == (epoch, step)]
+                for member in active:
+                    if step == 0:
+                        begin_epoch(member)
+                losses = cohort.step(x, y, active)
+                for member, loss in zip(active, losses):
+                    try:
+                        if check_every == 1:
+                            check_finite(member, loss, step)
+                        elif (step + 1) % check_every == 0 or step + 1 == steps:
+                            check_finite(member, None, since[id(member)])
+                            since[id(member)] = member.step
+                    except TrainingDiverged as e:
+                        print(f"error: {e}", flush=True)
+                        diverged[member.id] = e
+                        members.remove(member)
+                        if member.tracker is not None:
+                            member.tracker.failed()
+                if not members:
+                    break
+                bar.update(1)
+                if sigterm is not None and sigterm.raised and step + 1 < steps:
+                    state = stream.state(mid_epoch=True)
+                    for member in members:
+                        member.save(state)
+                    raise Interrupted(f"epoch {epoch + 1}, step {step + 1}")
+            bar.close()
+            wall = time.perf_counter() - tick
+            state = stream.state(mid_epoch=False)
+            for member in members:
+                if member.position != (epoch, steps):
+                    continue  # ahead of the replayed stream: this epoch is already in its history
+                row = end_epoch(member, cohort.data, wall, cohort.eval_batch_size)
+                member.save(state)
+                if tracking:
+                    member.tracker.log_epochs(member.history)
+                print(f"[{member.id}] epoch {row['epoch']}/{cohort.epochs} lr {row['lr']:.4g} "
+                      f"loss {row['train_loss']:.4f} train err {row['train_error']:.2f}% "
+                      f"test err {row['test_error']:.2f}% {row['images_per_s']:.0f} img/s", flush=True)
+            if not members:
+                break
+            if sigterm is not None and sigterm.raised and epoch + 1 < cohort.epochs:
+                raise Interrupted(f"end of epoch {epoch + 1}")
+    except Interrupted as e:
+        for member in members:
+            print(f"[{member.id}] SIGTERM: saved {member.resume_path} at {e}", flush=True)
+            if member.tracker is not None:
+                member.tracker.interrupted()
+        raise
+    except BaseException:
+        for member in members:
+            if member.tracker is not None:
+                member.tracker.failed()
+        raise
+    return diverged
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow and the final outputs
+
+
+def _read_metrics(member: Member) -> dict:
+    return json.loads((member.out / "metrics.json").read_text())
+
+
+def _start_tracking(member: Member, data, force: bool) -> None:
+    from at.tracking import RunTracker, git_commit
+
+    spec = member.spec
+    member.tracker = RunTracker(spec, member.out / "mlflow_run_id")
+    member.tracker.start(None if force else member.mlflow_run_id, tags={
+        "student": spec.student, "teacher": spec.teacher or "none",
+        "method": spec.method_name, "seed": spec.seed, "data_md5": data.md5,
+        "git_commit": git_commit(), "profile": spec.profile,
+        "checkpoint_path": str((member.out / "checkpoint.pt").resolve()),
+        "device": str(member.arithmetic.device), "precision": member.arithmetic.precision,
+    })
+    member.mlflow_run_id = member.tracker.run_id
+    member.tracker.log_epochs(member.history)
+
+
+def _finish(member: Member, data, tracking: bool, force: bool) -> dict:
+    if tracking:
+        if member.tracker is None:   # outputs written again from the final state
+            _start_tracking(member, data, force)
+        # MLflow has every epoch before the outputs exist (at.tracking's policy)
+        member.tracker.sync(member.history)
+    metrics = member.write_outputs(data)
+    if tracking:
+        member.tracker.finish({k: v for k, v in metrics.items()
+                               if k in ("final_test_error", "best_test_error", "student_params", "wall_time_s")},
+                              [member.out / "metrics.json", member.out / "history.csv", member.out / "checkpoint.pt"])
+    print(f"[{member.id}] done: final test error {metrics['final_test_error']:.2f}% "
+          f"after {metrics['final_epoch']} epochs", flush=True)
+    return metrics

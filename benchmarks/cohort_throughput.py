@@ -1,6 +1,6 @@
 """Run-images/s of a cohort against the same runs trained alone, written to a JSON report.
 
-A cohort (at.cohort) trains runs that share a data stream in one process: each batch is drawn
+A cohort (at.train) trains runs that share a data stream in one process: each batch is drawn
 and augmented once, each distinct teacher's forward runs once per batch, then every member takes
 its own forward, backward and SGD step. This benchmark measures what that buys on a device: the
 paper's 8-run WRN-16-1 cohort of Tables 1 and 2 (``cifar10/wrn-16-1/seed0/cohort0`` of the paper
@@ -8,7 +8,7 @@ profile: baseline, AT with sum/max and p = 1, 2, 4, KD, AT+KD and F-ActT, all fr
 teacher), trained as one cohort, against the same runs trained alone one after another (each a
 cohort of one), in each precision asked for.
 
-Everything timed is the trainer's own code: ``at.cohort.Cohort`` builds the members (students,
+Everything timed is the trainer's own code: ``at.train.Cohort`` builds the members (students,
 objectives, optimizers) and the teacher from the grid's run specs, ``Cohort.stream`` draws the
 batches and ``Cohort.step`` trains them. Only the data are stand-ins: random uint8 CIFAR-shaped
 images held on the device (a step costs the same whatever the pixels are, and no download is
@@ -53,11 +53,11 @@ import torch  # noqa: E402
 
 from at import checkpoint, grid, models  # noqa: E402
 from at import params as at_params  # noqa: E402
-from at.cohort import Cohort  # noqa: E402
 from at.data.sources import TensorData  # noqa: E402
 from at.precision import NATIVE_BF16_CPU_FLAGS, PRECISIONS, Arithmetic, cpu_flags, cpu_has_native_bf16  # noqa: E402
 from at.precision import resolve as resolve_precision  # noqa: E402
-from at.train import Options  # noqa: E402
+from at.spec import RunSpec  # noqa: E402
+from at.train import Cohort, Options, begin_epoch, check_finite  # noqa: E402
 
 REPORT_FORMAT = "at-benchmark-cohort"
 REPORT_VERSION = 1
@@ -282,15 +282,17 @@ def measure(config: dict) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the trainer
     arithmetic = Arithmetic(device, config["precision"])
-    specs = config["specs"]
+    specs = [RunSpec.resolve(spec) for spec in config["specs"]]
     setup_tick = time.perf_counter()
-    data = SyntheticData(config["dataset_size"], specs[0].get("num_classes", 10), device, specs[0]["seed"])
+    data = SyntheticData(config["dataset_size"], specs[0].num_classes, device, specs[0].seed)
     cohort = Cohort(specs, arithmetic, data=data)
     if config["compile"]:
         for member in cohort.members:
             member.student.compile()   # in place: the member's objective calls the compiled forward
     batches = endless_batches(cohort.stream)
     members = cohort.members
+    for member in members:
+        begin_epoch(member)   # the running sums of an epoch, as the loop starts one
 
     gc.collect()
     _sync(device)
@@ -319,7 +321,7 @@ def measure(config: dict) -> dict:
         timed_cpu = time.process_time() - cpu_start
 
     for member in members:   # after the clock: a diverged step would make the figure meaningless
-        member.check_finite(None, 0)
+        check_finite(member, None, 0)
     steps_peak, peak_source = peak_rss()
     memory = {
         "rss_before_steps_mib": None if rss_before is None else rss_before / MIB,
@@ -380,7 +382,7 @@ def cohort_specs(params: dict, cohort_id: str, profile: str, methods: list[str] 
     """The run specs of a cohort of the grid, exactly as the pipeline trains them, optionally
     narrowed to some of its methods (in the order given)."""
     found = grid.find_cohort(params, cohort_id, profile)
-    specs = [grid.run_spec(params, run, profile) for run in found["runs"]]
+    specs = [grid.run_spec(params, run, profile).to_dict() for run in found["runs"]]
     if not methods:
         return specs
     by_method = {s["method_name"]: s for s in specs}
@@ -407,7 +409,7 @@ def benchmark_specs(specs: list[dict], batch: int, workdir: Path) -> tuple[list[
         spec["protocol"]["batch_size"] = batch
         spec["data_dir"] = "synthetic-data-never-read"
         spec["out_dir"] = str(workdir / "runs" / spec["id"])
-        if spec.get("teacher") and not spec.get("teacher_weights"):
+        if spec["teacher"] and not spec["teacher_weights"]:
             path = str(workdir / "teachers" / f"{spec['teacher']}.pt")
             teachers[path] = spec["teacher"]
             spec["teacher_checkpoint"] = path
@@ -421,8 +423,12 @@ def write_random_teacher(path: Path, model_name: str, num_classes: int, seed: in
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = models.build(model_name, num_classes=num_classes)
-    checkpoint.save({"spec": {"id": f"benchmark-teacher/{model_name}", "student": model_name,
-                              "num_classes": num_classes}, "model": model.state_dict()}, path)
+    spec = RunSpec.resolve({
+        "id": f"benchmark-teacher/{model_name}", "dataset": "cifar10", "student": model_name,
+        "method_name": "baseline", "method": {"terms": [{"type": "ce"}]}, "seed": seed,
+        "out_dir": "never-written", "num_classes": num_classes,
+        "protocol": {"epochs": 1, "batch_size": 128, "lr": 0.1, "lr_gamma": 0.2}})
+    checkpoint.save({"spec": spec.to_dict(), "model": model.state_dict()}, path)
 
 
 def _spawn(config: dict, workdir: Path) -> tuple[dict, float]:
@@ -626,7 +632,7 @@ def main(argv: list[str] | None = None) -> dict:
         workdir = Path(tmp)
         specs, teachers = benchmark_specs(specs, args.batch, workdir)
         for path, model_name in teachers.items():
-            write_random_teacher(Path(path), model_name, specs[0].get("num_classes", 10), specs[0]["seed"])
+            write_random_teacher(Path(path), model_name, specs[0]["num_classes"], specs[0]["seed"])
         base = {"device": str(device), "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
                 "dataset_size": args.dataset_size, "compile": args.compile}
         for precision in precisions:
@@ -663,8 +669,8 @@ def main(argv: list[str] | None = None) -> dict:
             "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
             "precisions": precisions, "precision_flags": args.precision, "auto_precision": auto,
             "threads": description["torch_threads"], "compile": args.compile, "cuda_graphs": False,
-            "dataset_size": args.dataset_size, "augment": specs[0]["protocol"].get("augment", "crop_flip"),
-            "optimizer": {k: specs[0]["protocol"].get(k) for k in ("lr", "momentum", "nesterov", "weight_decay")},
+            "dataset_size": args.dataset_size, "augment": specs[0]["protocol"]["augment"],
+            "optimizer": {k: specs[0]["protocol"][k] for k in ("lr", "momentum", "nesterov", "weight_decay")},
         },
         # (1, 5, 15)-minute load averages of the machine: the benchmark's own threads count in
         # them; more than the thread count means other processes competed for the cores
@@ -690,11 +696,19 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command: its exit status; a refused argument or a failed configuration is one line
+    on stderr (argparse's own refusals exit 2 the same way)."""
+    try:
+        main(argv)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         _worker_main(sys.argv[2], sys.argv[3])
     else:
-        try:
-            main()
-        except (ValueError, RuntimeError) as e:
-            sys.exit(f"error: {e}")
+        sys.exit(cli())

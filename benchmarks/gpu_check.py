@@ -75,10 +75,10 @@ def training_specs(folder: Path, epochs: int, params_path: Path) -> tuple[dict, 
         spec["protocol"]["epochs"] = epochs
         return spec
 
-    teacher = local(grid.run_spec(params, teacher_run, cohort_throughput.PROFILE))
-    members = [local(grid.run_spec(params, run, cohort_throughput.PROFILE)) for run in found["runs"]]
+    teacher = local(grid.run_spec(params, teacher_run, cohort_throughput.PROFILE).to_dict())
+    members = [local(grid.run_spec(params, run, cohort_throughput.PROFILE).to_dict()) for run in found["runs"]]
     for spec in members:
-        if spec.get("teacher_checkpoint"):
+        if spec["teacher_checkpoint"]:
             spec["teacher_checkpoint"] = str(Path(teacher["out_dir"]) / "checkpoint.pt")
     return teacher, members
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -49,3 +52,83 @@ def real_params() -> dict:
 def params(real_params) -> dict:
     """A copy of params.yaml that a test may change."""
     return copy.deepcopy(real_params)
+
+
+# The one trained teacher of the training tests (tests/test_cohort.py, test_train.py,
+# test_term_plugins.py): a WRN-10-2 trained for one epoch on the first 256 mini images, in
+# float32 on the CPU. Session-scoped: each pytest worker trains it once.
+TEACHER_MODEL = "wrn-10-2"
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory, cifar_mini_dir, mlflow_template) -> Path:
+    import shutil
+
+    from at.train import Options, train
+
+    tmp = tmp_path_factory.mktemp("teacher")
+    shutil.copy(mlflow_template, tmp / "mlruns.db")
+    spec = {"id": "test/teacher", "dataset": "cifar10", "data_dir": str(cifar_mini_dir), "student": TEACHER_MODEL,
+            "method_name": "baseline", "method": {"terms": [{"type": "ce"}]}, "seed": 0,
+            "out_dir": str(tmp / "teacher"),
+            "protocol": {"epochs": 1, "batch_size": 32, "lr": 0.1, "lr_gamma": 0.2, "train_subset": 256,
+                         "test_subset": 128, "precision": "float32"}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlruns.db'}")
+        train(spec, Options(device="cpu", progress=False, threads=1))
+    return tmp / "teacher" / "checkpoint.pt"
+
+
+@dataclass
+class Ran:
+    """What a command left: its exit status and what it printed (as subprocess.run's result)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(args: list[str], cwd: Path | None = None) -> Ran:
+    """`python -m at ARGS` in this process, through the command's own `main`, from ``cwd``.
+
+    The same code as the command without a process per call; tests that need a real process (a
+    kill, a signal, a fresh interpreter importing the user's plugins) start one instead."""
+    from at.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    before = Path.cwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = main(list(args))
+            except SystemExit as e:   # argparse's refusals
+                status = e.code if isinstance(e.code, int) else 2
+    finally:
+        os.chdir(before)
+    return Ran(status, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, made by MLflow itself: creating a store runs MLflow's schema
+    migrations (about 2 s on a 2-core CPU), copying this file costs nothing, and a copy is the
+    same as a store that existed before the run."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlruns.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, mlflow_template, monkeypatch) -> str:
+    """A private MLflow store for the test (a copy of the template in its tmp_path), set as
+    MLFLOW_TRACKING_URI for the test and the processes it starts; returns its URI."""
+    import shutil
+
+    shutil.copy(mlflow_template, tmp_path / "mlruns.db")
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

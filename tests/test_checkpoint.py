@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from at import checkpoint
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 # torch's refusal of a pickled object suggests retrying without the safety: never repeat that
@@ -81,15 +80,12 @@ def test_no_checkpoint_error_repeats_the_unsafe_advice(tmp_path):
         assert not any(advice in message for advice in RETRY_ADVICE), message
 
 
-def test_cli_reports_a_bad_teacher_checkpoint_in_one_line_without_traceback(tmp_path, cifar_mini_dir):
+def test_cli_reports_a_bad_teacher_checkpoint_in_one_line_without_traceback(tmp_path, cifar_mini_dir, mlflow_store):
     empty = tmp_path / "teacher.pt"
     empty.write_bytes(b"")
-    result = subprocess.run(
-        [sys.executable, "-m", "at", "--params", str(REPO / "params.yaml"), "train", "--student", "wrn-10-1",
-         "--teacher-checkpoint", str(empty), "--method", "at-sum-p2", "--out", str(tmp_path / "run"),
-         "--data-dir", str(cifar_mini_dir), "--epochs", "1", "--no-progress"],
-        env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"},
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = run_cli(["--params", str(REPO / "params.yaml"), "train", "--student", "wrn-10-1",
+                      "--teacher-checkpoint", str(empty), "--method", "at-sum-p2", "--out", str(tmp_path / "run"),
+                      "--data-dir", str(cifar_mini_dir), "--epochs", "1", "--no-progress"], cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()

@@ -24,30 +24,23 @@ import pytest
 import torch
 import yaml
 
-from at import checkpoint, cohort, params as params_mod
-from at.data import sources
-from at.data.stream import DataStream, stream_key
-from at.precision import Arithmetic, resolve as resolve_precision
-from at.train import EXIT_INTERRUPTED, Options, train, train_cohort
+from at import checkpoint, params as params_mod, resume
+from at.data.datasets import training_data
+from at.data.stream import DataStream
+from at.spec import RunSpec
+from at.precision import resolve as resolve_precision
+from at.data.stream import check_shared_stream
+from at.__main__ import main
+from at.train import EXIT_INTERRUPTED, Interrupted, Options, TrainingDiverged, train, train_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = {"images_per_s", "epoch_time_s", "wall_time_s"}
-CPU = Arithmetic(torch.device("cpu"), "float32")
+CPU = Options(device="cpu", precision="float32", progress=False, threads=1)
 
 
 @pytest.fixture(autouse=True)
-def private_mlflow(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+def private_mlflow(mlflow_store):
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, cifar_mini_dir):
-    tmp = tmp_path_factory.mktemp("cohort-teacher")
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlruns.db'}")
-    spec = make_spec(tmp / "teacher", cifar_mini_dir, "wrn-10-2", "baseline", epochs=1)
-    train(spec, Options(progress=False, threads=1))
-    return tmp / "teacher" / "checkpoint.pt"
 
 
 def make_spec(out: Path, data_dir: Path, student: str, method: str, teacher: Path | None = None,
@@ -92,6 +85,10 @@ def assert_same_run(a: Path, b: Path) -> None:
         {k: v for k, v in mb.items() if k not in TIMING | {"run_id"}}
 
 
+def stream_key(spec: dict) -> tuple:
+    return RunSpec.resolve(spec).stream_key
+
+
 def relocate(specs: list[dict], root: Path) -> list[dict]:
     moved = copy.deepcopy(specs)
     for spec in moved:
@@ -114,7 +111,7 @@ def test_the_stream_depends_on_data_keys_and_seed_only(cifar_mini_dir):
         assert stream_key({**a, **change}) != stream_key(a), change
 
     def batches(spec, epochs=2):
-        data = sources.load(spec, torch.device("cpu"))
+        data = training_data(RunSpec.resolve(spec), torch.device("cpu"))
         stream = DataStream(data, spec["seed"], spec["protocol"]["batch_size"], torch.device("cpu"))
         out = []
         for _ in range(epochs):
@@ -134,12 +131,12 @@ def test_runs_with_different_streams_are_refused_as_a_cohort(cifar_mini_dir, tmp
     a = make_spec(tmp_path / "a", cifar_mini_dir, "wrn-10-1", "baseline")
     b = make_spec(tmp_path / "b", cifar_mini_dir, "wrn-10-1", "baseline", seed=1)
     with pytest.raises(ValueError, match=r"streams differ in \['seed'\]"):
-        cohort.check_shared_stream([a, b])
+        check_shared_stream([RunSpec.resolve(a), RunSpec.resolve(b)])
     with pytest.raises(ValueError, match="epochs"):
-        cohort.check_shared_stream([a, {**a, "id": "x", "out_dir": str(tmp_path / "x"),
-                                        "protocol": {**a["protocol"], "epochs": 3}}])
+        check_shared_stream([RunSpec.resolve(a), RunSpec.resolve({**a, "id": "x", "out_dir": str(tmp_path / "x"),
+                                                                  "protocol": {**a["protocol"], "epochs": 3}})])
     with pytest.raises(ValueError, match="twice"):
-        cohort.check_shared_stream([a, a])
+        check_shared_stream([RunSpec.resolve(a), RunSpec.resolve(a)])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,22 +172,22 @@ class StopAfter:
 
 @pytest.mark.slow
 def test_members_resumed_at_different_positions_catch_up_exactly(tmp_path, cifar_mini_dir, teacher):
-    reference = members(tmp_path / "reference", cifar_mini_dir, teacher, epochs=3)
+    reference = members(tmp_path / "reference", cifar_mini_dir, teacher, epochs=2)
     train_cohort(reference, Options(progress=False, threads=1))
 
     specs = relocate(reference, tmp_path / "resumed")
     # stop at the end of epoch 1 (8 step checks, the last of which cannot interrupt, then the
     # epoch-end check), keep the baseline's state there, then stop 3 steps into epoch 2
-    with pytest.raises(cohort.Interrupted):
-        cohort.run(specs, CPU, progress=False, sigterm=StopAfter(7))
+    with pytest.raises(Interrupted):
+        train_cohort(specs, CPU, stop=StopAfter(7))
     behind = tmp_path / "baseline-epoch1.pt"
     shutil.copy(Path(specs[0]["out_dir"]) / "last.pt", behind)
-    with pytest.raises(cohort.Interrupted):
-        cohort.run(specs, CPU, progress=False, sigterm=StopAfter(2))
+    with pytest.raises(Interrupted):
+        train_cohort(specs, CPU, stop=StopAfter(2))
     saved = [checkpoint.load(Path(s["out_dir"]) / "last.pt") for s in specs]
     assert {(s["epoch"], s["step"]) for s in saved} == {(1, 3)}, "SIGTERM saves every member mid-epoch"
     shutil.copy(behind, Path(specs[0]["out_dir"]) / "last.pt")   # as if killed between two saves
-    cohort.run(specs, CPU, progress=False)
+    train_cohort(specs, CPU)
     for spec in specs:
         assert_same_run(Path(spec["out_dir"]), tmp_path / "reference" / Path(spec["out_dir"]).name)
 
@@ -205,15 +202,24 @@ def _cli(spec_file: Path, *extra: str) -> list[str]:
             str(spec_file), "--threads", "1", "--no-progress", *extra]
 
 
+def _main(spec_file: Path, capsys, *extra: str) -> tuple[int, str]:
+    """`python -m at train --spec FILE` in this process: its exit status and what it printed."""
+    capsys.readouterr()
+    status = main(["--params", str(REPO / "params.yaml"), "train", "--spec", str(spec_file), "--threads", "1",
+                   "--no-progress", *extra])
+    return status, capsys.readouterr().out
+
+
 def _env(tmp_path: Path) -> dict:
     return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}", "PYTHONPATH": str(REPO)}
 
 
 @pytest.mark.slow
-def test_a_cohort_process_killed_mid_epoch_resumes_every_member_exactly(tmp_path, cifar_mini_dir, teacher):
-    # more images per epoch, so that the kill surely lands inside epoch 2
+def test_a_cohort_process_killed_mid_epoch_resumes_every_member_exactly(tmp_path, cifar_mini_dir, teacher, capsys):
+    # a kill anywhere in epoch 2 resumes from the state saved at the end of epoch 1 (nothing is
+    # saved mid-epoch without SIGTERM): 16 steps of 32 images leave the kill room to land there
     specs = [make_spec(tmp_path / "cohort" / name, cifar_mini_dir, "wrn-10-1", method, teacher if method != "baseline"
-                       else None, epochs=2, train_subset=1024)
+                       else None, epochs=2, train_subset=512)
              for name, method in (("baseline", "baseline"), ("at", "at-sum-p2"), ("kd", "kd"))]
     spec_file = _spec_file(tmp_path / "cohort.yaml", specs)
     proc = subprocess.Popen(_cli(spec_file), env=_env(tmp_path), cwd=tmp_path)
@@ -222,49 +228,75 @@ def test_a_cohort_process_killed_mid_epoch_resumes_every_member_exactly(tmp_path
     while not all(p.exists() for p in last):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
-    time.sleep(1.0)
+    time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert [checkpoint.load(p)["epoch"] for p in last] == [1, 1, 1], "the kill must land inside epoch 2"
-    done = subprocess.run(_cli(spec_file), env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.count("resuming from") == 3
+    # the restart needs no process of its own: what it reads is what the killed one left
+    status, printed = _main(spec_file, capsys)
+    assert status == 0
+    assert printed.count("resuming from") == 3
 
     for spec in relocate(specs, tmp_path / "alone"):
         train(spec, Options(progress=False, threads=1))
     for spec in specs:
         assert_same_run(Path(spec["out_dir"]), tmp_path / "alone" / Path(spec["out_dir"]).name)
+    assert [checkpoint.load(p)["epoch"] for p in last] == [2, 2, 2], "last.pt stays as the run's final state"
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("attention-transfer/custom")
     for spec in specs:
         run_id = (Path(spec["out_dir"]) / "mlflow_run_id").read_text().strip()
+        # (the runs trained alone above share the ids, in other folders)
+        mine = [r.info.run_id for r in client.search_runs([experiment.experiment_id])
+                if r.data.tags.get("at.run_id") == spec["id"] and r.data.params.get("out_dir") == spec["out_dir"]]
+        assert mine == [run_id], "the restart must continue the same MLflow run"
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
-        assert sorted(m.step for m in client.get_metric_history(run_id, "test_error")) == [1, 2]
+        assert sorted(m.step for m in client.get_metric_history(run_id, "test_error")) == [1, 2], \
+            "each epoch logged exactly once"
+        logged = ("train_loss", "lr", "train_error", "test_error_top5") + (("loss_ce", "loss_at") if "at" in
+                                                                              spec["method_name"] else ())
+        for key in logged:
+            assert len(client.get_metric_history(run_id, key)) == 2, key
+        tags = run.data.tags
+        for key in ("student", "teacher", "method", "seed", "data_md5", "git_commit", "checkpoint_path"):
+            assert tags.get(key), f"tag {key} missing"
+        assert (tags["student"], tags["method"]) == ("wrn-10-1", spec["method_name"])
+        assert tags["teacher"] == ("wrn-10-2" if spec["teacher"] else "none")
 
 
 @pytest.mark.slow
 def test_sigterm_saves_every_member_mid_epoch_and_exits_for_a_retry(tmp_path, cifar_mini_dir, teacher):
     specs = [make_spec(tmp_path / name, cifar_mini_dir, "wrn-10-1", method, teacher if method != "baseline" else None,
-                       epochs=1, train_subset=2048)
+                       epochs=1, train_subset=1024)
              for name, method in (("baseline", "baseline"), ("at", "at-sum-p2"))]
     spec_file = _spec_file(tmp_path / "cohort.yaml", specs)
     proc = subprocess.Popen(_cli(spec_file), env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, text=True)
-    # the MLflow run ids appear once training is about to start; epoch 1 has 64 steps
+    # the MLflow run ids appear once training is about to start (the SIGTERM handler is in place
+    # by then); epoch 1 has 32 steps, the flag is read after each
     ids = [Path(s["out_dir"]) / "mlflow_run_id" for s in specs]
     while not all(p.exists() for p in ids):
         assert proc.poll() is None
         time.sleep(0.05)
-    time.sleep(1.5)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED
     saved = [checkpoint.load(Path(s["out_dir"]) / "last.pt") for s in specs]
     positions = {(s["epoch"], s["step"]) for s in saved}
-    assert len(positions) == 1 and 0 < saved[0]["step"] < 64, f"expected one mid-epoch position, got {positions}"
+    assert len(positions) == 1 and 0 < saved[0]["step"] < 32, f"expected one mid-epoch position, got {positions}"
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
     assert {client.get_run(p.read_text().strip()).info.status for p in ids} == {"KILLED"}
+    # the retry (in this process: exactness from a mid-epoch state is proven in-process above)
+    # continues each member's MLflow run from where SIGTERM left it, and finishes it
+    train_cohort(specs, Options(progress=False, threads=1))
+    for spec, id_file in zip(specs, ids):
+        run_id = id_file.read_text().strip()
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run_id, "test_error")] == [1]
+        assert json.loads((Path(spec["out_dir"]) / "metrics.json").read_text())["final_epoch"] == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,7 +304,8 @@ def test_sigterm_saves_every_member_mid_epoch_and_exits_for_a_retry(tmp_path, ci
 
 
 @pytest.mark.slow
-def test_a_finished_run_is_left_alone_and_outputs_come_back_from_the_final_state(tmp_path, cifar_mini_dir, teacher):
+def test_a_finished_run_is_left_alone_and_outputs_come_back_from_the_final_state(tmp_path, cifar_mini_dir, teacher,
+                                                                                   capsys):
     own_teacher = tmp_path / "teacher.pt"
     shutil.copy(teacher, own_teacher)
     specs = members(tmp_path / "c", cifar_mini_dir, own_teacher, epochs=1)[:2]
@@ -282,18 +315,18 @@ def test_a_finished_run_is_left_alone_and_outputs_come_back_from_the_final_state
     mtimes = {name: (out / name).stat().st_mtime_ns for name in before}
     spec_file = _spec_file(tmp_path / "c.yaml", specs)
 
-    again = subprocess.run(_cli(spec_file), env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr
-    assert again.stdout.count("already finished") == 2 and "epoch 1/1" not in again.stdout
+    status, printed = _main(spec_file, capsys)
+    assert status == 0
+    assert printed.count("already finished") == 2 and "epoch 1/1" not in printed
     assert {name: (out / name).stat().st_mtime_ns for name in before} == mtimes, "a finished run must not be touched"
 
     # Snakemake and DVC delete a job's outputs before re-running it (a run added to its cohort):
     # the outputs come back from the final state, identical, without training
     for name in before:
         (out / name).unlink()
-    again = subprocess.run(_cli(spec_file), env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr
-    assert "writing its outputs again" in again.stdout and "epoch 1/1" not in again.stdout
+    status, printed = _main(spec_file, capsys)
+    assert status == 0
+    assert "writing its outputs again" in printed and "epoch 1/1" not in printed
     assert {name: (out / name).read_bytes() for name in ("metrics.json", "history.csv")} == \
         {name: before[name] for name in ("metrics.json", "history.csv")}
     restored, original = checkpoint.load(out / "checkpoint.pt"), torch.load(io.BytesIO(before["checkpoint.pt"]))
@@ -304,14 +337,13 @@ def test_a_finished_run_is_left_alone_and_outputs_come_back_from_the_final_state
     saved_teacher = checkpoint.load(own_teacher)
     saved_teacher["model"] = {k: v * 1.01 if v.is_floating_point() else v for k, v in saved_teacher["model"].items()}
     checkpoint.save(saved_teacher, own_teacher)
-    again = subprocess.run(_cli(spec_file), env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr
-    assert again.stdout.count("already finished") == 1 and again.stdout.count("epoch 1/1") == 1, again.stdout
+    status, printed = _main(spec_file, capsys)
+    assert status == 0
+    assert printed.count("already finished") == 1 and printed.count("epoch 1/1") == 1, printed
 
-    forced = subprocess.run(_cli(spec_file, "--force"), env=_env(tmp_path), cwd=tmp_path, capture_output=True,
-                            text=True)
-    assert forced.returncode == 0, forced.stderr
-    assert forced.stdout.count("epoch 1/1") == 2
+    status, printed = _main(spec_file, capsys, "--force")
+    assert status == 0
+    assert printed.count("epoch 1/1") == 2
     assert_same_run(out, out)  # still loadable and whole
 
 
@@ -320,19 +352,19 @@ def test_a_finished_run_is_left_alone_and_outputs_come_back_from_the_final_state
 
 
 @pytest.mark.slow
-def test_an_unreadable_last_pt_falls_back_to_the_state_before_it(tmp_path, cifar_mini_dir, teacher):
+def test_an_unreadable_last_pt_falls_back_to_the_state_before_it(tmp_path, cifar_mini_dir, teacher, capsys):
     reference = [make_spec(tmp_path / "reference", cifar_mini_dir, "wrn-10-1", "at-sum-p2", teacher, epochs=3)]
     train_cohort(reference, Options(progress=False, threads=1))
     specs = relocate(reference, tmp_path / "resumed")
     out = Path(specs[0]["out_dir"])
-    with pytest.raises(cohort.Interrupted):   # stop at the end of epoch 2: last.pt and last.prev.pt exist
-        cohort.run(specs, CPU, progress=False, sigterm=StopAfter(8 + 1 + 7))
+    with pytest.raises(Interrupted):   # stop at the end of epoch 2: last.pt and last.prev.pt exist
+        train_cohort(specs, CPU, stop=StopAfter(8 + 1 + 7))
     assert checkpoint.load(out / "last.pt")["epoch"] == 2 and checkpoint.load(out / "last.prev.pt")["epoch"] == 1
     (out / "last.pt").write_bytes(b"")          # an empty file, as a full disk leaves it
-    done = subprocess.run(_cli(_spec_file(tmp_path / "c.yaml", specs)), env=_env(tmp_path), cwd=tmp_path,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "resuming from the state before it" in done.stdout and "at epoch 2, step 0" in done.stdout
+    status, printed = _main(_spec_file(tmp_path / "c.yaml", specs), capsys)
+    assert status == 0
+    assert "resuming from the state before it" in printed and "at epoch 2, step 0" in printed
+    assert f"resuming from {out / 'last.prev.pt'}" in printed, "the message names the file it resumed from"
     assert_same_run(out, Path(reference[0]["out_dir"]))
 
 
@@ -340,11 +372,11 @@ def test_no_readable_resume_state_names_the_files_to_delete(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"")
     (tmp_path / "last.prev.pt").write_bytes(b"garbage")
     with pytest.raises(checkpoint.CheckpointError) as info:
-        cohort.load_resume_state(tmp_path, "some/run")
+        resume.load_resume_state(tmp_path, "some/run")
     message = str(info.value)
     assert f"delete {tmp_path / 'last.pt'} and {tmp_path / 'last.prev.pt'}" in message
     assert "weights_only=False" not in message
-    assert cohort.load_resume_state(tmp_path / "nothing-here", "some/run") is None
+    assert resume.load_resume_state(tmp_path / "nothing-here", "some/run") == (None, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -362,7 +394,7 @@ def test_the_loop_feeds_the_schedule_and_records_top5_and_failures(tmp_path, cif
     assert [float(r["lr"]) for r in rows] == pytest.approx([0.1, 0.02, 0.004])
     # top-5 error of the final model, recomputed independently from the checkpoint
     model, _ = checkpoint.load_model(Path(spec["out_dir"]) / "checkpoint.pt")
-    data = sources.load(spec, torch.device("cpu"))
+    data = training_data(RunSpec.resolve(spec), torch.device("cpu"))
     with torch.no_grad():
         logits = torch.cat([model(x)[0] for x, _ in data.test_batches(64)])
     labels = torch.cat([y for _, y in data.test_batches(64)])
@@ -373,7 +405,7 @@ def test_the_loop_feeds_the_schedule_and_records_top5_and_failures(tmp_path, cif
     # a diverging member fails alone, its MLflow run FAILED; the other finishes
     diverging = make_spec(tmp_path / "diverging", cifar_mini_dir, "wrn-10-1", "baseline", epochs=1, lr=1e30)
     calm = make_spec(tmp_path / "calm", cifar_mini_dir, "wrn-10-1", "kd", teacher, epochs=1)
-    with pytest.raises(cohort.TrainingDiverged, match="test/diverging"):
+    with pytest.raises(TrainingDiverged, match="test/diverging"):
         train_cohort([diverging, calm], Options(progress=False, threads=1))
     assert (tmp_path / "calm" / "metrics.json").is_file() and not (tmp_path / "diverging" / "metrics.json").exists()
     client = MlflowClient()
@@ -398,9 +430,9 @@ def _started_in(precision: str, out: Path, data_dir: Path) -> dict:
     """A run stopped after its first step, trained in ``precision`` (its protocol asks for auto)."""
     spec = make_spec(out, data_dir, "wrn-10-1", "baseline", epochs=1, precision="auto",
                      train_subset=64, test_subset=64)
-    with pytest.raises(cohort.Interrupted):
-        cohort.run([spec], Arithmetic(torch.device("cpu"), precision), progress=False,
-                   sigterm=StopAfter(0), tracking=False)
+    with pytest.raises(Interrupted):
+        train_cohort([spec], Options(device="cpu", precision=precision, progress=False, threads=1,
+                                     tracking=False), stop=StopAfter(0))
     assert checkpoint.load(out / "last.pt")["precision"] == precision
     return spec
 
@@ -424,6 +456,7 @@ def test_runs_started_in_different_precisions_cannot_resume_as_one_cohort(tmp_pa
     a = _started_in("float32", tmp_path / "a", cifar_mini_dir)
     b = _started_in("bf16", tmp_path / "b", cifar_mini_dir)
     with pytest.raises(ValueError, match="different precisions.*a in float32.*b in bf16"):
-        cohort.started_precision([a, b])
+        resume.started_precision([resume.Saved.read(RunSpec.resolve(s), force=False) for s in (a, b)])
     # a state saved for another spec is discarded on resume, so it does not bind the precision
-    assert cohort.started_precision([{**b, "seed": 1}]) is None
+    other = resume.Saved.read(RunSpec.resolve({**b, "seed": 1}), force=False)
+    assert resume.started_precision([other]) is None

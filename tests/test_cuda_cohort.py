@@ -21,9 +21,9 @@ import torch
 
 from at import checkpoint
 
-# the CPU cohort tests' helpers and fixtures (a teacher trained once on the mini data, a private
-# MLflow store per test)
-from test_cohort import _cli, _env, _spec_file, make_spec, private_mlflow, teacher  # noqa: F401
+# the CPU cohort tests' helpers and their private MLflow store per test (the trained teacher is
+# the session's, tests/conftest.py)
+from test_cohort import _cli, _env, _spec_file, make_spec, private_mlflow  # noqa: F401
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.slow,
 EPOCHS = 3
 
 
-def test_a_cohort_killed_on_the_gpu_resumes_every_member(tmp_path, cifar_mini_dir, teacher):  # noqa: F811
+def test_a_cohort_killed_on_the_gpu_resumes_every_member(tmp_path, cifar_mini_dir, teacher):
     # the whole mini set (5085 images, 159 batches of 32) so that an epoch lasts long enough for
     # the kill to land inside one
     specs = [make_spec(tmp_path / "cohort" / name, cifar_mini_dir, "wrn-10-1", method,

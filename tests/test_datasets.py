@@ -18,6 +18,8 @@ from PIL import Image
 from at import grid, provenance
 from at.__main__ import main
 from at.data import datasets, folders, sources
+from at.data.datasets import training_data
+from at.spec import RunSpec
 from at.params import ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,8 +80,10 @@ def test_run_ids_take_the_usual_protocol_from_the_records(params):
 
 
 def _cifar100_spec(root: Path, augment: str, **protocol) -> dict:
-    return {"dataset": "cifar100", "data_dir": str(root),
-            "protocol": {"augment": augment, "train_subset": None, "test_subset": None, **protocol}}
+    return {"id": "c100", "dataset": "cifar100", "data_dir": str(root), "student": "wrn-10-1",
+            "method_name": "baseline", "method": {"terms": [{"type": "ce"}]}, "seed": 0, "out_dir": "unused",
+            "protocol": {"epochs": 1, "batch_size": 16, "lr": 0.1, "lr_gamma": 0.2, "augment": augment,
+                         "train_subset": None, "test_subset": None, **protocol}}
 
 
 def _normalised(images_hwc: np.ndarray) -> np.ndarray:
@@ -100,7 +104,7 @@ def test_cifar100_downloads_and_loads_fine_labels(tmp_path, monkeypatch):
         assert main(["--params", str(REPO / "params.yaml"), "download", "cifar100", "--root", str(root)]) == 0
     assert sorted(os.listdir(root)) == ["cifar-100-python", "cifar-100-python.tar.gz", "source.json"]
 
-    data = sources.load(_cifar100_spec(root, "none"), torch.device("cpu"))
+    data = training_data(RunSpec.resolve(_cifar100_spec(root, "none")), torch.device("cpu"))
     assert (data.n_train, data.n_test, data.input_shape) == (40, 20, (3, 32, 32))
     assert data.md5 == md5(site / "cifar-100-python.tar.gz")
     images, fine, coarse = truth["train"]
@@ -124,7 +128,7 @@ def test_cifar100_crop_flip_draws_from_the_generator_only(tmp_path):
     from at.data import cifar
 
     cifar.prepare(tmp_path / "c100", str(site / "c100.tar.gz"), md5(site / "c100.tar.gz"), layout=cifar.CIFAR100)
-    data = sources.load(_cifar100_spec(tmp_path / "c100", "crop_flip"), torch.device("cpu"))
+    data = training_data(RunSpec.resolve(_cifar100_spec(tmp_path / "c100", "crop_flip")), torch.device("cpu"))
     perm = torch.arange(40)
 
     def epoch(seed):
@@ -135,7 +139,7 @@ def test_cifar100_crop_flip_draws_from_the_generator_only(tmp_path):
 
 def test_a_record_refuses_an_augment_at_load_time_too(tmp_path):
     with pytest.raises(ParamsError, match="'cifar100' does not support augment 'imagenet'"):
-        sources.load(_cifar100_spec(tmp_path, "imagenet"), torch.device("cpu"))
+        training_data(RunSpec.resolve(_cifar100_spec(tmp_path, "imagenet")), torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,9 +164,9 @@ def test_beyond_runs_resolve_when_a_profile_selects_it(params):
     assert runs["cifar100/wrn-16-2_from_wrn-40-2/kd/seed0"]["teacher_run"] == teacher
     assert [(c["row"], c["column"]) for c in runs[teacher]["cells"]] == [("teacher", "error")]
     spec = grid.run_spec(selecting, "cifar100/wrn-16-2_from_wrn-40-2/at-sum-p2/seed0", "beyond_only")
-    assert spec["num_classes"] == 100 and spec["data_dir"] == "data/cifar100"
-    assert spec["protocol"]["augment"] == "crop_flip"
-    assert spec["teacher_checkpoint"] == f"runs/beyond_only/{teacher}/checkpoint.pt"
+    assert spec.num_classes == 100 and spec.data_dir == "data/cifar100"
+    assert spec.protocol.augment == "crop_flip"
+    assert spec.teacher_checkpoint == f"runs/beyond_only/{teacher}/checkpoint.pt"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,9 +203,9 @@ def test_imagenet_runs_read_the_users_folder(imagenet_params, tmp_path):
     assert grid.data_dir("cifar10", imagenet_params) == "data/cifar10"
     spec = grid.run_spec(imagenet_params, "imagenet/resnet18_from_resnet34-pretrained/at-sum-p2/seed0",
                          "imagenet_only")
-    assert spec["data_dir"] == folder
+    assert spec.data_dir == folder
     assert folder in grid.report_inputs(imagenet_params, "imagenet_only")
-    data = sources.FolderData(spec, torch.device("cpu"), workers=0)
+    data = sources.FolderData(spec, datasets.get("imagenet"), torch.device("cpu"), workers=0)
     assert (data.n_train, data.n_test, data.md5) == (6, 4, sources.USER_FOLDER)
     x, y = next(iter(data.test_batches(4)))
     assert tuple(x.shape) == (4, 3, 224, 224) and y.tolist() == [0, 0, 1, 1]
@@ -217,8 +221,9 @@ def test_imagenet_without_a_folder_has_no_data_dir(params):
 
 def test_folder_data_honours_augment_none(imagenet_params):
     spec = grid.run_spec(imagenet_params, "imagenet/resnet18/baseline/seed0", "imagenet_only")
-    spec["protocol"]["augment"] = "none"
-    data = sources.FolderData(spec, torch.device("cpu"), workers=0)
+    imagenet = datasets.get("imagenet")
+    data = sources.FolderData(spec.replace(protocol={**spec.protocol.to_dict(), "augment": "none"}), imagenet,
+                              torch.device("cpu"), workers=0)
     # no random draw: a training image is its test-time view (resize 256, center crop 224)
     path = Path(imagenet_params["data"]["imagenet"]["folder"]) / "train/n01440764/n01440764_2.png"
     with Image.open(path) as image:
@@ -226,8 +231,8 @@ def test_folder_data_honours_augment_none(imagenet_params):
     for seed in range(3):
         torch.manual_seed(seed)
         assert torch.equal(data.train_set[2][0], test_view)
-    spec["protocol"]["augment"] = "imagenet"
-    augmented = sources.FolderData(spec, torch.device("cpu"), workers=0)
+    augmented = sources.FolderData(spec.replace(protocol={**spec.protocol.to_dict(), "augment": "imagenet"}),
+                                   imagenet, torch.device("cpu"), workers=0)
     views = set()
     for seed in range(4):
         torch.manual_seed(seed)

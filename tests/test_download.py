@@ -7,8 +7,6 @@ import io
 import os
 import pickle
 import socket
-import subprocess
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 from http_server import serve
 
 from at.data import download
-from at.data.download import ArchiveError, ChecksumError, DownloadError, extract, fetch, fetch_and_hash
+from at.data.download import ArchiveError, ChecksumError, DownloadError, extract, fetch_and_hash
 
 PAYLOAD = os.urandom(300_000) + b"end"
 PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()
@@ -43,7 +41,8 @@ def dest_dir(tmp_path):
 
 def test_fetch_over_http_with_good_md5(served, dest_dir):
     dest = dest_dir / "blob.bin"
-    assert fetch(served.url("blob.bin"), PAYLOAD_MD5, dest) == dest
+    assert fetch_and_hash(served.url("blob.bin"), PAYLOAD_MD5, dest) == PAYLOAD_MD5
+    assert dest.read_bytes() == PAYLOAD
     assert dest.read_bytes() == PAYLOAD
     assert sorted(os.listdir(dest_dir)) == ["blob.bin"]  # no temp file left
 
@@ -51,7 +50,7 @@ def test_fetch_over_http_with_good_md5(served, dest_dir):
 def test_fetch_wrong_md5_names_both_hashes_and_leaves_nothing(served, dest_dir):
     url = served.url("blob.bin")
     with pytest.raises(ChecksumError) as info:
-        fetch(url, WRONG_MD5, dest_dir / "blob.bin")
+        fetch_and_hash(url, WRONG_MD5, dest_dir / "blob.bin")
     message = str(info.value)
     assert WRONG_MD5 in message and PAYLOAD_MD5 in message and "blob.bin" in message and url in message
     assert isinstance(info.value, ValueError)
@@ -60,16 +59,16 @@ def test_fetch_wrong_md5_names_both_hashes_and_leaves_nothing(served, dest_dir):
 
 def test_fetch_skips_when_dest_already_verified(served, dest_dir):
     dest = dest_dir / "blob.bin"
-    fetch(served.url("blob.bin"), PAYLOAD_MD5, dest)
+    fetch_and_hash(served.url("blob.bin"), PAYLOAD_MD5, dest)
     served.requested.clear()
-    fetch(served.url("blob.bin"), PAYLOAD_MD5, dest)
+    fetch_and_hash(served.url("blob.bin"), PAYLOAD_MD5, dest)
     assert served.requested == []
 
 
 def test_fetch_replaces_a_corrupt_existing_file(served, dest_dir):
     dest = dest_dir / "blob.bin"
     dest.write_bytes(b"stale")
-    fetch(served.url("blob.bin"), PAYLOAD_MD5, dest)
+    fetch_and_hash(served.url("blob.bin"), PAYLOAD_MD5, dest)
     assert dest.read_bytes() == PAYLOAD
     assert served.requested == ["/blob.bin"]
 
@@ -82,7 +81,7 @@ def test_fetch_without_md5_returns_the_hash_to_record(served, dest_dir):
 def test_http_error_names_url_and_leaves_nothing(served, dest_dir):
     url = served.url("missing.bin")
     with pytest.raises(DownloadError, match="404") as info:
-        fetch(url, PAYLOAD_MD5, dest_dir / "missing.bin")
+        fetch_and_hash(url, PAYLOAD_MD5, dest_dir / "missing.bin")
     assert url in str(info.value)
     assert os.listdir(dest_dir) == []
 
@@ -90,7 +89,7 @@ def test_http_error_names_url_and_leaves_nothing(served, dest_dir):
 def test_truncated_http_body_is_an_error_and_leaves_nothing(served, dest_dir):
     url = served.url("truncated/blob.bin")
     with pytest.raises(DownloadError, match="incomplete") as info:
-        fetch(url, None, dest_dir / "blob.bin")
+        fetch_and_hash(url, None, dest_dir / "blob.bin")
     assert url in str(info.value)
     assert os.listdir(dest_dir) == []
 
@@ -112,9 +111,10 @@ def test_local_sources_take_the_same_verified_path(tmp_path, dest_dir, monkeypat
         download, "_stream_to_temp", lambda u, d, p: streamed.append(u) or original(u, d, p)
     )
 
-    assert fetch(url, PAYLOAD_MD5, dest_dir / "copy.bin").read_bytes() == PAYLOAD
+    assert fetch_and_hash(url, PAYLOAD_MD5, dest_dir / "copy.bin") == PAYLOAD_MD5
+    assert (dest_dir / "copy.bin").read_bytes() == PAYLOAD
     with pytest.raises(ChecksumError) as info:
-        fetch(url, WRONG_MD5, dest_dir / "other.bin")
+        fetch_and_hash(url, WRONG_MD5, dest_dir / "other.bin")
     assert PAYLOAD_MD5 in str(info.value) and WRONG_MD5 in str(info.value)
     assert sorted(os.listdir(dest_dir)) == ["copy.bin"]
     assert len(streamed) == 2 and all(u.startswith("file://") for u in streamed)
@@ -122,19 +122,19 @@ def test_local_sources_take_the_same_verified_path(tmp_path, dest_dir, monkeypat
 
 def test_missing_local_source_is_a_clear_error(tmp_path, dest_dir):
     with pytest.raises(DownloadError, match="nowhere.bin"):
-        fetch(tmp_path / "nowhere.bin", PAYLOAD_MD5, dest_dir / "x.bin")
+        fetch_and_hash(tmp_path / "nowhere.bin", PAYLOAD_MD5, dest_dir / "x.bin")
     assert os.listdir(dest_dir) == []
 
 
 @pytest.mark.parametrize("md5", ["abc", "z" * 32, 123])
 def test_malformed_md5_is_refused(dest_dir, md5):
     with pytest.raises(ValueError, match="md5"):
-        fetch("http://127.0.0.1:9/x", md5, dest_dir / "x")
+        fetch_and_hash("http://127.0.0.1:9/x", md5, dest_dir / "x")
 
 
 def test_unsupported_scheme_is_refused(dest_dir):
     with pytest.raises(ValueError, match="ftp://"):
-        fetch("ftp://example.org/x.tar", PAYLOAD_MD5, dest_dir / "x.tar")
+        fetch_and_hash("ftp://example.org/x.tar", PAYLOAD_MD5, dest_dir / "x.tar")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,13 +458,14 @@ def _closed_port() -> int:
 
 
 @pytest.mark.parametrize("problem", ["http_404", "missing_path", "closed_port", "md5_mismatch"])
-def test_cli_download_mistake_is_one_line(tmp_path, problem):
+def test_cli_download_mistake_is_one_line(tmp_path, problem, monkeypatch):
     from cifar_archives import make_cifar10
+    from conftest import run_cli
 
     site = tmp_path / "site"
     site.mkdir()
     make_cifar10(site / "cifar-10-python.tar.gz", seed=8)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "AT_CIFAR10_MD5": WRONG_MD5}
+    env = {"AT_CIFAR10_MD5": WRONG_MD5}
     with serve(site) as server:
         env["AT_CIFAR10_URL"] = {
             "http_404": server.url("nowhere.tar.gz"),
@@ -472,10 +473,10 @@ def test_cli_download_mistake_is_one_line(tmp_path, problem):
             "closed_port": f"http://127.0.0.1:{_closed_port()}/cifar-10-python.tar.gz",
             "md5_mismatch": server.url("cifar-10-python.tar.gz"),
         }[problem]
-        done = subprocess.run(
-            [sys.executable, "-m", "at", "--params", str(REPO / "params.yaml"), "download", "cifar10",
-             "--root", str(tmp_path / "data" / "cifar10")],
-            env=env, capture_output=True, text=True, timeout=120)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        done = run_cli(["--params", str(REPO / "params.yaml"), "download", "cifar10",
+                        "--root", str(tmp_path / "data" / "cifar10")], cwd=tmp_path)
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from at import cohort as at_cohort
-from at.train import validate_protocol
+from at.data.stream import check_shared_stream
+from at.spec import RunSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
@@ -106,9 +106,9 @@ def test_the_training_specs_are_the_papers_cohort_on_the_mini_data(tmp_path):
     assert teacher["id"] == "cifar10/wrn-16-2/baseline/seed0" and teacher["student"] == "wrn-16-2"
     assert {m["method_name"] for m in members} == {"baseline", "at-sum-p2", "at-sum-p1", "at-sum-p4",
                                                    "at-max-p1", "kd", "at+kd", "factt"}
-    at_cohort.check_shared_stream(members)
+    check_shared_stream([RunSpec.resolve(m) for m in members])
     for spec in [teacher, *members]:
-        validate_protocol(spec["protocol"])
+        RunSpec.resolve(spec)   # a spec the trainer accepts
         assert spec["protocol"]["epochs"] == 3 and spec["protocol"]["precision"] == "auto"
         assert spec["data_dir"] == str(tmp_path / "data" / "cifar10") == steps["data"].command[-1]
         assert Path(spec["out_dir"]).is_relative_to(tmp_path / "runs")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +15,9 @@ import yaml
 
 from at import grid
 from at.params import ParamsError
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "at"]
 
 
 
@@ -104,8 +102,7 @@ def test_cli_refuses_bad_params_before_listing_anything(params, tmp_path):
     params["tables"]["table2"]["rows"]["sum-p1"]["method"] = "at-sum-p3"
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(params))
-    done = subprocess.run(CLI + ["--params", str(bad), "runs", "--profile", "ci"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    done = run_cli(["--params", str(bad), "runs", "--profile", "ci"], cwd=REPO)
     assert done.returncode == 2, done.stderr
     assert done.stdout == ""
     assert "Traceback" not in done.stderr
@@ -195,7 +192,7 @@ def test_every_students_teacher_run_is_in_the_grid(params, profile):
         for key in ("seed", "dataset", "protocol_name", "weights", "profile"):
             assert teacher[key] == run[key], (run["id"], key)
         assert grid.teacher_checkpoint(params, run) == grid.outputs(teacher)["checkpoint"]
-        assert grid.run_spec(params, run)["teacher_checkpoint"] == grid.outputs(teacher)["checkpoint"]
+        assert grid.run_spec(params, run).teacher_checkpoint == grid.outputs(teacher)["checkpoint"]
     for run in runs:
         if not run["teacher"] or run["teacher_weights"]:
             assert run["teacher_run"] is None
@@ -219,8 +216,7 @@ def test_ci_profile_trains_its_teacher_although_table1_is_not_run(params):
 
 def test_cli_lists_exactly_the_grid(params):
     expected = grid.runs(params, "paper")
-    text = subprocess.run(CLI + ["runs", "--profile", "paper"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, check=True).stdout
+    text = run_cli(["runs", "--profile", "paper"], cwd=REPO).stdout
     lines = text.splitlines()
     assert len(lines) == len(expected) == 120
     assert [line.split("\t")[0] for line in lines] == [r["id"] for r in expected]
@@ -229,8 +225,7 @@ def test_cli_lists_exactly_the_grid(params):
 
 
 def test_committed_dvc_yaml_is_what_params_yaml_defines():
-    done = subprocess.run(CLI + ["dvc", "--profile", "paper", "--check"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    done = run_cli(["dvc", "--profile", "paper", "--check"], cwd=REPO)
     assert done.returncode == 0, f"dvc.yaml is stale: {done.stderr}"
 
 
@@ -239,9 +234,8 @@ def test_dvc_check_fails_on_a_stale_file(params, tmp_path):
     params["seeds"] = [0, 1, 2, 3]
     changed = tmp_path / "params.yaml"
     changed.write_text(yaml.safe_dump(params))
-    done = subprocess.run(CLI + ["--params", str(changed), "dvc", "--profile", "paper", "--check",
-                                 "--output", str(REPO / "dvc.yaml")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = run_cli(["--params", str(changed), "dvc", "--profile", "paper", "--check",
+                                 "--output", str(REPO / "dvc.yaml")], cwd=REPO)
     assert done.returncode == 1
     assert "regenerate it with `python -m at dvc --profile paper`" in done.stderr
 
@@ -281,8 +275,7 @@ def test_a_table_no_paper_has_is_valid_and_its_runs_are_in_the_grid(params, tmp_
     assert by_id[USER_TABLE_RUNS[("max-p2", "error")]]["teacher_run"] == "cifar10/wrn-40-2/baseline/seed0"
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(mine))
-    listed = json.loads(subprocess.run(CLI + ["--params", str(path), "runs", "--profile", "paper", "--json"],
-                                       cwd=REPO, capture_output=True, text=True, timeout=120, check=True).stdout)
+    listed = json.loads(run_cli(["--params", str(path), "runs", "--profile", "paper", "--json"], cwd=REPO).stdout)
     assert listed == runs
     # two new runs: the two students of WRN-40-2; the WRN-16-1 baseline is Table 1's seed-0 run
     assert len(listed) == 120 + 2
@@ -302,9 +295,9 @@ def test_the_mini_profile_is_the_laptop_evidence_the_results_are_made_of(real_pa
     assert len(runs) == 45   # per seed: the teacher, the baseline, 7 methods
     for run in runs:
         protocol = grid.protocol_of(real_params, run)
-        assert (protocol["epochs"], protocol["lr_drops"], protocol["lr_gamma"], protocol["batch_size"]) == \
-            (30, [9, 18, 24], 0.2, 128)
-        assert (protocol["train_subset"], protocol["test_subset"], protocol["precision"]) == (None, None, "auto")
+        assert (protocol.epochs, protocol.lr_drops, protocol.lr_gamma, protocol.batch_size) == \
+            (30, (9, 18, 24), 0.2, 128)
+        assert (protocol.train_subset, protocol.test_subset, protocol.precision) == (None, None, "auto")
     students = [c for c in grid.cohorts(real_params, "mini") if c["level"] > 0]
     assert len(students) == 5
     for c in students:

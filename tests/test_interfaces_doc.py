@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
 
 from at import checkpoint, grid
+from conftest import run_cli
 from at import params as params_io
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,16 +28,17 @@ def _listed(lead: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, cifar_mini_dir):
+def trained(tmp_path_factory, cifar_mini_dir, mlflow_template):
     tmp = tmp_path_factory.mktemp("doc")
+    shutil.copy(mlflow_template, tmp / "mlruns.db")   # an empty store (conftest)
     uri = f"sqlite:///{tmp / 'mlruns.db'}"
     out = tmp / "run"
-    subprocess.run([sys.executable, "-m", "at", "--params", str(REPO / "params.yaml"), "train",
-                    "--student", "wrn-10-1", "--out", str(out), "--id", "doc-run", "--data-dir", str(cifar_mini_dir),
-                    "--epochs", "1", "--train-subset", "64", "--test-subset", "64", "--batch-size", "32",
-                    "--threads", "1", "--no-progress"],
-                   env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}, cwd=tmp,
-                   check=True, capture_output=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        done = run_cli(["--params", str(REPO / "params.yaml"), "train", "--student", "wrn-10-1", "--out", str(out),
+                        "--id", "doc-run", "--data-dir", str(cifar_mini_dir), "--epochs", "1", "--train-subset", "64",
+                        "--test-subset", "64", "--batch-size", "32", "--threads", "1", "--no-progress"], cwd=tmp)
+    assert done.returncode == 0, done.stderr
     return out, uri
 
 
@@ -46,7 +46,7 @@ def test_the_documented_run_spec_is_the_codes():
     block = DOC[DOC.index("## Run spec"):]
     documented = json.loads(block[block.index("```json") + len("```json"):block.index("```\n", block.index("```json") + 7)])
     params = params_io.load(REPO / "params.yaml")
-    assert documented == grid.run_spec(params, documented["id"], documented["profile"])
+    assert documented == grid.run_spec(params, documented["id"], documented["profile"]).to_dict()
 
 
 def test_the_documented_checkpoint_keys_are_the_real_ones(trained):

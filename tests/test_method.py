@@ -22,7 +22,6 @@ from at.method import (
     requires_teacher,
     resolve_method,
     schedule_factor,
-    term_names,
     validate_method,
 )
 
@@ -45,6 +44,11 @@ class TapNet(nn.Module):
         a = torch.tanh(self.bn1(self.conv1(x)))
         b = torch.tanh(self.bn2(self.conv2(a)))
         return self.fc(b.mean((2, 3))), [a, b]
+
+
+def term_names(spec) -> list[str]:
+    """The keys of StepResult.terms for a method, in spec order."""
+    return [term.name for term in resolve_method(spec)]
 
 
 def _nets(dtype=torch.float64, seed=0):

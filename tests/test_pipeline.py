@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AT_SHARED_DIR", REPO.parent / "shared"))
@@ -194,13 +195,12 @@ def snakemake_paper_jobs(paper_copy) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def grid_paper_runs(paper_copy) -> list[dict]:
-    return json.loads(_sh([sys.executable, "-m", "at", "runs", "--profile", "paper", "--json"], paper_copy).stdout)
+    return json.loads(run_cli(["runs", "--profile", "paper", "--json"], paper_copy).stdout)
 
 
 @pytest.fixture(scope="module")
 def grid_paper_cohorts(paper_copy) -> list[dict]:
-    return json.loads(_sh([sys.executable, "-m", "at", "runs", "--profile", "paper", "--cohorts", "--json"],
-                          paper_copy).stdout)
+    return json.loads(run_cli(["runs", "--profile", "paper", "--cohorts", "--json"], paper_copy).stdout)
 
 
 def _train_jobs(jobs: list[dict]) -> dict[str, dict]:

@@ -19,6 +19,7 @@ from at import params as params_io
 from at import references, report
 from at.report import attention_maps, cells, figures, inputs, tables
 from at.report.layout import grid_tables
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DESC = "smoke profile, CIFAR-10 mini subset (5085 train / 1017 test images), 2 epochs"
@@ -507,7 +508,7 @@ def test_a_table_without_references_renders_with_dashes(tmp_path):
     runs = []
     for run in grid_mod.runs(params, "paper"):
         if run["id"] in errors:
-            epochs = grid_mod.protocol_of(params, run)["epochs"]
+            epochs = grid_mod.protocol_of(params, run).epochs
             written = write_run(tmp_path / "runs", run["id"], run["seed"], run["cells"], errors[run["id"]],
                                 final_epoch=epochs, epochs=epochs, history=False,
                                 metrics_changes={"profile": "paper"})
@@ -621,11 +622,10 @@ def test_expected_data_md5_follows_the_trainers_rule(tmp_path):
     assert inputs.expected_data_md5("imagenet", tmp_path / "absent") == "user-folder"
 
 
-def test_cli_report_checks_every_file_against_the_grid(tmp_path):
+def test_cli_report_checks_every_file_against_the_grid(tmp_path, monkeypatch):
     """`python -m at report` in a folder with params.yaml, references.yaml, a data record and
     the ci profile's run folders: renders; then one copied metrics.json makes it refuse."""
     import shutil
-    import subprocess
 
     from at.data.download import write_source_record
 
@@ -639,14 +639,14 @@ def test_cli_report_checks_every_file_against_the_grid(tmp_path):
     write_source_record(tmp_path / "data" / "cifar10", {"md5": CIFAR_MD5, "url": "file:///mini"})
     runs = grid_mod.runs(params, "ci")
     for i, run in enumerate(runs):
-        epochs = grid_mod.protocol_of(params, run)["epochs"]
+        epochs = grid_mod.protocol_of(params, run).epochs
         (tmp_path / run["out_dir"]).mkdir(parents=True)
         metrics = {"run_id": run["id"], "profile": "ci", "data_md5": CIFAR_MD5, "epochs": epochs,
                    "final_epoch": epochs, "final_test_error": 80.0 - i, "final_test_error_top5": 40.0}
         (tmp_path / run["out_dir"] / "metrics.json").write_text(json.dumps(metrics))
-    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
-    cli = [sys.executable, "-m", "at", "report", "--profile", "ci"]
-    done = subprocess.run(cli, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)   # the store beside params.yaml, as for a user
+    cli = ["report", "--profile", "ci"]
+    done = run_cli(cli, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     t2 = read_csv(tmp_path / "results" / "ci" / "table2.csv")
     assert [r["status"] for r in t2.values()] == ["ok"] * 5
@@ -655,7 +655,7 @@ def test_cli_report_checks_every_file_against_the_grid(tmp_path):
     assert (tmp_path / "results" / "ci" / "table2.md").read_text().splitlines()[0] == f"**{purpose}**"
     first, second = (tmp_path / runs[1]["out_dir"], tmp_path / runs[2]["out_dir"])
     (second / "metrics.json").write_bytes((first / "metrics.json").read_bytes())
-    done = subprocess.run(cli, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = run_cli(cli, cwd=tmp_path)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert f"run_id is '{runs[1]['id']}', not '{runs[2]['id']}'" in done.stderr
@@ -749,10 +749,10 @@ def test_render_draws_attention_from_checkpoints(grid, tmp_path, monkeypatch):
     def load_model(path):
         loaded.append(Path(path))
         if Path(path) == teacher_ckpt:
-            return TinyNet(6, 1), {"student": "wrn-16-2"}
-        return TinyNet(3, 2), {"student": "wrn-16-1", "teacher": "wrn-16-2",
-                               "teacher_checkpoint": str(teacher_ckpt),
-                               "data_dir": str(tmp_path / "data")}
+            return TinyNet(6, 1), types.SimpleNamespace(student="wrn-16-2")
+        return TinyNet(3, 2), types.SimpleNamespace(student="wrn-16-1", teacher="wrn-16-2",
+                                                    teacher_checkpoint=str(teacher_ckpt),
+                                                    data_dir=str(tmp_path / "data"))
 
     fakes = {
         "at.checkpoint": types.SimpleNamespace(load_model=load_model),

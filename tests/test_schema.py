@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +13,9 @@ import yaml
 from at import grid, schema
 from at import params as params_io
 from at.params import ParamsError
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "at"]
 
 
 
@@ -128,44 +125,40 @@ def test_errors_name_the_file_they_come_from(params, tmp_path):
     other = tmp_path / "experiment.yaml"
     params["protocols"]["cifar"]["nesterov"] = "yes"
     other.write_text(yaml.safe_dump(params))
-    done = subprocess.run(CLI + ["--params", str(other), "runs", "--profile", "ci"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    done = run_cli(["--params", str(other), "runs", "--profile", "ci"], cwd=REPO)
     assert done.returncode == 2
     assert done.stderr.strip() == (f"error: {other}: protocols.cifar.nesterov: must be true or false, "
                                    f"got 'yes'"), done.stderr
     params["protocols"]["cifar"]["nesterov"] = False
     params["tables"]["table2"]["rows"]["sum-p1"]["method"] = "at-sum-p3"
     other.write_text(yaml.safe_dump(params))
-    done = subprocess.run(CLI + ["--params", str(other), "runs", "--profile", "ci"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    done = run_cli(["--params", str(other), "runs", "--profile", "ci"], cwd=REPO)
     assert done.returncode == 2
     assert done.stderr.startswith(f"error: {other}: tables.table2 cell (sum-p1, error).method"), done.stderr
     assert "params.yaml" not in done.stderr
 
 
-def test_train_with_another_params_file_is_checked_too(params, tmp_path):
+def test_train_with_another_params_file_is_checked_too(params, tmp_path, monkeypatch):
     other = tmp_path / "experiment.yaml"
     params["protocols"]["cifar"]["momentum"] = "high"
     other.write_text(yaml.safe_dump(params))
     run = "cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed0"
-    done = subprocess.run(CLI + ["--params", str(other), "train", "--run", run, "--profile", "ci"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
+    done = run_cli(["--params", str(other), "train", "--run", run, "--profile", "ci"], cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: {other}: protocols.cifar.momentum: must be a number in [0, 1), got 'high'"
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_run_spec_with_a_bad_protocol_stops_before_training(tmp_path):
+def test_a_run_spec_with_a_bad_protocol_stops_before_training(tmp_path, monkeypatch):
     spec = {"id": "x", "dataset": "cifar10", "data_dir": str(tmp_path / "nowhere"), "student": "wrn-10-1",
             "teacher": None, "method_name": "baseline", "method": {"terms": [{"type": "ce"}]}, "seed": 0,
             "out_dir": str(tmp_path / "x"), "num_classes": 10, "profile": "custom",
             "protocol": {"epochs": 1, "batch_size": 8, "lr": 0.1, "lr_gamma": 0.2, "nesterov": "yes"}}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
-    done = subprocess.run(CLI + ["--params", str(REPO / "params.yaml"), "train", "--spec", str(path)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
+    done = run_cli(["--params", str(REPO / "params.yaml"), "train", "--spec", str(path)], cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip() == "error: run x: protocol.nesterov: must be true or false, got 'yes'"
 
@@ -174,7 +167,7 @@ def test_bn_weight_init_reaches_the_run_spec(params):
     """params.yaml's choice (the authors' uniform init) is part of every CIFAR run's spec, which
     the trainer passes to models.build; a profile can override it."""
     run = "cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed0"
-    assert grid.run_spec(params, run, "paper")["protocol"]["bn_weight_init"] == "uniform"
+    assert grid.run_spec(params, run, "paper").protocol.bn_weight_init == "uniform"
     params["profiles"]["ci"]["protocol"]["bn_weight_init"] = "ones"
     grid.validate(params)
-    assert grid.run_spec(params, run, "ci")["protocol"]["bn_weight_init"] == "ones"
+    assert grid.run_spec(params, run, "ci").protocol.bn_weight_init == "ones"

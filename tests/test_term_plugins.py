@@ -1,20 +1,19 @@
-"""A term type defined outside the package trains real runs: registered in-process through
-`at.method.register_term`, and through a method's `plugins` list in `python -m at train`."""
+"""A term type defined outside the package trains real runs, registered in-process through
+`at.method.register_term`; a method's `plugins` list is checked and imported before its terms.
+(A fresh `python -m at train --cohort` process importing a method's plugins, end to end from
+params.yaml: tests/test_extensions.py.)"""
 
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from at.method import TERM_TYPES, TermType, register_term, term_names, validate_method
+from at.method import TERM_TYPES, TermType, register_term, resolve_method, validate_method
 from at.train import Options, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,9 +22,14 @@ PROTOCOL = {"epochs": 1, "batch_size": 64, "lr": 0.1, "lr_drops": [], "lr_gamma"
             "train_subset": 128, "test_subset": 128}
 
 
+def term_names(spec) -> list[str]:
+    """The keys of StepResult.terms for a method, in spec order."""
+    return [term.name for term in resolve_method(spec)]
+
+
 def _spec(out: Path, data_dir: Path, method_name: str, method: dict, teacher_checkpoint: Path | None = None) -> dict:
     return {"id": method_name, "dataset": "cifar10", "data_dir": str(data_dir), "student": "wrn-10-1",
-            "weights": None, "teacher": "wrn-10-1" if teacher_checkpoint else None, "teacher_weights": None,
+            "weights": None, "teacher": "wrn-10-2" if teacher_checkpoint else None, "teacher_weights": None,
             "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None,
             "method_name": method_name, "method": method, "seed": 0, "out_dir": str(out),
             "num_classes": 10, "protocol": PROTOCOL, "profile": "test"}
@@ -36,15 +40,10 @@ def _history(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
-def teacher_checkpoint(tmp_path_factory, cifar_mini_dir) -> Path:
-    """A real (one-epoch) teacher run; WRN-10-1 keeps it cheap."""
-    tmp = tmp_path_factory.mktemp("teacher")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlruns.db'}")
-        train(_spec(tmp / "teacher", cifar_mini_dir, "baseline", {"terms": [{"type": "ce"}]}),
-              Options(progress=False, threads=1))
-    return tmp / "teacher" / "checkpoint.pt"
+@pytest.fixture
+def teacher_checkpoint(teacher) -> Path:
+    """The session's trained teacher (conftest)."""
+    return teacher
 
 
 # The user's term: mean over batch and classes of |z_s - z_t|, with what each call saw kept
@@ -69,8 +68,7 @@ def logit_l1():
 
 
 def test_a_term_type_registered_from_outside_trains_a_real_run(tmp_path, cifar_mini_dir, teacher_checkpoint,
-                                                               logit_l1, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+                                                               logit_l1, mlflow_store):
     method = {"terms": [{"type": "ce"}, {"type": "logit_l1", "name": "l1", "beta": 0.5}]}
     assert term_names(method) == ["ce", "l1"]
     out = tmp_path / "student"
@@ -87,39 +85,6 @@ def test_a_term_type_registered_from_outside_trains_a_real_run(tmp_path, cifar_m
     expected = 0.5 * np.mean([c["value"] for c in train_calls])
     assert float(row["loss_l1"]) == pytest.approx(expected, rel=1e-5)
     assert np.isfinite(expected) and expected > 0
-
-
-PLUGIN = '''
-"""A term type for the `plugins` test: L1 distance between student and teacher logits."""
-from at.method import TermType, register_term
-
-
-def _value(step, term):
-    return (step.student_logits.float() - step.teacher_logits.float()).abs().mean()
-
-
-register_term(TermType("plugin_logit_l1", _value, needs_teacher=True, compares_logits=True))
-'''
-
-
-def test_a_plugin_module_is_imported_by_the_training_subprocess(tmp_path, cifar_mini_dir, teacher_checkpoint):
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "at_test_logit_plugin.py").write_text(textwrap.dedent(PLUGIN))
-    method = {"plugins": ["at_test_logit_plugin"], "terms": [{"type": "ce"}, {"type": "plugin_logit_l1"}]}
-    out = tmp_path / "student"
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(_spec(out, cifar_mini_dir, "ce+plugin", method, teacher_checkpoint)))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(plugins)])}
-    subprocess.run([sys.executable, "-m", "at", "--params", str(REPO / "params.yaml"), "train",
-                    "--spec", str(spec_file), "--threads", "1", "--no-progress"],
-                   env=env, cwd=tmp_path, check=True)
-    (row,) = _history(out)
-    value = float(row["loss_plugin_logit_l1"])
-    assert np.isfinite(value) and value > 0
-    # this process never imported the plugin: its term type is known only where it is listed
-    assert "plugin_logit_l1" not in TERM_TYPES
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from at.spec import RunSpec
 from at import tracking
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,17 +41,26 @@ def _env(uri: str) -> dict:
     return {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
 
 
-def test_unreachable_server_fails_in_seconds_with_one_line_naming_it(tmp_path, cifar_mini_dir):
+def _main(out: Path, data_dir: Path, epochs: int, capsys) -> tuple[int, str, str]:
+    """`python -m at train` in this process (the same code as the command): status, stdout, stderr."""
+    from at.__main__ import main
+
+    capsys.readouterr()
+    status = main(_train_cmd(out, data_dir, epochs)[3:])
+    printed = capsys.readouterr()
+    return status, printed.out, printed.err
+
+
+def test_unreachable_server_fails_in_seconds_with_one_line_naming_it(tmp_path, cifar_mini_dir, capsys, monkeypatch):
     uri = f"http://127.0.0.1:{_closed_port()}/"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     start = time.monotonic()
-    result = subprocess.run(_train_cmd(tmp_path / "run", cifar_mini_dir, 1), env=_env(uri), cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
+    status, _, err = _main(tmp_path / "run", cifar_mini_dir, 1, capsys)
     elapsed = time.monotonic() - start
-    assert result.returncode == 2, result.stderr
+    assert status == 2, err
     assert elapsed < 15, f"took {elapsed:.1f} s to report an unreachable server"
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and uri in lines[0], result.stderr
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and uri in lines[0], err
     assert "refused" in lines[0].lower()
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
@@ -131,9 +141,11 @@ def test_locked_sqlite_store_is_retried_and_succeeds(tmp_path, monkeypatch, caps
     assert "SQLite store locked" in capsys.readouterr().err
 
 
-def test_a_finished_run_is_never_deleted_but_an_unfinished_orphan_is(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
-    spec = {"id": "orphans", "profile": "custom", "dataset": "cifar10", "seed": 0}
+def test_a_finished_run_is_never_deleted_but_an_unfinished_orphan_is(tmp_path, mlflow_store):
+    spec = RunSpec.resolve({"id": "orphans", "dataset": "cifar10", "student": "wrn-10-1", "seed": 0,
+                            "method_name": "baseline", "method": {"terms": [{"type": "ce"}]},
+                            "out_dir": str(tmp_path), "data_dir": "",
+                            "protocol": {"epochs": 1, "batch_size": 8, "lr": 0.1, "lr_gamma": 0.2}})
     id_file = tmp_path / "mlflow_run_id"
     first = tracking.RunTracker(spec, id_file)
     first.start(None, {})
@@ -185,7 +197,7 @@ def _stop_server(proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_server_killed_mid_run_training_goes_on_then_the_retry_finishes_the_same_mlflow_run(
-        tmp_path, cifar_mini_dir):
+        tmp_path, cifar_mini_dir, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     epochs = 4
@@ -218,10 +230,10 @@ def test_server_killed_mid_run_training_goes_on_then_the_retry_finishes_the_same
     server = _start_server(tmp_path, _closed_port())   # the server is back (on another port)
     try:
         uri = f"http://127.0.0.1:{server.args[server.args.index('--port') + 1]}"
-        result = subprocess.run(_train_cmd(out, cifar_mini_dir, epochs), env=_env(uri), cwd=tmp_path,
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr
-        assert "epoch 1/" not in result.stdout, "the retry resumes: it does not train again"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)   # the retry: in this process, the same code
+        status, printed, err = _main(out, cifar_mini_dir, epochs, capsys)
+        assert status == 0, err
+        assert "epoch 1/" not in printed, "the retry resumes: it does not train again"
         client = MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name(tracking.experiment_name("custom"))
         runs = client.search_runs([experiment.experiment_id])

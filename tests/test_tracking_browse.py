@@ -4,19 +4,16 @@ seed's per-epoch metrics, checkpoint artifact and data set input; the report's f
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
-import os
+import shutil
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from at import grid, tracking
+from at.train import Options, train
 from at import params as params_io
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,22 +25,21 @@ SHARED_CELL = {"table": "table1", "row": "wrn-16-1_from_wrn-16-2", "column": "st
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, cifar_mini_dir):
+def store(tmp_path_factory, cifar_mini_dir, mlflow_template):
     """Two seeds of the ci grid's baseline cell, trained for real into one SQLite store."""
     tmp = tmp_path_factory.mktemp("browse")
+    shutil.copy(mlflow_template, tmp / "mlruns.db")   # an empty store (conftest)
     uri = f"sqlite:///{tmp / 'mlruns.db'}"
     params = params_io.load(REPO / "params.yaml")
     specs = []
     for seed in (0, 1):
-        spec = copy.deepcopy(grid.run_spec(params, BASELINE, "ci"))
+        spec = grid.run_spec(params, BASELINE, "ci").to_dict()
         spec.update(id=BASELINE.replace("seed0", f"seed{seed}"), seed=seed, data_dir=str(cifar_mini_dir),
                     out_dir=str(tmp / f"seed{seed}"))
         spec["protocol"].update(epochs=EPOCHS, train_subset=64, test_subset=64, batch_size=32)
-        path = tmp / f"spec{seed}.yaml"
-        path.write_text(yaml.safe_dump(spec))
-        subprocess.run([sys.executable, "-m", "at", "train", "--spec", str(path), "--threads", "1", "--no-progress"],
-                       env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}, cwd=tmp,
-                       check=True, capture_output=True)
+        with pytest.MonkeyPatch.context() as mp:   # trained in this process, into the test's store
+            mp.setenv("MLFLOW_TRACKING_URI", uri)
+            train(spec, Options(device="cpu", progress=False, threads=1))
         specs.append(spec)
     return tmp, uri, specs
 

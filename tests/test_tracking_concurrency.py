@@ -15,10 +15,10 @@ EPOCHS = 2
 
 
 @pytest.mark.slow
-def test_16_concurrent_training_processes_all_complete_in_one_sqlite_store(tmp_path, cifar_mini_dir):
+def test_16_concurrent_training_processes_all_complete_in_one_sqlite_store(tmp_path, cifar_mini_dir, mlflow_store):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    uri = mlflow_store
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
     # what the Snakefile's onstart does before the fan-out
     subprocess.run([sys.executable, "-m", "at", "tracking-init", "--profile", "custom"], env=env, cwd=tmp_path, check=True,

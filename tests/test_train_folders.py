@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
-import yaml
 from PIL import Image
 
 from at.data import download, folders
+from at.train import Options
+from at.train import train as train_run
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross"]
@@ -43,11 +41,10 @@ def _cub_archive(path: Path) -> Path:
     return path
 
 
-def test_resnet_student_trains_on_image_folders_with_a_resnet_teacher(tmp_path):
+def test_resnet_student_trains_on_image_folders_with_a_resnet_teacher(tmp_path, mlflow_store):
     archive = _cub_archive(tmp_path / "CUB_200_2011.tgz")
     root = tmp_path / "data" / "cub"
     folders.prepare_cub(root, str(archive), download.file_md5(archive))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}", "PYTHONPATH": str(REPO)}
     protocol = {"epochs": 1, "batch_size": 2, "lr": 0.01, "lr_drops": [], "lr_gamma": 0.1, "momentum": 0.9,
                 "nesterov": False, "weight_decay": 1e-4, "reset_momentum_at_drops": False,
                 "augment": "imagenet", "train_subset": None, "test_subset": None}
@@ -61,11 +58,8 @@ def test_resnet_student_trains_on_image_folders_with_a_resnet_teacher(tmp_path):
                 "out_dir": str(tmp_path / "runs" / name), "num_classes": 2, "protocol": protocol,
                 "profile": "test"}
 
-    def train(s):
-        path = tmp_path / f"{s['id']}.yaml"
-        path.write_text(yaml.safe_dump(s))
-        subprocess.run([sys.executable, "-m", "at", "--params", str(REPO / "params.yaml"), "train", "--spec", str(path),
-                        "--threads", "1", "--no-progress"], env=env, cwd=tmp_path, check=True)
+    def train(s):   # in this process: the loop is the command's (tests/test_cohort.py runs the command)
+        train_run(s, Options(device="cpu", progress=False, threads=1))
         return json.loads((tmp_path / "runs" / s["id"] / "metrics.json").read_text())
 
     teacher = train(spec("teacher", "resnet34", "baseline"))

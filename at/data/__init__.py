@@ -1,5 +1,6 @@
-"""Data layer: download and verify (download), CIFAR-10 as uint8 tensors (cifar), batched
-on-device augmentation (augment), and image-folder data sets (folders).
+"""Data layer: the data-set registry (datasets), download and verify (download), CIFAR as uint8
+tensors (cifar), image-folder data sets (folders), the training data a run reads (sources), its
+seeded stream of batches (stream) and batched on-device augmentation (augment).
 
 Import the submodules directly (``from at.data import cifar``); nothing is imported here so
 that ``import at.data`` stays cheap (folders pulls in torchvision and PIL).

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "AUGMENTATIONS",
     "CIFAR_MEAN",
     "CIFAR_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "CropFlip",
     "apply_crop_flip",
     "draw_crop_flip",
@@ -23,9 +26,22 @@ __all__ = [
     "random_crop_flip",
 ]
 
+# The values of a protocol's `augment` key: the one list (the schema, the command line and each
+# data set's record read it). Which of them a data set implements is in its record.
+AUGMENTATIONS = {
+    "crop_flip": "reflect-pad 4, random crop back to the input size, random horizontal flip (CIFAR)",
+    "flip": "random horizontal flip only (CIFAR, Table 3)",
+    "none": "train images as test images (no random draw)",
+    "imagenet": "train: RandomResizedCrop 224 + flip; test: resize 256, center crop 224 (image folders)",
+}
+
 # Per-channel mean and std of the CIFAR-10 training images (the authors' code), on the 0..1 scale.
 CIFAR_MEAN = tuple(v / 255 for v in (125.3, 123.0, 113.9))
 CIFAR_STD = tuple(v / 255 for v in (63.0, 62.1, 66.7))
+# torchvision's ImageNet statistics: the image-folder data sets and the models fine-tuned from
+# ImageNet weights use them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""Every data set the pipeline knows, each one record: how to fetch and verify it, how to load
-it, its normalisation, its classes, the augmentations it implements and its usual protocol.
+"""Every data set the pipeline knows, a registry of records, each one :class:`Dataset`: how to
+fetch and verify it, how to load it, its normalisation, its classes, the augmentations it
+implements, the keys of its params.yaml source and its usual protocol.
 
-`python -m at download`, :func:`at.data.sources.load`, the grid (run ids, validation, data
-folders) and the provenance line all read this table, so adding a data set is one record here
-(plus a loader module when its file format is new) and its source in params.yaml's ``data``.
+`python -m at download`, the trainer (:func:`training_data`), the grid (run ids, validation,
+data folders), the schema and the provenance line all read this registry, so adding a data set
+is one record given to :func:`register_dataset` (from the user's own module, named in
+params.yaml's top-level ``plugins``) and its source in params.yaml's ``data``.
 
 The image-folder records import at.data.folders when called: the grid imports this table, and
 must not pull in torchvision and PIL to compute run ids.
@@ -17,17 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from at.data import cifar
-from at.data.augment import CIFAR_MEAN as CIFAR10_MEAN
-from at.data.augment import CIFAR_STD as CIFAR10_STD
-from at.params import ParamsError
+from at.data.augment import AUGMENTATIONS, CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
+from at.data.sources import FolderData, TensorData
+from at.errors import ParamsError
+from at.registry import Registry
 
-__all__ = ["DATASETS", "Dataset", "check_augment", "check_source", "get", "usual_protocol"]
+__all__ = ["DATASETS", "Dataset", "check_augment", "check_source", "get", "register_dataset",
+           "training_data", "usual_protocol"]
 
-# The values of a protocol's `augment` key, as the loaders implement them:
-#   crop_flip  reflect-pad 4, random crop back to the input size, random horizontal flip (CIFAR)
-#   flip       random horizontal flip only (CIFAR, Table 3)
-#   imagenet   train: RandomResizedCrop 224 + flip; test: resize 256, center crop 224 (folders)
-#   none       train images as test images (no random draw)
+# The augmentations each kind of loader implements (at.data.augment.AUGMENTATIONS says what each does)
 CIFAR_AUGMENTS = ("crop_flip", "flip", "none")
 FOLDER_AUGMENTS = ("imagenet", "none")
 
@@ -37,8 +37,6 @@ FOLDER_AUGMENTS = ("imagenet", "none")
 # fine-tuned from ImageNet weights.
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -48,26 +46,52 @@ class Dataset:
     ``prepare(root, source, progress)`` fetches, verifies and unpacks it into ``root`` from
     ``source`` (its params.yaml entry, environment overrides applied) and returns the folder
     it made; None means the data set is a folder the user supplies (``data.<name>.folder``).
-    ``load(folder)`` reads the prepared (or supplied) folder: a :class:`at.data.cifar.Cifar` of
-    uint8 tensors for ``kind == "tensor"``, an :class:`at.data.folders.ImageSplits` for
-    ``kind == "folder"``. ``known_sources`` names archives by md5 for the provenance line.
+    ``load(folder)`` reads the prepared (or supplied) folder for ``loader``: a
+    :class:`at.data.cifar.Cifar` of uint8 tensors for :class:`at.data.sources.TensorData`, an
+    :class:`at.data.folders.ImageSplits` for :class:`at.data.sources.FolderData` (or anything
+    a loader of the user's own reads). ``source_keys``: the keys its params.yaml entry may have
+    besides ``num_classes`` (``required_keys`` of them must be there). ``known_sources`` names
+    archives by md5 for the provenance line.
     """
 
     name: str
     title: str
-    kind: str
     protocol: str
     augments: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     load: Callable[[Path], object]
     prepare: Callable[[Path, Mapping, bool], Path] | None
+    loader: Callable = TensorData
     num_classes: int | None = None
+    source_keys: tuple[str, ...] = ("url", "md5")
+    required_keys: tuple[str, ...] = ("url",)
     known_sources: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def user_folder(self) -> bool:
         return self.prepare is None
+
+
+def _check_record(name: str, record: Dataset) -> None:
+    if not isinstance(record, Dataset):
+        raise TypeError(f"a data set registry entry must be an at.data.datasets.Dataset, got {type(record).__name__}")
+    if record.name != name:
+        raise ValueError(f"data set {name!r}: its record is named {record.name!r}")
+    unknown = [a for a in record.augments if a not in AUGMENTATIONS]
+    if unknown:
+        raise ValueError(f"data set {name!r}: unknown augmentation(s) {unknown}; allowed: {', '.join(AUGMENTATIONS)}")
+    missing = [k for k in record.required_keys if k not in record.source_keys]
+    if missing:
+        raise ValueError(f"data set {name!r}: required source key(s) {missing} are not among its source_keys")
+
+
+DATASETS: Registry[Dataset] = Registry("data set", _check_record)
+
+
+def register_dataset(record: Dataset) -> Dataset:
+    """Add a data set under ``record.name``; returns it."""
+    return DATASETS.register(record.name, record)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,10 +143,10 @@ def _load_imagenet(folder: Path):
     return folders.load_imagenet(folder)
 
 
-DATASETS: dict[str, Dataset] = {d.name: d for d in [
+for _record in [
     Dataset(
-        name="cifar10", title="CIFAR-10", kind="tensor", protocol="cifar", augments=CIFAR_AUGMENTS,
-        mean=CIFAR10_MEAN, std=CIFAR10_STD, num_classes=10,
+        name="cifar10", title="CIFAR-10", protocol="cifar", augments=CIFAR_AUGMENTS,
+        mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=10,
         prepare=_prepare_cifar(cifar.CIFAR10), load=_load_cifar(cifar.CIFAR10),
         known_sources={
             "c58f30108f718f92721af3b95e74349a": "CIFAR-10 (official, 50000 train / 10000 test images)",
@@ -130,24 +154,29 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in [
                                                 "batch, 5085 train / 1017 test)",
         }),
     Dataset(
-        name="cifar100", title="CIFAR-100", kind="tensor", protocol="cifar", augments=CIFAR_AUGMENTS,
+        name="cifar100", title="CIFAR-100", protocol="cifar", augments=CIFAR_AUGMENTS,
         mean=CIFAR100_MEAN, std=CIFAR100_STD, num_classes=100,
         prepare=_prepare_cifar(cifar.CIFAR100), load=_load_cifar(cifar.CIFAR100),
         known_sources={"eb9058c3a382ffc7106e4002c42a8d85":
                        "CIFAR-100 (official, 50000 train / 10000 test images, 100 fine labels)"}),
     Dataset(
-        name="cub", title="CUB-200-2011", kind="folder", protocol="finetune", augments=FOLDER_AUGMENTS,
+        name="cub", title="CUB-200-2011", protocol="finetune", augments=FOLDER_AUGMENTS,
         mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=200, prepare=_prepare_cub, load=_load_cub,
+        loader=FolderData,
         known_sources={"97eceeb196236b17998738112f37df78":
                        "CUB-200-2011 (official, 5994 train / 5794 test images)"}),
     Dataset(
-        name="scenes", title="MIT Indoor-67", kind="folder", protocol="finetune", augments=FOLDER_AUGMENTS,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=67, prepare=_prepare_indoor, load=_load_indoor),
+        name="scenes", title="MIT Indoor-67", protocol="finetune", augments=FOLDER_AUGMENTS,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=67, prepare=_prepare_indoor, load=_load_indoor,
+        loader=FolderData, source_keys=("url", "md5", "train_list", "test_list"),
+        required_keys=("url", "train_list", "test_list")),
     Dataset(
         # a folder the user supplies (data.imagenet.folder): no download, no archive md5
-        name="imagenet", title="ImageNet", kind="folder", protocol="imagenet", augments=FOLDER_AUGMENTS,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000, prepare=None, load=_load_imagenet),
-]}
+        name="imagenet", title="ImageNet", protocol="imagenet", augments=FOLDER_AUGMENTS,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000, prepare=None, load=_load_imagenet,
+        loader=FolderData, source_keys=("folder",), required_keys=()),
+]:
+    register_dataset(_record)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,9 +207,17 @@ def check_source(name: str, source) -> None:
     key = f"data.{name}"
     if name not in DATASETS:
         raise ParamsError(f"{key}: unknown data set; known: {', '.join(sorted(DATASETS))} "
-                          f"(a new one needs a record in at/data/datasets.py)")
+                          f"(a new one is a record given to at.data.datasets.register_dataset, in a module "
+                          f"that params.yaml's `plugins` names)")
     dataset = DATASETS[name]
-    if not isinstance(source, dict) or not isinstance(source.get("num_classes"), int) or source["num_classes"] <= 0:
+    if not isinstance(source, dict):
+        raise ParamsError(f"{key}: must be a mapping")
+    allowed = ("num_classes", *dataset.source_keys)
+    unknown = sorted(set(source) - set(allowed))
+    if unknown:
+        raise ParamsError(f"{key}: unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
+    if isinstance(source.get("num_classes"), bool) or not isinstance(source.get("num_classes"), int) \
+            or source["num_classes"] <= 0:
         raise ParamsError(f"{key}.num_classes: must be a positive integer")
     if dataset.num_classes is not None and source["num_classes"] != dataset.num_classes:
         raise ParamsError(f"{key}.num_classes: {dataset.title} has {dataset.num_classes} classes, "
@@ -189,5 +226,14 @@ def check_source(name: str, source) -> None:
         folder = source.get("folder")
         if folder is not None and not isinstance(folder, (str, os.PathLike)):
             raise ParamsError(f"{key}.folder: must be a path or null, got {folder!r}")
-    elif not isinstance(source.get("url"), str) or not source["url"]:
-        raise ParamsError(f"{key}.url: must be the URL or path of the archive")
+    for required in dataset.required_keys:
+        if source.get(required) in (None, ""):
+            what = {"url": "the URL or path of the archive", "train_list": "a URL or path",
+                    "test_list": "a URL or path"}.get(required, f"given ({dataset.title} needs it)")
+            raise ParamsError(f"{key}.{required}: must be {what}")
+
+
+def training_data(spec, device):
+    """The training and test data of a run spec, as its data set's loader holds them."""
+    dataset = get(spec.dataset)
+    return dataset.loader(spec, dataset, device)

@@ -40,7 +40,6 @@ __all__ = [
     "SOURCE_RECORD",
     "archive_name",
     "extract",
-    "fetch",
     "fetch_and_hash",
     "file_md5",
     "prepare_archive",
@@ -192,14 +191,6 @@ def fetch_and_hash(
     os.chmod(tmp, 0o666 & ~atomic._umask())  # mkstemp's 0600 would hide the data from a group
     os.replace(tmp, dest)
     return actual
-
-
-def fetch(
-    url: str | os.PathLike, md5: str | None, dest: str | os.PathLike, *, progress: bool = True
-) -> Path:
-    """Downloads ``url`` to ``dest`` unless ``dest`` already has md5 ``md5``; returns ``dest``."""
-    fetch_and_hash(url, md5, dest, progress=progress)
-    return Path(dest)
 
 
 # ---------------------------------------------------------------------------------------------

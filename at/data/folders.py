@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from at.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from at.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from at.data.download import Remote, prepare_archive
 
 __all__ = [

@@ -1,19 +1,20 @@
 """Training data as the loop sees it: batches of normalised images for a given sample order.
 
-Two kinds behind one interface, chosen by the data set's record (:mod:`at.data.datasets`):
+Two loaders behind one interface; a data set's record (:mod:`at.data.datasets`) names its own
+(``loader``), and :func:`at.data.datasets.training_data` builds it as ``loader(spec, record, device)``:
 
-- :class:`TensorData` (``kind == "tensor"``: CIFAR-10, CIFAR-100), held whole as uint8 tensors
+- :class:`TensorData` (CIFAR-10, CIFAR-100), held whole as uint8 tensors
   on the training device and augmented there batch by batch (no per-image Python work). Every
   random draw comes from the run's generator, so a resumed run repeats an uninterrupted one
   exactly.
-- :class:`FolderData` (``kind == "folder"``: CUB-200-2011, MIT Indoor-67, ImageNet), decoded
+- :class:`FolderData` (CUB-200-2011, MIT Indoor-67, ImageNet), decoded
   with PIL in DataLoader workers. Workers draw from a seed taken from the run's generator each
   epoch; a run resumed mid-epoch continues with the remaining samples of the saved order
   (exactly reproducible only for TensorData).
 
 ``train_batches(perm, start_step, batch_size, generator)`` yields the batches of one epoch in
 the order ``perm``, from ``start_step`` on; ``test_batches(batch_size)`` the test set in order.
-The protocol's ``augment`` must be one the data set supports (checked here and by the grid).
+The protocol's ``augment`` is one the data set supports (at.spec checks it).
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from at.data import augment, datasets, download
+from at.data import augment, download
 
 USER_FOLDER = "user-folder"  # the md5 of a data set supplied as a folder (nothing to hash)
 
 
-def _source_md5(folder: Path, dataset: datasets.Dataset) -> str:
+def source_md5(folder: Path, dataset) -> str:
+    """The md5 of the archive a prepared data folder came from (its source.json)."""
     if dataset.user_folder:
         return USER_FOLDER
     record = download.read_source_record(folder)
@@ -38,28 +40,20 @@ def _source_md5(folder: Path, dataset: datasets.Dataset) -> str:
     return record.get("md5") or "unknown"
 
 
-def _augment(spec: dict, dataset: datasets.Dataset) -> str:
-    mode = spec["protocol"].get("augment", "crop_flip")
-    datasets.check_augment(dataset.name, mode)
-    return mode
-
-
 class TensorData:
     """A data set held as uint8 tensors on the training device, batched and augmented there."""
 
     # CIFAR-10's statistics unless the data set's record says otherwise (a subclass that fills
     # the tensors itself, like the benchmark's synthetic data, keeps these)
-    mean, std = datasets.get("cifar10").mean, datasets.get("cifar10").std
+    mean, std = augment.CIFAR_MEAN, augment.CIFAR_STD
 
-    def __init__(self, spec: dict, device: torch.device):
-        dataset = datasets.get(spec["dataset"])
-        folder = Path(spec["data_dir"])
-        mode = _augment(spec, dataset)
-        self.md5 = _source_md5(folder, dataset)
+    def __init__(self, spec, dataset, device: torch.device):
+        folder = Path(spec.data_dir)
+        mode = spec.protocol.augment
+        self.md5 = source_md5(folder, dataset)
         data = dataset.load(folder)
-        protocol = spec["protocol"]
-        n_train = protocol.get("train_subset") or len(data.train_y)
-        n_test = protocol.get("test_subset") or len(data.test_y)
+        n_train = spec.protocol.train_subset or len(data.train_y)
+        n_test = spec.protocol.test_subset or len(data.test_y)
         # The first images of each split: the same subset for every run and seed, so runs compare.
         self.train_x = data.train_x[:n_train].to(device)
         self.train_y = data.train_y[:n_train].to(device)
@@ -102,19 +96,15 @@ IMAGE_SIZE = 224
 class FolderData:
     """Image-folder data sets, decoded and augmented by DataLoader workers."""
 
-    def __init__(self, spec: dict, device: torch.device, workers: int | None = None):
-        dataset = datasets.get(spec["dataset"])
-        if dataset.kind != "folder":
-            raise ValueError(f"data set {dataset.name!r} is not an image-folder data set")
-        folder = Path(spec["data_dir"])
-        mode = _augment(spec, dataset)
-        self.md5 = _source_md5(folder, dataset)
+    def __init__(self, spec, dataset, device: torch.device, workers: int | None = None):
+        folder = Path(spec.data_dir)
+        mode = spec.protocol.augment
+        self.md5 = source_md5(folder, dataset)
         from at.data import folders  # torchvision and PIL: only for image-folder runs
 
         splits = dataset.load(folder)
-        protocol = spec["protocol"]
-        train = splits.train[:protocol.get("train_subset") or len(splits.train)]
-        test = splits.test[:protocol.get("test_subset") or len(splits.test)]
+        train = splits.train[:spec.protocol.train_subset or len(splits.train)]
+        test = splits.test[:spec.protocol.test_subset or len(splits.test)]
         self.train_set = folders.ImageDataset.for_split(train, train=True, size=IMAGE_SIZE, augment=mode,
                                                         mean=dataset.mean, std=dataset.std)
         self.test_set = folders.ImageDataset.for_split(test, train=False, size=IMAGE_SIZE, augment=mode,
@@ -151,9 +141,3 @@ class FolderData:
     def test_batches(self, batch_size: int):
         for x, y in self._loader(self.test_set, list(range(self.n_test)), batch_size, None):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
-def load(spec: dict, device: torch.device):
-    """The training data of a run spec."""
-    kind = datasets.get(spec["dataset"]).kind
-    return TensorData(spec, device) if kind == "tensor" else FolderData(spec, device)

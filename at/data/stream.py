@@ -1,7 +1,7 @@
 """The data stream of a run: which batches it sees, in which order, with which crops and flips.
 
-**Contract** (docs/interfaces.md, DESIGN contract 6): the stream is a function of the data set,
-the protocol's data keys (:data:`STREAM_KEYS`) and the seed alone. Sample order and every
+**Contract** (docs/interfaces.md): the stream is a function of the data set, its folder, the
+protocol's data keys (``at.spec.Protocol.STREAM_KEYS``) and the seed alone (``RunSpec.stream_key``). Sample order and every
 augmentation draw come from one generator seeded with the run's seed and used for nothing else;
 model initialisation, dropout and F-ActT projections draw from the global torch RNG instead. So
 two runs with the same (data set, data keys, seed) see the same batches whatever their models
@@ -12,19 +12,32 @@ as one cohort that computes each batch once.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
-# The protocol keys that decide the stream (with the data set and the seed). `epochs` is not
-# among them: it decides how long a stream is read, not what it holds.
-STREAM_KEYS = ("batch_size", "train_subset", "test_subset", "augment")
-
-
-def stream_key(spec: dict) -> tuple:
-    """What a run's stream is a function of: runs with equal keys see identical batches."""
-    protocol = spec["protocol"]
-    return (spec["dataset"], str(spec["data_dir"]), spec["seed"],
-            *(protocol.get(k) for k in STREAM_KEYS))
+def check_shared_stream(specs: list) -> None:
+    """The runs of a cohort (RunSpecs) must share the stream and its length: refuse anything
+    else, naming the key that differs."""
+    first = specs[0]
+    for spec in specs[1:]:
+        if spec.stream_key != first.stream_key:
+            keys = ("dataset", "data_dir", "seed", *type(first.protocol).STREAM_KEYS)
+            differs = [k for k, a, b in zip(keys, first.stream_key, spec.stream_key) if a != b]
+            raise ValueError(f"runs {first.id} and {spec.id} cannot train as one cohort: their data "
+                             f"streams differ in {differs}")
+        if spec.protocol.epochs != first.protocol.epochs:
+            raise ValueError(f"runs {first.id} and {spec.id} cannot train as one cohort: "
+                             f"epochs {first.protocol.epochs} and {spec.protocol.epochs}")
+        if spec.protocol.precision != first.protocol.precision:
+            raise ValueError(f"runs {first.id} and {spec.id} cannot train as one cohort: "
+                             f"they ask for different precisions")
+    ids = [s.id for s in specs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"a cohort lists a run twice: {sorted(i for i in ids if ids.count(i) > 1)}")
+    outs = [str(Path(s.out_dir).resolve()) for s in specs]
+    if len(set(outs)) != len(outs):
+        raise ValueError("two runs of a cohort write to the same folder")
 
 
 class DataStream:

@@ -2,7 +2,7 @@
 
 Entry point: `render(runs, out_dir, context)`.
 
-Honest reporting (DESIGN.md, contracts 6 and 7):
+Honest reporting (docs/interfaces.md, section at.report):
 - every cell shows n (the runs that finished), the mean and the sample std (ddof=1) of their
   final-epoch test error, the reference number and the difference (ours - reference), "—"
   where the cell has no reference (references.yaml is data, not a gate);

@@ -100,11 +100,11 @@ def attention_from_runs(summaries, context) -> tuple[object | None, str]:
     from at.checkpoint import load_model
 
     student, spec = load_model(run.out_dir / "checkpoint.pt")
-    teacher_path = spec.get("teacher_checkpoint")
+    teacher_path = spec.teacher_checkpoint
     if not teacher_path or not Path(teacher_path).is_file():
         return None, f"the teacher checkpoint of `{run.id}` ({teacher_path}) is not there"
     teacher, _ = load_model(Path(teacher_path))
-    data_dir = context.cifar_dir or spec.get("data_dir")
+    data_dir = context.cifar_dir or spec.data_dir
     folder = _find_cifar_folder(Path(data_dir)) if data_dir else None
     if folder is None:
         return None, f"no CIFAR-10 test batch under {data_dir!r}"
@@ -119,7 +119,7 @@ def attention_from_runs(summaries, context) -> tuple[object | None, str]:
     student = student.to("cpu").float().eval()
     teacher = teacher.to("cpu").float().eval()
     title = (
-        f"Attention maps (F_sum^2) of {spec.get('teacher')} (teacher) and {spec.get('student')} "
+        f"Attention maps (F_sum^2) of {spec.teacher} (teacher) and {spec.student} "
         f"(AT student, seed {run.seed}), first {ATTENTION_IMAGES} test images\n{context.description}"
     )
     fig = attention_figure(teacher, student, images.numpy(), inputs, title,

@@ -1,8 +1,8 @@
 """The report's statistics, as pure functions of numbers (no files, no formatting).
 
 - mean and sample standard deviation (ddof=1) of one cell's seeds: the unpaired summary;
-- paired differences: runs of the same seed share initialisation and batches (DESIGN contract
-  6), so a method's error minus the baseline's error *of the same seed* cancels most of the
+- paired differences: runs of the same seed share initialisation and batches (the data-stream
+  contract, at.data.stream), so a method's error minus the baseline's error *of the same seed* cancels most of the
   seed-to-seed noise. Their mean gets a 95% confidence interval from Student's t with n - 1
   degrees of freedom; with one pair there is no interval.
 
