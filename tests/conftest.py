@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -77,37 +74,6 @@ def teacher(tmp_path_factory, cifar_mini_dir, mlflow_template) -> Path:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlruns.db'}")
         train(spec, Options(device="cpu", progress=False, threads=1))
     return tmp / "teacher" / "checkpoint.pt"
-
-
-@dataclass
-class Ran:
-    """What a command left: its exit status and what it printed (as subprocess.run's result)."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_cli(args: list[str], cwd: Path | None = None) -> Ran:
-    """`python -m at ARGS` in this process, through the command's own `main`, from ``cwd``.
-
-    The same code as the command without a process per call; tests that need a real process (a
-    kill, a signal, a fresh interpreter importing the user's plugins) start one instead."""
-    from at.__main__ import main
-
-    out, err = io.StringIO(), io.StringIO()
-    before = Path.cwd()
-    try:
-        if cwd is not None:
-            os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                status = main(list(args))
-            except SystemExit as e:   # argparse's refusals
-                status = e.code if isinstance(e.code, int) else 2
-    finally:
-        os.chdir(before)
-    return Ran(status, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from at import checkpoint
-from conftest import run_cli
+from in_process import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 # torch's refusal of a pickled object suggests retrying without the safety: never repeat that

@@ -460,7 +460,7 @@ def _closed_port() -> int:
 @pytest.mark.parametrize("problem", ["http_404", "missing_path", "closed_port", "md5_mismatch"])
 def test_cli_download_mistake_is_one_line(tmp_path, problem, monkeypatch):
     from cifar_archives import make_cifar10
-    from conftest import run_cli
+    from in_process import run_cli
 
     site = tmp_path / "site"
     site.mkdir()

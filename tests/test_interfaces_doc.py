@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from at import checkpoint, grid
-from conftest import run_cli
+from in_process import run_cli
 from at import params as params_io
 
 REPO = Path(__file__).resolve().parents[1]

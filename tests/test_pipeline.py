@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli
+from in_process import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AT_SHARED_DIR", REPO.parent / "shared"))

@@ -19,7 +19,7 @@ from at import params as params_io
 from at import references, report
 from at.report import attention_maps, cells, figures, inputs, tables
 from at.report.layout import grid_tables
-from conftest import run_cli
+from in_process import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DESC = "smoke profile, CIFAR-10 mini subset (5085 train / 1017 test images), 2 epochs"

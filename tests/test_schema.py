@@ -13,7 +13,7 @@ import yaml
 from at import grid, schema
 from at import params as params_io
 from at.params import ParamsError
-from conftest import run_cli
+from in_process import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
