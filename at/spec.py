@@ -95,7 +95,8 @@ RUN_DEFAULTS = {"weights": None, "teacher": None, "teacher_weights": None, "teac
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run: models, method, protocol, seed, data and output folder."""
+    """One training run: models, method, protocol, seed, data and output folder. Build it with
+    :meth:`resolve` (which fills in the defaults), not with the constructor."""
 
     id: str
     dataset: str
@@ -106,15 +107,15 @@ class RunSpec:
     teacher_weights: str | None
     teacher_checkpoint: str | None
     method_name: str
-    method: dict = field(hash=False)
-    seed: int = 0
-    out_dir: str = ""
-    num_classes: int = 10
-    protocol: Protocol = None  # type: ignore[assignment]  (always set by resolve)
-    profile: str = "custom"
+    method: dict = field(hash=False)   # the method's terms, every default written out
+    seed: int
+    out_dir: str
+    num_classes: int
+    protocol: Protocol
+    profile: str
     # modules imported before the spec is checked: they register models, data sets, term types
     # or mappings that the spec names (params.yaml's top-level `plugins`; a method lists its own)
-    plugins: tuple[str, ...] = ()
+    plugins: tuple[str, ...]
 
     @classmethod
     def resolve(cls, raw: Mapping | RunSpec) -> RunSpec:
