@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +9,7 @@ import numpy as np
 from at import models
 from at.__main__ import _is_user_error
 from at.params import ParamsError
+from in_process import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,9 +34,7 @@ def test_bugs_are_not_user_errors():
 
 
 def test_missing_params_file_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "at", "--params", str(tmp_path / "nope.yaml"), "runs"],
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
+    result = run_cli(["--params", str(tmp_path / "nope.yaml"), "runs"], cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.yaml'} not found: "
                                                   f"run from the repository root or pass --params"]
