@@ -59,6 +59,9 @@ class Saved:
     final: dict | None = None
     state: dict | None = None
     state_path: Path | None = None
+    # whether the resume state was saved for this spec (resolved once: precision and situation
+    # both ask)
+    state_is_this_spec: bool = False
 
     @classmethod
     def read(cls, spec: RunSpec, force: bool) -> Saved:
@@ -72,12 +75,12 @@ class Saved:
             except checkpoint.CheckpointError:
                 final = None   # written again from the resume state, or retrained
         state, path = load_resume_state(out, spec.id)
-        return cls(spec, final, state, path)
+        return cls(spec, final, state, path, state is not None and spec.same_as(state.get("spec")))
 
     @property
     def precision(self) -> str | None:
         """The precision the run started in (its resume state's, when saved for this spec)."""
-        if self.state is not None and self.spec.same_as(self.state.get("spec")):
+        if self.state_is_this_spec:
             return self.state.get("precision")
         return None
 
@@ -90,7 +93,7 @@ class Saved:
             return "finished"
         if self.state is None:
             return "fresh"
-        if not spec.same_as(self.state.get("spec")):
+        if not self.state_is_this_spec:
             saved = self.state.get("spec") or {}
             mine = spec.to_dict()
             differing = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
