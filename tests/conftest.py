@@ -98,3 +98,17 @@ def mlflow_store(tmp_path, mlflow_template, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Modules with slow tests first, the slowest (most slow tests) first: pytest-xdist's
+    `--dist loadscope` hands modules to idle workers in collection order, so a long module
+    collected last (alphabetically, test_tracking*.py) would run alone at the end while the
+    other worker idles. Within a module the order stays as written."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow.setdefault(item.module.__name__, 0)
+        if item.get_closest_marker("slow") is not None:
+            slow[item.module.__name__] += 1
+    first_seen = {name: i for i, name in enumerate(slow)}
+    items.sort(key=lambda item: (-slow[item.module.__name__], first_seen[item.module.__name__]))

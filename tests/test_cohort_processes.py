@@ -20,9 +20,9 @@ from test_cohort import _cli, _env, _main, _spec_file, assert_same_run, make_spe
 @pytest.mark.slow
 def test_a_cohort_process_killed_mid_epoch_resumes_every_member_exactly(tmp_path, cifar_mini_dir, teacher, capsys):
     # a kill anywhere in epoch 2 resumes from the state saved at the end of epoch 1 (nothing is
-    # saved mid-epoch without SIGTERM): 16 steps of 32 images leave the kill room to land there
+    # saved mid-epoch without SIGTERM): 16 steps of 16 images leave the kill room to land there
     specs = [make_spec(tmp_path / "cohort" / name, cifar_mini_dir, "wrn-10-1", method, teacher if method != "baseline"
-                       else None, epochs=2, train_subset=512)
+                       else None, epochs=2, train_subset=256, batch_size=16)
              for name, method in (("baseline", "baseline"), ("at", "at-sum-p2"), ("kd", "kd"))]
     spec_file = _spec_file(tmp_path / "cohort.yaml", specs)
     proc = subprocess.Popen(_cli(spec_file), env=_env(tmp_path), cwd=tmp_path)
@@ -72,12 +72,12 @@ def test_a_cohort_process_killed_mid_epoch_resumes_every_member_exactly(tmp_path
 @pytest.mark.slow
 def test_sigterm_saves_every_member_mid_epoch_and_exits_for_a_retry(tmp_path, cifar_mini_dir, teacher):
     specs = [make_spec(tmp_path / name, cifar_mini_dir, "wrn-10-1", method, teacher if method != "baseline" else None,
-                       epochs=1, train_subset=1024)
+                       epochs=1, train_subset=512)
              for name, method in (("baseline", "baseline"), ("at", "at-sum-p2"))]
     spec_file = _spec_file(tmp_path / "cohort.yaml", specs)
     proc = subprocess.Popen(_cli(spec_file), env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, text=True)
     # the MLflow run ids appear once training is about to start (the SIGTERM handler is in place
-    # by then); epoch 1 has 32 steps, the flag is read after each
+    # by then); epoch 1 has 16 steps, the flag is read after each
     ids = [Path(s["out_dir"]) / "mlflow_run_id" for s in specs]
     while not all(p.exists() for p in ids):
         assert proc.poll() is None
@@ -88,7 +88,7 @@ def test_sigterm_saves_every_member_mid_epoch_and_exits_for_a_retry(tmp_path, ci
     assert proc.returncode == EXIT_INTERRUPTED
     saved = [checkpoint.load(Path(s["out_dir"]) / "last.pt") for s in specs]
     positions = {(s["epoch"], s["step"]) for s in saved}
-    assert len(positions) == 1 and 0 < saved[0]["step"] < 32, f"expected one mid-epoch position, got {positions}"
+    assert len(positions) == 1 and 0 < saved[0]["step"] < 16, f"expected one mid-epoch position, got {positions}"
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
     assert {client.get_run(p.read_text().strip()).info.status for p in ids} == {"KILLED"}

@@ -2,10 +2,11 @@
 
 - End to end: the `ci` grid (the smallest smoke grid) with `snakemake --cores 8 --profile slurm`
   from the root of a copy of the repository; every training job is a SLURM job with a GPU
-  (sacct), the results and the report are there, MLflow holds one finished run per job.
-- Preemption: a training job gets SIGTERM from `scancel --signal=TERM` while it runs; it saves
-  its position, exits non-zero, Snakemake's retry resumes it, and nothing is lost or counted
-  twice (each epoch once in the history and in the one MLflow run).
+  (sacct), the results and the report are there, MLflow holds one finished run per run.
+- Preemption, in the same Snakemake run: the teacher's job gets SIGTERM from
+  `scancel --signal=TERM` while it runs; it saves its position, exits non-zero, Snakemake's
+  retry resumes it, and nothing is lost or counted twice (each epoch once in the history and
+  in the one MLflow run).
 
 Opt-in (AT_TEST_SLURM=1, root): see conftest.py.
 """
@@ -54,77 +55,68 @@ def _mlflow_runs(root: Path):
     return client, client.search_runs([experiment.experiment_id], "tags.`at.run_id` != ''", max_results=1000)
 
 
-def test_ci_grid_runs_every_training_job_as_a_slurm_gpu_job(slurm_cluster, tmp_path):
+def test_ci_grid_runs_as_slurm_gpu_jobs_and_a_preempted_job_resumes_without_loss_or_double_count(
+        slurm_cluster, tmp_path):
+    """One Snakemake run of the ci grid through SLURM (each SLURM job costs tens of seconds of
+    scheduling and polling, so both claims share it): every training job is a SLURM job with a
+    GPU, and the teacher's job, preempted inside its second epoch, is retried and resumes."""
     root = copy_repository(tmp_path / "repo")
+    # epochs long enough to be caught inside one: 2 epochs of 32 steps of 16 images (several
+    # seconds each, short enough that the jobs end between the SLURM plugin's early status
+    # checks, which back off by 10 s each)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["profiles"]["ci"]["protocol"].update({"epochs": 2, "train_subset": 512, "batch_size": 16})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     runs = yaml.safe_load(_sh([sys.executable, "-m", "at", "runs", "--profile", "ci", "--json"], root).stdout)
+    cohorts = yaml.safe_load(_sh([sys.executable, "-m", "at", "runs", "--profile", "ci", "--cohorts", "--json"],
+                                 root).stdout)
+    # the WRN-16-2 teacher, then its five students together
+    assert [len(c["runs"]) for c in cohorts] == [5, 1], cohorts
+    teacher_id = "cifar10/wrn-16-2/baseline/seed0"
+    teacher_dir = root / "runs" / "ci" / teacher_id
     start = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
     time.sleep(1)
     proc = slurm_cluster.snakemake(root, "--config", "profile=ci", timeout_s=900, env=_env_for(slurm_cluster, root))
-    rc = proc.wait(timeout=960)
-    out = (root / "snakemake.out").read_text()
-    assert rc == 0, out[-6000:]
 
-    jobs = _jobs_since(slurm_cluster, start)
-    # download and report are local rules; every training job went through SLURM, with a GPU:
-    # one SLURM job per cohort (the WRN-16-2 teacher, then its five students together)
-    cohorts = yaml.safe_load(_sh([sys.executable, "-m", "at", "runs", "--profile", "ci", "--cohorts", "--json"],
-                                 root).stdout)
-    assert [len(c["runs"]) for c in cohorts] == [5, 1] and len(jobs) == len(cohorts), (cohorts, jobs)
-    for job in jobs:
-        assert job["State"] == "COMPLETED", job
-        assert "gres/gpu=1" in job["AllocTRES"].split(","), job
-    for run in runs:
-        assert (root / run["out_dir"] / "metrics.json").is_file(), run["id"]
-        assert checkpoint.load(root / run["out_dir"] / "last.pt")["epoch"] == 1, "the final state stays"
-    assert (root / "results" / "ci" / "table2.md").is_file()
-    _, mlflow_runs = _mlflow_runs(root)
-    assert sorted(r.data.tags["at.run_id"] for r in mlflow_runs) == sorted(r["id"] for r in runs)
-    assert all(r.info.status == "FINISHED" for r in mlflow_runs)
-
-
-def test_sigterm_from_slurm_is_retried_and_resumes_without_loss_or_double_count(slurm_cluster, tmp_path):
-    root = copy_repository(tmp_path / "repo")
-    # one run long enough to be caught inside an epoch: the ci teacher, 2 epochs of 64 steps
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["profiles"]["ci"]["protocol"].update({"epochs": 2, "train_subset": 2048, "batch_size": 32})
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run_id = "cifar10/wrn-16-2/baseline/seed0"
-    out_dir = root / "runs" / "ci" / run_id
-    target = str((out_dir / "metrics.json").relative_to(root))
-    start = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
-    time.sleep(1)
-    proc = slurm_cluster.snakemake(root, target, "--config", "profile=ci", timeout_s=900,
-                                   env=_env_for(slurm_cluster, root))
-
-    # wait until the job has finished its first epoch (its resume state exists), then preempt it
-    # a moment later, inside epoch 2
+    # wait until the teacher's job has finished its first epoch (its resume state exists), then
+    # preempt it a moment later, inside epoch 2
     deadline = time.time() + 600
-    while not (out_dir / "last.pt").exists():
+    while not (teacher_dir / "last.pt").exists():
         assert proc.poll() is None, (root / "snakemake.out").read_text()[-4000:]
         assert time.time() < deadline, "the training job never reached its first checkpoint"
         time.sleep(0.2)
-    time.sleep(2.0)
+    time.sleep(1.0)
     running = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i"], capture_output=True,
                              text=True, check=True).stdout.split()
     assert len(running) == 1, running
     subprocess.run(["scancel", "--signal=TERM", running[0]], check=True)
 
-    rc = proc.wait(timeout=900)
+    rc = proc.wait(timeout=960)
     out = (root / "snakemake.out").read_text()
     assert rc == 0, out[-6000:]
+    # download and report are local rules; every training job went through SLURM, with a GPU:
+    # the teacher's (preempted: FAILED), its retry, then the students' cohort
     jobs = _jobs_since(slurm_cluster, start)
-    states = [j["State"] for j in jobs]
-    assert states[0] == "FAILED" and states[-1] == "COMPLETED" and len(jobs) == 2, jobs
+    assert [j["State"] for j in jobs] == ["FAILED", "COMPLETED", "COMPLETED"], jobs
+    for job in jobs:
+        assert "gres/gpu=1" in job["AllocTRES"].split(","), job
+    for run in runs:
+        assert (root / run["out_dir"] / "metrics.json").is_file(), run["id"]
+        assert checkpoint.load(root / run["out_dir"] / "last.pt")["epoch"] == 2, "the final state stays"
+    assert (root / "results" / "ci" / "table2.md").is_file()
 
     log = (root / "logs" / "train" / "ci" / "cifar10" / "wrn-16-2" / "seed0" / "cohort0.log").read_text()
     # Snakemake deletes the failed attempt's log; the retry's says where it resumed: inside epoch
     # 2 (step > 0), where SIGTERM saved it; not at an epoch boundary, never from scratch
     assert re.search(r"resuming from .*last\.pt at epoch 2, step [1-9]\d*", log), log[-3000:]
-    with open(out_dir / "history.csv") as f:
+    with open(teacher_dir / "history.csv") as f:
         epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
     assert epochs == [1, 2], "each epoch exactly once"
+
     client, mlflow_runs = _mlflow_runs(root)
-    mine = [r for r in mlflow_runs if r.data.tags["at.run_id"] == run_id]
-    assert len(mine) == 1 and mine[0].info.status == "FINISHED", "the retry continues the same MLflow run"
-    steps = sorted(m.step for m in client.get_metric_history(mine[0].info.run_id, "test_error"))
+    assert sorted(r.data.tags["at.run_id"] for r in mlflow_runs) == sorted(r["id"] for r in runs)
+    assert all(r.info.status == "FINISHED" for r in mlflow_runs)
+    teacher = [r for r in mlflow_runs if r.data.tags["at.run_id"] == teacher_id]
+    assert len(teacher) == 1, "the retry continues the same MLflow run"
+    steps = sorted(m.step for m in client.get_metric_history(teacher[0].info.run_id, "test_error"))
     assert steps == [1, 2], steps
