@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
 
 from at import params as params_mod
 
@@ -69,7 +68,12 @@ def _train_specs(args) -> list:
     if args.spec:
         from at.spec import RunSpec
 
-        loaded = yaml.safe_load(Path(args.spec).read_text())
+        from at import yaml_file
+
+        try:
+            loaded = yaml_file.load(args.spec)
+        except yaml_file.DuplicateKeyError as e:
+            raise ValueError(f"{args.spec}: {e}") from None
         return [RunSpec.resolve(s) for s in (loaded if isinstance(loaded, list) else [loaded])]
     if not args.student or not args.out:
         raise ValueError("train needs --cohort ID, --run ID, --spec FILE, or --student and --out")
@@ -89,7 +93,7 @@ def _warn_about(specs: list) -> None:
 
 def cmd_train(args) -> int:
     from at import tracking
-    tracking.check_reachable(tracking.tracking_uri())  # before torch and the data load: in seconds
+    tracking.check_store()  # before torch and the data load: in seconds
     from at.train import EXIT_INTERRUPTED, Interrupted, Options, TrainingDiverged, train_cohort
 
     specs = _train_specs(args)
@@ -173,7 +177,10 @@ def cmd_report(args) -> int:
     from at.report.inputs import expected_data_md5
     from at.report.layout import grid_tables
 
+    from at import tracking
+
     params, profile = _validated(args)
+    tracking.check_store()   # before results/ is rewritten: a store that fails leaves it as it was
     runs = grid.runs(params, profile)
     context = {"profile": profile, "description": provenance.describe(params, profile, runs),
                "purpose": (params["profiles"][profile] or {}).get("purpose"),
@@ -184,7 +191,6 @@ def cmd_report(args) -> int:
     planned = [{**run, "epochs": grid.protocol_of(params, run).epochs} for run in runs]
     written = report.render(planned, grid.report_dir(profile), context)
     print(f"report: {len(written)} files in {grid.report_dir(profile)}")
-    from at import tracking
     parents = tracking.record_cells(profile, _cell_summaries(runs, written), Path(grid.report_dir(profile)))
     print(f"MLflow: {len(parents)} cell runs and the report in experiment {tracking.experiment_name(profile)!r}")
     return 0
@@ -332,7 +338,8 @@ def main(argv=None) -> int:
 
 # Errors that report bad input or an unavailable service, by the module that defines them.
 USER_ERRORS = {
-    "at.params": ("ParamsError",),
+    "at.errors": ("ParamsError", "WriteError"),
+    "at.run_lock": ("RunLocked",),
     "at.checkpoint": ("CheckpointError",),
     "at.tracking": ("TrackingError",),
     "at.data.download": ("ChecksumError", "DownloadError", "ArchiveError"),

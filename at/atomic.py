@@ -9,9 +9,12 @@ over the target.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, IO
+
+from at.errors import WriteError
 
 
 def _umask() -> int:
@@ -20,17 +23,70 @@ def _umask() -> int:
     return mask
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def temporary_files(folder: str | os.PathLike) -> list[Path]:
+    """The temporary files this module left in ``folder`` (a kill between write and rename)."""
+    return sorted(p for p in Path(folder).glob(f".*{TMP_SUFFIX}") if p.is_file())
+
+
+def _write_failed(path: Path, error: BaseException) -> WriteError:
+    """One line for a write that the file system refused (full, over quota, read-only)."""
+    reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return WriteError(f"could not write {path}: {reason} ({free}); it was left as it was: make room and "
+                      f"run again")
+
+
+class _Recording:
+    """A file that remembers the OSError of a failed write: torch's checkpoint writer turns it
+    into a RuntimeError of its zip container ("unexpected pos ..."), which names no reason."""
+
+    def __init__(self, f: IO[bytes]):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 def write_with(path: str | os.PathLike, writer: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``writer(file)`` on a temporary file, then rename it to ``path``."""
+    """Call ``writer(file)`` on a temporary file, then rename it to ``path``. A write that the
+    file system refuses is a :class:`WriteError` (torch's writer reports it as a RuntimeError
+    of its zip container), with the temporary file removed and ``path`` untouched."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    except OSError as e:
+        raise _write_failed(path, e) from None
+    recorder = None
     try:
         with os.fdopen(fd, "wb") as f:
-            writer(f)
+            recorder = _Recording(f)
+            writer(recorder)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_failed(path, e) from None
+    except RuntimeError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if recorder is not None and recorder.error is not None:   # torch's writer hid an OSError
+            raise _write_failed(path, recorder.error) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -6,6 +6,7 @@ with ``torch.load(weights_only=True)``: nothing in it can execute code when it i
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import zipfile
 from pathlib import Path
@@ -54,11 +55,22 @@ def _torch_reason(error: Exception) -> str:
     return (sentences[0] if sentences else type(error).__name__).rstrip(".")
 
 
-def load(path: Path, map_location="cpu", required: tuple[str, ...] = REQUIRED_KEYS) -> dict:
+# A final checkpoint binds the run's other outputs to itself: the sha256 of the bytes of its
+# metrics.json and history.csv, as written. The report refuses a metrics.json that no longer
+# matches (a hand edit would otherwise render as if measured).
+OUTPUT_DIGESTS = "outputs_sha256"
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def load(path: Path, map_location="cpu", required: tuple[str, ...] = REQUIRED_KEYS, mmap: bool = False) -> dict:
     """Load a checkpoint written by :func:`save`, refusing anything else with a clear error.
 
     ``required`` names the keys the caller needs; a checkpoint without one of them is an error
-    that names the missing keys (not a KeyError later).
+    that names the missing keys (not a KeyError later). ``mmap`` maps the tensors instead of
+    reading them: for a caller that needs only the small entries.
     """
     path = Path(path)
     if not path.is_file():
@@ -66,7 +78,7 @@ def load(path: Path, map_location="cpu", required: tuple[str, ...] = REQUIRED_KE
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a copy or a write that did not finish")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, IndexError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a trusted attention-transfer checkpoint "

@@ -12,7 +12,7 @@ import copy
 import re
 from pathlib import Path
 
-from at import models, schema
+from at import models, names, schema
 from at.data import datasets as data_sets
 from at.errors import ParamsError
 from at.method import requires_teacher
@@ -217,7 +217,7 @@ def runs(params: dict, profile: str | None = None) -> list[dict]:
             "student": cell["model"], "weights": cell["weights"], "teacher": cell["teacher"],
             "teacher_weights": cell["teacher_weights"], "teacher_run": None,
             "method_name": cell["method"], "seed": seed,
-            "out_dir": f"{RUNS_ROOT}/{profile}/{rid}", "cells": [],
+            "out_dir": names.inside(RUNS_ROOT, f"{RUNS_ROOT}/{profile}/{rid}"), "cells": [],
         })
         if table is not None:
             run["cells"].append({"table": table, "row": row, "column": column, "metric": cell["metric"]})
@@ -413,4 +413,4 @@ def datasets(params: dict, profile: str | None = None) -> list[str]:
 
 
 def report_dir(profile: str) -> str:
-    return f"{RESULTS_ROOT}/{profile}"
+    return names.inside(RESULTS_ROOT, f"{RESULTS_ROOT}/{profile}")

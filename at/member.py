@@ -188,11 +188,14 @@ class Member:
     def write_outputs(self, data) -> dict:
         """checkpoint.pt, history.csv, metrics.json (each atomically); returns the metrics."""
         metrics = self.metrics(data)
+        texts = {"history.csv": history_csv(self.history).encode(),
+                 "metrics.json": (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode()}
         checkpoint.save({"spec": self.spec.to_dict(), "teacher_sha256": self.teacher_sha256,
                          "epoch": self.history[-1]["epoch"], "model": self.student.state_dict(),
                          "objective": self.objective.state_dict(), "history": self.history,
-                         "mlflow_run_id": self.mlflow_run_id, "precision": self.arithmetic.precision},
+                         "mlflow_run_id": self.mlflow_run_id, "precision": self.arithmetic.precision,
+                         checkpoint.OUTPUT_DIGESTS: {name: checkpoint.digest(b) for name, b in texts.items()}},
                         self.out / "checkpoint.pt")
-        atomic.write_text(self.out / "history.csv", history_csv(self.history))
-        atomic.write_text(self.out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        for name, data_bytes in texts.items():
+            atomic.write_bytes(self.out / name, data_bytes)
         return metrics

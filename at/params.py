@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from at import schema
+from at import schema, yaml_file
 from at.errors import ParamsError
 from at.method import validate_method
 from at.registry import import_plugins
@@ -22,7 +22,9 @@ def load(path: Path | str = DEFAULT_PATH) -> dict:
     if not path.is_file():
         raise ParamsError(f"{path} not found: run from the repository root or pass --params")
     try:
-        params = yaml.safe_load(path.read_text())
+        params = yaml_file.load(path)
+    except yaml_file.DuplicateKeyError as e:
+        raise ParamsError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(params, dict):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from at import yaml_file
+
 FILENAME = "references.yaml"
 TABLE_KEYS = ("source", "title", "caption", "dataset", "row_header", "column_header", "rows",
               "columns", "values")
@@ -145,7 +147,9 @@ def load(path: str | Path) -> dict[str, ReferenceTable]:
         raise ReferencesError(f"no references file {path}: the report sets every result beside "
                               f"these numbers; create it (`tables: {{}}` for none)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_file.load(path)
+    except yaml_file.DuplicateKeyError as e:
+        raise ReferencesError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ReferencesError(f"{path} is not valid YAML: {e}") from None
     return parse(data, str(path))

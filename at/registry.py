@@ -13,6 +13,8 @@ import importlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
+from at.names import check_name
+
 Entry = TypeVar("Entry")
 
 
@@ -29,8 +31,7 @@ class Registry(Mapping, Generic[Entry]):
         """Add `entry` under `name` and return it. Registering the same entry again under the
         same name is a no-op (a module imported twice); another entry under a taken name is
         an error: names are global and must not be redefined behind the user's back."""
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"a {self.what} name must be a non-empty string, got {name!r}")
+        check_name(name, f"{self.what} name")   # names end up in paths (at.names)
         self._check(name, entry)
         if name in self._entries:
             if self._entries[name] is entry:

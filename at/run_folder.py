@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from at import atomic
+from at.run_lock import LOCK_NAME
 from at.spec import RunSpec
 
 
@@ -32,9 +34,21 @@ def prepare(specs: list[RunSpec]) -> list[Path]:
 
 
 def remove_empty(folders: list[Path]) -> None:
-    """Remove the folders this process created that are still empty, innermost first."""
+    """Remove the folders this process created that are still empty (but for this process's
+    lock file, at.run_lock), innermost first."""
     for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
         try:
+            if [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+                (folder / LOCK_NAME).unlink()
             folder.rmdir()
         except OSError:
             pass  # not empty (the run wrote something worth keeping) or already gone
+
+
+def remove_temporary(folder: Path) -> None:
+    """Remove the atomic writer's temporary files that a kill between a write and its rename left
+    in a run folder (a resume state's is as large as the state). Call with the folder locked:
+    a live writer's temporary file must not be pulled from under it."""
+    for path in atomic.temporary_files(folder):
+        print(f"removing {path}: a write that a kill cut short", flush=True)
+        path.unlink(missing_ok=True)

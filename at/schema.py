@@ -23,6 +23,7 @@ import jsonschema
 
 from at.data.augment import AUGMENTATIONS
 from at.errors import ParamsError
+from at.names import NAME_PATTERN, NAME_RULE
 from at.models.wrn import BN_WEIGHT_INITS
 from at.precision import PRECISIONS
 
@@ -37,6 +38,14 @@ OPTIONAL_POSITIVE_INT = {"type": ["integer", "null"], "minimum": 1, "x-expect": 
 SEEDS = {"type": "array", "minItems": 1, "items": _int(0, "a non-negative integer"),
          "x-expect": "a non-empty list of non-negative integers"}
 NAMES = {"type": "array", "items": {"type": "string"}, "x-expect": "a list of names"}
+# A name that becomes part of a path (runs/<profile>/<run id>/, results/<profile>/<table>.md, an
+# MLflow run name): at.names says why and which.
+NAME = {"type": "string", "pattern": NAME_PATTERN, "x-expect": f"a name of {NAME_RULE}"}
+
+
+def _named(values: dict, **extra) -> dict:
+    """An object whose keys are names (:data:`NAME`) and whose values are ``values``."""
+    return {"type": "object", "propertyNames": NAME, "additionalProperties": values, **extra}
 
 # A protocol's keys with their types and ranges and, for the optional ones, their defaults: the
 # one place where a default of the training protocol lives (at.spec.Protocol fills them in).
@@ -85,8 +94,8 @@ TABLE_SCHEMA = {
     "type": "object", "additionalProperties": False, "required": ["rows", "columns"],
     "properties": {
         **CELL_PROPERTIES,
-        "rows": {"type": "object", "minProperties": 1, "additionalProperties": CELL_SCHEMA},
-        "columns": {"type": "object", "minProperties": 1, "additionalProperties": CELL_SCHEMA},
+        "rows": _named(CELL_SCHEMA, minProperties=1),
+        "columns": _named(CELL_SCHEMA, minProperties=1),
         "seeds": SEEDS,
         # models whose baseline runs the students learn from, without a cell in the paper
         "teachers": NAMES,
@@ -116,7 +125,7 @@ PROFILE_SCHEMA = {
         # one line the report puts first in its README and every table (at.report)
         "purpose": {"type": "string"},
         # the rows of a table the profile runs (default: all of them)
-        "rows": {"type": "object", "additionalProperties": NAMES},
+        "rows": _named(NAMES),
     },
 }
 PARAMS_SCHEMA = {
@@ -126,19 +135,19 @@ PARAMS_SCHEMA = {
     "additionalProperties": False,
     "required": ["seeds", "data", "protocols", "methods", "tables", "profiles"],
     "properties": {
-        "default_profile": {"type": "string"},
+        "default_profile": NAME,
         "plugins": PLUGINS,
         "seeds": SEEDS,
-        "data": {"type": "object", "additionalProperties": DATA_SCHEMA},
-        "protocols": {"type": "object", "additionalProperties": PROTOCOL_SCHEMA},
+        "data": _named(DATA_SCHEMA),
+        "protocols": _named(PROTOCOL_SCHEMA),
         # a method's terms are checked by at.method.validate_method (their keys depend on the type)
-        "methods": {"type": "object", "additionalProperties": {
+        "methods": _named({
             "type": "object", "required": ["terms"], "additionalProperties": False,
             "properties": {"terms": {"type": "array", "minItems": 1, "items": {"type": "object"}},
-                           "plugins": PLUGINS}}},
-        "tables": {"type": "object", "additionalProperties": TABLE_SCHEMA},
+                           "plugins": PLUGINS}}),
+        "tables": _named(TABLE_SCHEMA),
         "resources": {"type": "object", "additionalProperties": False, "properties": {"train": RESOURCES_SCHEMA}},
-        "profiles": {"type": "object", "minProperties": 1, "additionalProperties": PROFILE_SCHEMA},
+        "profiles": _named(PROFILE_SCHEMA, minProperties=1),
         # runs sharing a data stream train in one process (at.grid.cohorts)
         "cohort": {"type": "object", "additionalProperties": False, "properties": {"max_size": POSITIVE_INT}},
     },

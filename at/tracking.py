@@ -50,6 +50,7 @@ import warnings
 from pathlib import Path
 
 from at import atomic
+from at.errors import WriteError
 
 EXPERIMENT_PREFIX = "attention-transfer"
 RUN_ID_TAG = "at.run_id"       # a training run: its id in the grid
@@ -106,6 +107,69 @@ def check_reachable(uri: str, timeout: float = REACHABLE_TIMEOUT_S) -> None:
                             f"MLFLOW_TRACKING_URI at a running one (unset, runs use ./mlruns.db)") from None
 
 
+# The stores MLflow 3 runs on: SQLite and the other SQL databases, and a tracking server. A
+# folder store (file:// or a plain path) is in maintenance mode in MLflow 3 and refuses to write.
+SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+STORE_ADVICE = ("unset MLFLOW_TRACKING_URI to use ./mlruns.db, or point it at sqlite:///<path>/mlruns.db "
+                "or a running `mlflow server`")
+
+
+def check_store(uri: str | None = None) -> None:
+    """Fail in seconds, with one line naming the store and what to do, when runs could not be
+    recorded in it: a scheme MLflow 3 cannot write, a SQLite file that is damaged or cannot be
+    written, a server that does not answer. Called before anything is written (a run's folder,
+    results/), so a store that fails leaves nothing half-recorded."""
+    uri = uri or tracking_uri()
+    scheme = uri.split(":", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("http", "https"):
+        check_reachable(uri)
+        return
+    if scheme.split("+")[0] in SQL_SCHEMES[1:]:
+        return   # a database server: MLflow's own connection errors name it
+    if scheme != "sqlite":
+        kind = "a folder store" if scheme in ("", "file") else f"scheme {scheme!r}"
+        raise TrackingError(f"MLflow store {uri}: {kind} is not one MLflow 3 can record runs in "
+                            f"(its file store is read-only, in maintenance mode): {STORE_ADVICE}")
+    path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    if path is None or not str(path):
+        raise TrackingError(f"MLflow store {uri}: give the SQLite file as sqlite:///<path>: {STORE_ADVICE}")
+    folder = path.parent
+    if not path.exists():
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise TrackingError(f"MLflow store {uri}: cannot create {path} (folder {folder} is missing or "
+                                f"not writable): {STORE_ADVICE}")
+        return
+    problem = _sqlite_problem(path)
+    if problem:
+        raise TrackingError(f"MLflow store {uri}: {path} {problem}: move it aside (MLflow makes a new one) "
+                            f"or restore it from a backup, or {STORE_ADVICE}")
+    # SQLite writes a journal beside the file: the file and its folder must both be writable
+    if not os.access(path, os.W_OK) or not os.access(folder, os.W_OK | os.X_OK):
+        raise TrackingError(f"MLflow store {uri}: {path} or its folder is read-only: make them writable, "
+                            f"or {STORE_ADVICE}")
+
+
+def _sqlite_problem(path: Path) -> str | None:
+    """Why ``path`` is not a usable SQLite database (None if it is), read without writing."""
+    import sqlite3
+
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+    except sqlite3.Error as e:
+        return f"cannot be opened ({e})"
+    try:
+        rows = db.execute("PRAGMA quick_check").fetchall()
+        if rows != [("ok",)]:
+            return f"is damaged (SQLite's check: {rows[0][0]})"
+    except sqlite3.DatabaseError as e:
+        if "locked" in str(e).lower():
+            return None   # another writer holds it right now: the calls retry that
+        return f"is not a readable SQLite database ({e})"
+    finally:
+        db.close()
+    return None
+
+
 def _transient(error: Exception) -> str | None:
     """Why ``error`` may go away when retried, or None if it will not."""
     text = str(error).lower()
@@ -118,6 +182,12 @@ def _transient(error: Exception) -> str | None:
     if "timed out" in text or "timeout" in text:
         return "request timed out"
     return None
+
+
+def _disk_full(error: BaseException) -> bool:
+    import errno
+
+    return getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(error).lower()
 
 
 def _unreachable(error: Exception) -> bool:
@@ -171,7 +241,7 @@ def init_store(profile: str) -> str:
     schema or the experiment.
     """
     uri = tracking_uri()
-    check_reachable(uri)
+    check_store(uri)
     client = _client()
     name = experiment_name(profile)
     found = _retry(client.get_experiment_by_name, name)
@@ -243,7 +313,7 @@ class RunTracker:
         self.run_id: str | None = None
         self.was_finished = False   # resumed a run that MLflow already has as FINISHED
 
-    def _status(self, run_id: str) -> str | None:
+    def status(self, run_id: str) -> str | None:
         try:
             return _retry(self.client.get_run, run_id).info.status
         except TrackingError:
@@ -255,7 +325,7 @@ class RunTracker:
         from mlflow.entities import Param, RunTag
 
         experiment_id = init_store(self.spec.profile)   # checks the server first
-        status = self._status(resume_run_id) if resume_run_id is not None else None
+        status = self.status(resume_run_id) if resume_run_id is not None else None
         if status is not None:
             self.run_id = resume_run_id
             # killed between finishing and removing last.pt: the MLflow run is complete already
@@ -265,7 +335,7 @@ class RunTracker:
             return resume_run_id
         if self.id_file.exists():
             orphan = self.id_file.read_text().strip()
-            if self._status(orphan) not in (None, "FINISHED"):
+            if self.status(orphan) not in (None, "FINISHED"):
                 _retry(self.client.delete_run, orphan)
         all_tags = {RUN_ID_TAG: self.spec.id, "mlflow.runName": self.spec.id, **tags}
         run = _retry(self.client.create_run, experiment_id, run_name=self.spec.id,
@@ -361,8 +431,15 @@ class RunTracker:
             try:
                 _retry(self.client.log_artifact, self.run_id, str(f))
             except Exception as e:  # noqa: BLE001 - the run's folder has the file; say it, go on
-                print(f"[{self.spec.id}] warning: could not store {f} as an MLflow artifact: "
-                      f"{str(e).splitlines()[0][:300]}", file=sys.stderr, flush=True)
+                text = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                if _disk_full(e):
+                    # not a finished record: the run is marked FAILED by the caller and a retry
+                    # (with room made) stores the artifacts and finishes it, without training
+                    raise WriteError(f"could not store {f} as an artifact of MLflow run {self.run_id} "
+                                     f"({self.client.get_run(self.run_id).info.artifact_uri}): {text}; "
+                                     f"make room there and run again") from None
+                print(f"[{self.spec.id}] warning: could not store {f} as an MLflow artifact: {text}",
+                      file=sys.stderr, flush=True)
         _retry(self.client.set_terminated, self.run_id, "FINISHED")
 
     def _end(self, status: str) -> None:

@@ -29,11 +29,12 @@ import json
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from at import resume, run_folder
+from at import resume, run_folder, run_lock
 from at.data.datasets import training_data
 from at.data.stream import DataStream, check_shared_stream
 from at.member import Member, TrainingDiverged, make_optimizer, rng_state, set_rng_state
@@ -41,6 +42,7 @@ from at.method import Progress, TeacherOutput
 from at.precision import Arithmetic, resolve as resolve_precision
 from at.spec import RunSpec
 from at.teachers import Teachers
+from at.tracking import RunTracker, check_store, git_commit
 
 # A SLURM job that is preempted or reaches its time limit gets SIGTERM before SIGKILL. The run
 # saves its position and exits with this status, which marks the job failed, so Snakemake's
@@ -272,55 +274,71 @@ def train_cohort(specs: list, options: Options | None = None, force: bool = Fals
         raise ValueError("a cohort needs at least one run")
     specs = [RunSpec.resolve(spec) for spec in specs]
     check_shared_stream(specs)
+    if options.tracking:
+        check_store()   # a store that cannot record the runs fails before a file is written
     # SIGTERM becomes a flag from here on: the loop saves and exits between two steps, and a
     # run that is writing its outputs finishes them
     with _SigtermFlag() as sigterm:
-        sigterm = stop if stop is not None else sigterm
         created = run_folder.prepare(specs)
         try:
-            saved = {spec.id: resume.Saved.read(spec, force) for spec in specs}
-            arithmetic = options.arithmetic(specs, resume.started_precision(list(saved.values())))
-            if options.threads:
-                torch.set_num_threads(options.threads)
-            if arithmetic.device.type == "cuda":
-                torch.backends.cudnn.benchmark = True
-            cohort = Cohort(specs, arithmetic)
-        except BaseException:
-            run_folder.remove_empty(created)   # nothing trained: no empty run folders left behind
+            # one writer per run folder, from before its first read to the end (at.run_lock)
+            with run_lock.hold({spec.id: Path(spec.out_dir) for spec in specs}):
+                return _train_locked(specs, options, force, stop if stop is not None else sigterm, created)
+        except run_lock.RunLocked:
+            run_folder.remove_empty(created)
             raise
-        results: dict[str, dict] = {}
-        training: list[Member] = []
-        for member in cohort.members:
-            found = saved[member.id]
-            situation = "fresh" if force else found.situation(member.teacher_sha256)
-            if situation == "finished":
-                print(f"[{member.id}] already finished with this spec: left as it is "
-                      f"(`--force` retrains it)", flush=True)
-                results[member.id] = _read_metrics(member)
+
+
+def _train_locked(specs: list[RunSpec], options: Options, force: bool, sigterm, created: list[Path]) -> list[dict]:
+    """train_cohort once every run folder is locked: start, train, finish."""
+    for spec in specs:
+        run_folder.remove_temporary(Path(spec.out_dir))   # left by a kill between a write and its rename
+    try:
+        saved = {spec.id: resume.Saved.read(spec, force) for spec in specs}
+        arithmetic = options.arithmetic(specs, resume.started_precision(list(saved.values())))
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        if arithmetic.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        cohort = Cohort(specs, arithmetic)
+    except BaseException:
+        run_folder.remove_empty(created)   # nothing trained: no empty run folders left behind
+        raise
+    results: dict[str, dict] = {}
+    training: list[Member] = []
+    for member in cohort.members:
+        found = saved[member.id]
+        situation = "fresh" if force else found.situation(member.teacher_sha256)
+        if situation == "finished":
+            results[member.id] = _read_metrics(member)
+            if options.tracking and _complete_tracking(member, cohort.data, found):
                 continue
-            if situation in ("final", "resume"):
-                member.load_state(found.state)
-            else:
-                # a stale or discarded state must not become the fallback of this run's new states
-                member.resume_path.unlink(missing_ok=True)
-                member.previous_path.unlink(missing_ok=True)
-            if situation == "final":
-                print(f"[{member.id}] finished earlier; writing its outputs again from {member.resume_path}",
-                      flush=True)
+            print(f"[{member.id}] already finished with this spec: left as it is "
+                  f"(`--force` retrains it)", flush=True)
+            continue
+        if situation in ("final", "resume"):
+            member.load_state(found.state)
+        else:
+            # a stale or discarded state must not become the fallback of this run's new states
+            member.resume_path.unlink(missing_ok=True)
+            member.previous_path.unlink(missing_ok=True)
+        if situation == "final":
+            print(f"[{member.id}] finished earlier; writing its outputs again from {found.state_path}",
+                  flush=True)
+            results[member.id] = _finish(member, cohort.data, options.tracking, force)
+            continue
+        if situation == "resume":
+            print(f"[{member.id}] resuming from {found.state_path} at epoch {member.epoch + 1}, "
+                  f"step {member.step}", flush=True)
+        training.append(member)
+    if training:
+        diverged = _train(cohort, training, progress=options.progress, sigterm=sigterm,
+                          tracking=options.tracking, force=force)
+        for member in training:
+            if member.id not in diverged:
                 results[member.id] = _finish(member, cohort.data, options.tracking, force)
-                continue
-            if situation == "resume":
-                print(f"[{member.id}] resuming from {found.state_path} at epoch {member.epoch + 1}, "
-                      f"step {member.step}", flush=True)
-            training.append(member)
-        if training:
-            diverged = _train(cohort, training, progress=options.progress, sigterm=sigterm,
-                              tracking=options.tracking, force=force)
-            for member in training:
-                if member.id not in diverged:
-                    results[member.id] = _finish(member, cohort.data, options.tracking, force)
-            if diverged:
-                raise TrainingDiverged("; ".join(str(e) for e in diverged.values()))
+        if diverged:
+            raise TrainingDiverged("; ".join(str(e) for e in diverged.values()))
     return [results[spec.id] for spec in specs]
 
 
@@ -427,8 +445,6 @@ def _read_metrics(member: Member) -> dict:
 
 
 def _start_tracking(member: Member, data, force: bool) -> None:
-    from at.tracking import RunTracker, git_commit
-
     spec = member.spec
     member.tracker = RunTracker(spec, member.out / "mlflow_run_id")
     member.tracker.start(None if force else member.mlflow_run_id, tags={
@@ -442,17 +458,47 @@ def _start_tracking(member: Member, data, force: bool) -> None:
     member.tracker.log_epochs(member.history)
 
 
-def _finish(member: Member, data, tracking: bool, force: bool) -> dict:
-    if tracking:
-        if member.tracker is None:   # outputs written again from the final state
-            _start_tracking(member, data, force)
-        # MLflow has every epoch before the outputs exist (at.tracking's policy)
-        member.tracker.sync(member.history)
-    metrics = member.write_outputs(data)
-    if tracking:
-        member.tracker.finish({k: v for k, v in metrics.items()
-                               if k in ("final_test_error", "best_test_error", "student_params", "wall_time_s")},
-                              [member.out / "metrics.json", member.out / "history.csv", member.out / "checkpoint.pt"])
+SUMMARY_METRICS = ("final_test_error", "best_test_error", "student_params", "wall_time_s")
+OUTPUT_FILES = ("metrics.json", "history.csv", "checkpoint.pt")
+
+
+def _finish(member: Member, data, tracking: bool, force: bool, write: bool = True) -> dict:
+    """The final outputs, with MLflow told first (every epoch) and last (FINISHED); a failure
+    here (the store, a full disk) marks the MLflow run FAILED and keeps the final state, so a
+    retry writes the outputs again without training. ``write=False``: the outputs are there
+    already, only MLflow is finished from them."""
+    try:
+        if tracking:
+            if member.tracker is None:   # outputs written again from the final state
+                _start_tracking(member, data, force)
+            # MLflow has every epoch before the outputs exist (at.tracking's policy)
+            member.tracker.sync(member.history)
+        metrics = member.write_outputs(data) if write else _read_metrics(member)
+        if tracking:
+            member.tracker.finish({k: v for k, v in metrics.items() if k in SUMMARY_METRICS},
+                                  [member.out / name for name in OUTPUT_FILES])
+    except BaseException:
+        if member.tracker is not None:
+            member.tracker.failed()
+        raise
     print(f"[{member.id}] done: final test error {metrics['final_test_error']:.2f}% "
           f"after {metrics['final_epoch']} epochs", flush=True)
     return metrics
+
+
+def _complete_tracking(member: Member, data, found: resume.Saved) -> bool:
+    """A finished run whose MLflow run did not finish (killed between writing its outputs and
+    telling MLflow; a full disk at the artifacts): finish that MLflow run from the files,
+    without training. Returns whether it did. A run recorded in another store is left alone."""
+    id_file = member.out / "mlflow_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else (found.final or {}).get("mlflow_run_id")
+    if not run_id:
+        return False
+    status = RunTracker(member.spec, id_file).status(run_id)
+    if status in (None, "FINISHED"):
+        return False
+    print(f"[{member.id}] outputs complete but its MLflow run {run_id} is {status}: finishing it from "
+          f"the files (no training)", flush=True)
+    member.history, member.mlflow_run_id = found.final["history"], run_id
+    _finish(member, data, tracking=True, force=False, write=False)
+    return True

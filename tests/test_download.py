@@ -117,7 +117,9 @@ def test_local_sources_take_the_same_verified_path(tmp_path, dest_dir, monkeypat
         fetch_and_hash(url, WRONG_MD5, dest_dir / "other.bin")
     assert PAYLOAD_MD5 in str(info.value) and WRONG_MD5 in str(info.value)
     assert sorted(os.listdir(dest_dir)) == ["copy.bin"]
-    assert len(streamed) == 2 and all(u.startswith("file://") for u in streamed)
+    # the wrong copy was refused where it lies, before any byte was copied, naming the user's file
+    assert len(streamed) == 1 and streamed[0].startswith("file://")
+    assert url in str(info.value) and "nothing was copied" in str(info.value)
 
 
 def test_missing_local_source_is_a_clear_error(tmp_path, dest_dir):

@@ -140,6 +140,7 @@ def _at(root: Path, env: dict, *args: str, timeout: int = 300) -> subprocess.Com
     return done
 
 
+@pytest.mark.slow
 def test_the_grid_snakemake_and_dvc_see_the_users_runs(user_project):
     root, env = user_project
     cohorts = json.loads(_at(root, env, "runs", "--profile", "mine", "--cohorts", "--json").stdout)
@@ -158,6 +159,7 @@ def test_the_grid_snakemake_and_dvc_see_the_users_runs(user_project):
     assert f"--cohort {COHORT_STUDENTS}" in commands and "download toy" in commands
 
 
+@pytest.mark.slow
 def test_the_users_data_set_model_term_and_mapping_train_real_runs(user_project):
     root, env = user_project
     _at(root, env, "download", "toy")

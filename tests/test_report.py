@@ -737,7 +737,10 @@ def test_render_draws_attention_from_checkpoints(grid, tmp_path, monkeypatch):
     """The checkpoint/data path of render, with stand-ins for at.checkpoint and at.data."""
     runs, context = grid
     at_seed0 = Path(runs[0]["out_dir"])
-    (at_seed0 / "checkpoint.pt").write_bytes(b"stand-in")
+    # a real (empty) checkpoint: the report checks each run's metrics.json against it; the model
+    # in it comes from the stand-in load_model below
+    from at import checkpoint
+    checkpoint.save({"spec": {}, "model": {}}, at_seed0 / "checkpoint.pt")
     teacher_ckpt = tmp_path / "teacher.pt"
     teacher_ckpt.write_bytes(b"stand-in")
     data_dir = tmp_path / "data" / "cifar-10-batches-py"

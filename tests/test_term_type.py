@@ -43,7 +43,7 @@ def _value(step, term):
         (lambda: TermType("t_bad", _value, input_gradients=frozenset({"teacher"})), ValueError, "set needs_teacher"),
         (lambda: TermType("t_bad", _value, build=lambda pairs: None), ValueError, "needs tap_pairs=True"),
         (lambda: TermType("at", _value), ValueError, "term type 'at' is already registered"),
-        (lambda: TermType("", _value), ValueError, "name must be a non-empty string"),
+        (lambda: TermType("", _value), ValueError, "term type name '' is not a valid name"),
     ],
 )
 def test_register_term_refuses_incomplete_or_inconsistent_records(make, error, needle):

@@ -162,6 +162,14 @@ def _stream_to_temp(url: str, dest: Path, progress: bool) -> tuple[Path, str]:
     return tmp, digest.hexdigest()
 
 
+def _local_path(url: str) -> Path | None:
+    """The file a file:// URL names (None for other schemes)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() != "file":
+        return None
+    return Path(urllib.request.url2pathname(parts.path))
+
+
 def fetch_and_hash(
     url: str | os.PathLike, md5: str | None, dest: str | os.PathLike, *, progress: bool = True
 ) -> str:
@@ -180,6 +188,18 @@ def fetch_and_hash(
             return actual
         log.warning("%s has md5 %s, expected %s: fetching it again from %s", dest, actual, md5, url)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    local = _local_path(url_text)
+    if local is not None and md5 is not None:
+        # a local copy is checked where it lies, before a byte is written: a wrong (or huge)
+        # file costs one read, not a copy of itself in the staging folder
+        if not local.is_file():
+            raise DownloadError(f"could not open {os.fspath(url)}: no such file")
+        actual = file_md5(local)
+        if actual != md5:
+            raise ChecksumError(
+                f"checksum mismatch for {os.fspath(url)} ({local.stat().st_size} bytes): expected md5 "
+                f"{md5}, got {actual}; nothing was copied (if this is a legitimate different copy, "
+                f"pass its md5 explicitly)")
     tmp, actual = _stream_to_temp(url_text, dest, progress)
     if md5 is not None and actual != md5:
         tmp.unlink(missing_ok=True)
@@ -580,7 +600,11 @@ def prepare_archive(
         for n, remote in files.items():
             new_files[n] = {"url": os.fspath(remote.url), "md5": fetch_one(remote, file_md5s[n], stage, n)}
         got_archive = fetch_one(archive, archive_md5, stage, name)
-        extract(stage / name, stage)
+        try:
+            extract(stage / name, stage)
+        except ArchiveError as e:
+            # the staged copy is gone when the user reads this: name the file they gave
+            raise ArchiveError(str(e).replace(str(stage / name), f"{name} (from {os.fspath(archive.url)})")) from None
         missing = [p for p in contains if not (stage / p).exists()]
         if missing:
             raise ArchiveError(f"archive {name} (from {archive.url}) does not contain {missing}")

@@ -40,6 +40,20 @@ def source_md5(folder: Path, dataset) -> str:
     return record.get("md5") or "unknown"
 
 
+def subset_size(spec, key: str, available: int) -> int:
+    """How many images of a split a run uses: the protocol's ``train_subset``/``test_subset``, or
+    all. A subset larger than the split is an error rather than silently the whole split: the
+    run's spec (and every table citing it) would claim a size it never had."""
+    wanted = getattr(spec.protocol, key)
+    if wanted is None:
+        return available
+    if wanted > available:
+        raise ValueError(f"run {spec.id}: protocol.{key} is {wanted}, but the {spec.dataset} data in "
+                         f"{spec.data_dir} has only {available} {key.split('_')[0]} images: lower it "
+                         f"(or set it to null for all {available})")
+    return wanted
+
+
 class TensorData:
     """A data set held as uint8 tensors on the training device, batched and augmented there."""
 
@@ -52,8 +66,8 @@ class TensorData:
         mode = spec.protocol.augment
         self.md5 = source_md5(folder, dataset)
         data = dataset.load(folder)
-        n_train = spec.protocol.train_subset or len(data.train_y)
-        n_test = spec.protocol.test_subset or len(data.test_y)
+        n_train = subset_size(spec, "train_subset", len(data.train_y))
+        n_test = subset_size(spec, "test_subset", len(data.test_y))
         # The first images of each split: the same subset for every run and seed, so runs compare.
         self.train_x = data.train_x[:n_train].to(device)
         self.train_y = data.train_y[:n_train].to(device)
@@ -103,8 +117,8 @@ class FolderData:
         from at.data import folders  # torchvision and PIL: only for image-folder runs
 
         splits = dataset.load(folder)
-        train = splits.train[:spec.protocol.train_subset or len(splits.train)]
-        test = splits.test[:spec.protocol.test_subset or len(splits.test)]
+        train = splits.train[:subset_size(spec, "train_subset", len(splits.train))]
+        test = splits.test[:subset_size(spec, "test_subset", len(splits.test))]
         self.train_set = folders.ImageDataset.for_split(train, train=True, size=IMAGE_SIZE, augment=mode,
                                                         mean=dataset.mean, std=dataset.std)
         self.test_set = folders.ImageDataset.for_split(test, train=False, size=IMAGE_SIZE, augment=mode,

@@ -9,12 +9,14 @@ written.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from at import checkpoint
 from at.references import ReferenceTable
 from at.report.layout import TableLayout, layouts
 
@@ -217,7 +219,43 @@ def read_metrics(run: dict, needed: set[str], context: Context) -> dict | None:
     if not 1 <= metrics["final_epoch"] <= metrics["epochs"]:
         raise refuse(f"final_epoch {metrics['final_epoch']} is not between 1 and epochs "
                      f"({metrics['epochs']})")
+    problem = _unbound(path.parent, metrics)
+    if problem:
+        raise refuse(problem)
     return metrics
+
+
+def _unbound(folder: Path, metrics: dict) -> str | None:
+    """Why a run's metrics.json is not the one its run wrote (None when it is, as far as the
+    folder can tell): its bytes against the digests in the run's checkpoint.pt, and its numbers
+    against the run's history.csv. A record without them (hand-made inputs, records committed
+    without checkpoints) is checked against what is there."""
+    final = folder / "checkpoint.pt"
+    if final.is_file():
+        try:
+            saved = checkpoint.load(final, required=("spec",), mmap=True)
+        except checkpoint.CheckpointError as e:
+            return f"cannot check it against the run's checkpoint: {e}"
+        for name, expected in sorted((saved.get(checkpoint.OUTPUT_DIGESTS) or {}).items()):
+            written = folder / name
+            if written.is_file() and checkpoint.digest(written.read_bytes()) != expected:
+                return (f"{name} is not the file the run wrote (its sha256 differs from the one in {final}): "
+                        f"restore it (`dvc checkout`, `git checkout`) or retrain the run with --force")
+    history = folder / "history.csv"
+    if not history.is_file():
+        return None
+    with open(history, newline="") as f:
+        rows = list(csv.DictReader(f))
+    try:
+        errors = [float(r["test_error"]) for r in rows]
+        last_epoch = int(rows[-1]["epoch"])
+    except (KeyError, ValueError, IndexError):
+        return f"its history.csv ({history}) has no test_error per epoch to check it against"
+    expected = {"final_test_error": errors[-1], "best_test_error": min(errors), "final_epoch": last_epoch}
+    differing = [f"{k} {metrics[k]!r} (history: {v!r})" for k, v in expected.items() if k in metrics and metrics[k] != v]
+    if differing:
+        return f"disagrees with the run's history.csv: {', '.join(differing)}"
+    return None
 
 
 def metric_key(metric: str) -> str:
