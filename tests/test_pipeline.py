@@ -318,6 +318,24 @@ def test_snakemake_refuses_bad_params_before_any_job(paper_copy, tmp_path):
     assert "rule train" not in done.stdout
 
 
+def test_the_slurm_profile_refuses_in_one_line_before_planning_where_sbatch_is_missing(paper_copy, tmp_path):
+    # a PATH with the shell tools Snakemake needs and this venv, but no SLURM command
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for name in ("bash", "sh", "which", "git", "env"):
+        found = shutil.which(name)
+        if found:
+            (tools / name).symlink_to(found)
+    env = {**_env(paper_copy), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{tools}"}
+    done = subprocess.run(["snakemake", "--snakefile", "workflow/Snakefile", "--profile", "slurm", "--config",
+                           "profile=ci", "--dry-run", "--nolock"], cwd=paper_copy, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    output = (done.stdout + done.stderr).strip().splitlines()
+    assert output[-1].startswith("error: --profile slurm submits each job with SLURM's sbatch, which is not on PATH")
+    assert "rule train" not in done.stdout and "Traceback" not in done.stderr
+
+
 # ------------------------------------------------------------------------------------------------
 # End to end: the ci profile through real Snakemake, then DVC, MLflow, the report
 
