@@ -4,9 +4,9 @@
   from the root of a copy of the repository; every training job is a SLURM job with a GPU
   (sacct), the results and the report are there, MLflow holds one finished run per run.
 - Preemption, in the same Snakemake run: the teacher's job gets SIGTERM from
-  `scancel --signal=TERM` while it runs; it saves its position, exits non-zero, Snakemake's
-  retry resumes it, and nothing is lost or counted twice (each epoch once in the history and
-  in the one MLflow run).
+  `scancel --signal=TERM` inside its epoch; it saves its position, exits non-zero, Snakemake's
+  retry resumes it mid-epoch, and nothing is lost or counted twice (the epoch once in the
+  history and in the one MLflow run).
 
 Opt-in (AT_TEST_SLURM=1, root): see conftest.py.
 """
@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from at import checkpoint
+from at import checkpoint, grid, params as params_io
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_pipeline import _env, _sh, copy_repository  # noqa: E402  (the same copy as the local e2e)
+from test_pipeline import _env, copy_repository  # noqa: E402  (the same copy as the local e2e)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -61,15 +61,15 @@ def test_ci_grid_runs_as_slurm_gpu_jobs_and_a_preempted_job_resumes_without_loss
     scheduling and polling, so both claims share it): every training job is a SLURM job with a
     GPU, and the teacher's job, preempted inside its second epoch, is retried and resumes."""
     root = copy_repository(tmp_path / "repo")
-    # epochs long enough to be caught inside one: 2 epochs of 32 steps of 16 images (several
-    # seconds each, short enough that the jobs end between the SLURM plugin's early status
-    # checks, which back off by 10 s each)
+    # an epoch long enough to be caught inside it: 32 steps of 16 images (several seconds; short
+    # enough that the jobs end between the SLURM plugin's early status checks, which back off by
+    # 10 s each)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["profiles"]["ci"]["protocol"].update({"epochs": 2, "train_subset": 512, "batch_size": 16})
+    params["profiles"]["ci"]["protocol"].update({"epochs": 1, "train_subset": 512, "batch_size": 16})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    runs = yaml.safe_load(_sh([sys.executable, "-m", "at", "runs", "--profile", "ci", "--json"], root).stdout)
-    cohorts = yaml.safe_load(_sh([sys.executable, "-m", "at", "runs", "--profile", "ci", "--cohorts", "--json"],
-                                 root).stdout)
+    # the grid as `python -m at runs --profile ci [--cohorts]` lists it, read in this process
+    copied = params_io.load(root / "params.yaml")
+    runs, cohorts = grid.runs(copied, "ci"), grid.cohorts(copied, "ci")
     # the WRN-16-2 teacher, then its five students together
     assert [len(c["runs"]) for c in cohorts] == [5, 1], cohorts
     teacher_id = "cifar10/wrn-16-2/baseline/seed0"
@@ -78,12 +78,13 @@ def test_ci_grid_runs_as_slurm_gpu_jobs_and_a_preempted_job_resumes_without_loss
     time.sleep(1)
     proc = slurm_cluster.snakemake(root, "--config", "profile=ci", timeout_s=900, env=_env_for(slurm_cluster, root))
 
-    # wait until the teacher's job has finished its first epoch (its resume state exists), then
-    # preempt it a moment later, inside epoch 2
+    # wait until the teacher's job is about to train (its MLflow run id is written right before
+    # the first step; the SIGTERM handler is in place by then), then preempt it a moment later,
+    # inside the epoch
     deadline = time.time() + 600
-    while not (teacher_dir / "last.pt").exists():
+    while not (teacher_dir / "mlflow_run_id").exists():
         assert proc.poll() is None, (root / "snakemake.out").read_text()[-4000:]
-        assert time.time() < deadline, "the training job never reached its first checkpoint"
+        assert time.time() < deadline, "the training job never started training"
         time.sleep(0.2)
     time.sleep(1.0)
     running = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i"], capture_output=True,
@@ -102,16 +103,16 @@ def test_ci_grid_runs_as_slurm_gpu_jobs_and_a_preempted_job_resumes_without_loss
         assert "gres/gpu=1" in job["AllocTRES"].split(","), job
     for run in runs:
         assert (root / run["out_dir"] / "metrics.json").is_file(), run["id"]
-        assert checkpoint.load(root / run["out_dir"] / "last.pt")["epoch"] == 2, "the final state stays"
+        assert checkpoint.load(root / run["out_dir"] / "last.pt")["epoch"] == 1, "the final state stays"
     assert (root / "results" / "ci" / "table2.md").is_file()
 
     log = (root / "logs" / "train" / "ci" / "cifar10" / "wrn-16-2" / "seed0" / "cohort0.log").read_text()
-    # Snakemake deletes the failed attempt's log; the retry's says where it resumed: inside epoch
-    # 2 (step > 0), where SIGTERM saved it; not at an epoch boundary, never from scratch
-    assert re.search(r"resuming from .*last\.pt at epoch 2, step [1-9]\d*", log), log[-3000:]
+    # Snakemake deletes the failed attempt's log; the retry's says where it resumed: inside the
+    # epoch (step > 0), where SIGTERM saved it; never from scratch
+    assert re.search(r"resuming from .*last\.pt at epoch 1, step [1-9]\d*", log), log[-3000:]
     with open(teacher_dir / "history.csv") as f:
         epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
-    assert epochs == [1, 2], "each epoch exactly once"
+    assert epochs == [1], "the epoch exactly once"
 
     client, mlflow_runs = _mlflow_runs(root)
     assert sorted(r.data.tags["at.run_id"] for r in mlflow_runs) == sorted(r["id"] for r in runs)
@@ -119,4 +120,4 @@ def test_ci_grid_runs_as_slurm_gpu_jobs_and_a_preempted_job_resumes_without_loss
     teacher = [r for r in mlflow_runs if r.data.tags["at.run_id"] == teacher_id]
     assert len(teacher) == 1, "the retry continues the same MLflow run"
     steps = sorted(m.step for m in client.get_metric_history(teacher[0].info.run_id, "test_error"))
-    assert steps == [1, 2], steps
+    assert steps == [1], steps
