@@ -58,6 +58,10 @@ KIND_TAG = "at.kind"           # "cell" or "report" for the runs that `report` m
 CELL_TAG = "at.cell"           # a cell's parent run: "table/row/column"
 CELLS_TAG = "at.cells"         # a training run: JSON list of every cell it counts in
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment on its GenAI view (traces, evaluation runs) unless the
+# experiment says it is model training: then it opens on the runs table
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 # MLflow's HTTP client retries a failed request up to 7 times with exponential backoff and
 # waits up to 120 s per request: wrapped in our retries that is close to an hour before an
@@ -246,8 +250,10 @@ def init_store(profile: str) -> str:
     name = experiment_name(profile)
     found = _retry(client.get_experiment_by_name, name)
     if found is not None:
+        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:   # made by earlier code
+            _retry(client.set_experiment_tag, found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
-    kwargs = {}
+    kwargs = {"tags": {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}}
     if uri.startswith("sqlite:///"):
         # keep artifacts beside the database instead of in the working directory of each job
         kwargs["artifact_location"] = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
@@ -298,6 +304,16 @@ def _dataset_input(name: str, folder: str, md5: str):
     return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])
 
 
+def run_name(spec) -> str:
+    """A training run's MLflow name: what tells runs apart first (method, seed), then the rest of
+    the id, so that names cut short in the runs table stay distinguishable
+    ("at-sum-p2 seed0 | cifar10/wrn-16-1_from_wrn-16-2"). The id itself is the tag at.run_id."""
+    parts = spec.id.split("/")
+    if len(parts) >= 3 and parts[-1] == f"seed{spec.seed}":
+        return f"{parts[-2]} {parts[-1]} | {'/'.join(parts[:-2])}"
+    return spec.id
+
+
 class RunTracker:
     """The MLflow run of one training run.
 
@@ -337,8 +353,9 @@ class RunTracker:
             orphan = self.id_file.read_text().strip()
             if self.status(orphan) not in (None, "FINISHED"):
                 _retry(self.client.delete_run, orphan)
-        all_tags = {RUN_ID_TAG: self.spec.id, "mlflow.runName": self.spec.id, **tags}
-        run = _retry(self.client.create_run, experiment_id, run_name=self.spec.id,
+        name = run_name(self.spec)
+        all_tags = {RUN_ID_TAG: self.spec.id, "mlflow.runName": name, **tags}
+        run = _retry(self.client.create_run, experiment_id, run_name=name,
                      tags={k: str(v) for k, v in all_tags.items()})
         self.run_id = run.info.run_id
         atomic.write_text(self.id_file, self.run_id)

@@ -255,3 +255,27 @@ def test_mlflow_http_bounds_are_ours_unless_the_user_set_them(monkeypatch):
     tracking._client()
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "99"
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == tracking.HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+
+
+def test_experiments_say_they_are_model_training_so_mlflow_opens_them_on_their_runs(mlflow_store):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_store)
+    experiment_id = tracking.init_store("kind")
+    kind = client.get_experiment(experiment_id).tags.get("mlflow.experimentKind")
+    assert kind == "custom_model_development"
+    # an experiment made by earlier code (no tag) gets it at the next start
+    older = client.create_experiment("attention-transfer/older")
+    assert "mlflow.experimentKind" not in client.get_experiment(older).tags
+    assert tracking.init_store("older") == older
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_run_names_put_method_and_seed_first():
+    spec = RunSpec.resolve({"id": "cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed3", "dataset": "cifar10",
+                            "student": "wrn-10-1", "seed": 3, "method_name": "baseline",
+                            "method": {"terms": [{"type": "ce"}]}, "out_dir": "x", "data_dir": "",
+                            "protocol": {"epochs": 1, "batch_size": 8, "lr": 0.1, "lr_gamma": 0.2}})
+    assert tracking.run_name(spec) == "at-sum-p2 seed3 | cifar10/wrn-16-1_from_wrn-16-2"
+    # an id not of the grid's form (a run trained from arguments) is its own name
+    assert tracking.run_name(spec.replace(id="my-run")) == "my-run"
