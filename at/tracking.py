@@ -58,8 +58,9 @@ KIND_TAG = "at.kind"           # "cell" or "report" for the runs that `report` m
 CELL_TAG = "at.cell"           # a cell's parent run: "table/row/column"
 CELLS_TAG = "at.cells"         # a training run: JSON list of every cell it counts in
 PARENT_TAG = "mlflow.parentRunId"
-# MLflow 3's UI opens an experiment on its GenAI view (traces, evaluation runs) unless the
-# experiment says it is model training: then it opens on the runs table
+# What MLflow 3 records as an experiment's kind (its run pages read it). Which view the UI opens
+# first is decided in the browser (`?workflowType=machine_learning`, or the "Model training"
+# toggle, remembered per browser), not by this tag: checked in headless Chromium.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 

@@ -257,7 +257,7 @@ def test_mlflow_http_bounds_are_ours_unless_the_user_set_them(monkeypatch):
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == tracking.HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
 
 
-def test_experiments_say_they_are_model_training_so_mlflow_opens_them_on_their_runs(mlflow_store):
+def test_experiments_are_tagged_as_model_training(mlflow_store):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_store)
