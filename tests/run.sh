@@ -24,8 +24,10 @@ slurm_pid=$!
 trap 'kill -TERM "$slurm_pid" 2>/dev/null; wait "$slurm_pid"; exit 143' INT TERM
 
 # --dist loadscope: a module's tests on one worker, so that its module-scoped fixtures (a real
-# Snakemake run, a copy of the repository) are built once, not once per worker
-"$python" -m pytest -n "${TEST_WORKERS:-auto}" --dist loadscope --ignore=tests/slurm "$@"
+# Snakemake run, a copy of the repository) are built once, not once per worker.
+# --no-loadscope-reorder: modules go to the workers in collection order, which tests/conftest.py
+# makes slowest first; xdist's own order (most tests first) left a long module for the end.
+"$python" -m pytest -n "${TEST_WORKERS:-auto}" --dist loadscope --no-loadscope-reorder --ignore=tests/slurm "$@"
 rest=$?
 wait "$slurm_pid"
 slurm=$?
