@@ -92,8 +92,6 @@ def _warn_about(specs: list) -> None:
 
 
 def cmd_train(args) -> int:
-    from at import tracking
-    tracking.check_store()  # before torch and the data load: in seconds
     from at.train import EXIT_INTERRUPTED, Interrupted, Options, TrainingDiverged, train_cohort
 
     specs = _train_specs(args)
@@ -247,6 +245,7 @@ def cmd_tracking_init(args) -> int:
     if profile != "custom":  # `custom`: runs trained from command-line arguments, not the grid
         from at import grid
         profile = grid.profile_name(params_mod.load(args.params), profile)
+    tracking.check_store()   # the whole check once, before the jobs fan out
     experiment_id = tracking.init_store(profile)
     print(f"MLflow store {tracking.tracking_uri()} ready, experiment "
           f"{tracking.experiment_name(profile)!r} (id {experiment_id})")

@@ -246,7 +246,9 @@ def init_store(profile: str) -> str:
     schema or the experiment.
     """
     uri = tracking_uri()
-    check_store(uri)
+    # only the cheap part here (every run's start calls this): the whole check_store ran once
+    # before anything was written (train_cohort, report, tracking-init)
+    check_reachable(uri)
     client = _client()
     name = experiment_name(profile)
     found = _retry(client.get_experiment_by_name, name)
