@@ -2,8 +2,8 @@
 
 download (fetch, verify and unpack a data set), train (a cohort or run of the grid, a spec file,
 or one run from arguments), runs (list the grid's runs or cohorts), report (tables and figures
-into results/<profile>), dvc (write dvc.yaml for a profile), tracking-init (create the MLflow
-store and experiment). `python -m at COMMAND --help` says more."""
+into results/<profile>), dvc (write the DVC pipelines, pipelines/*/dvc.yaml), tracking-init
+(create the MLflow store and experiment), ui (MLflow's UI, opened on a profile's runs). `python -m at COMMAND --help` says more."""
 
 from __future__ import annotations
 
@@ -94,6 +94,10 @@ def _warn_about(specs: list) -> None:
 def cmd_train(args) -> int:
     from at.train import EXIT_INTERRUPTED, Interrupted, Options, TrainingDiverged, train_cohort
 
+    if args.log:
+        from at import console
+
+        console.log_to(args.log)
     specs = _train_specs(args)
     _warn_about(specs)
     options = Options(device=args.device, precision=args.precision, progress=not args.no_progress,
@@ -189,7 +193,8 @@ def cmd_report(args) -> int:
     planned = [{**run, "epochs": grid.protocol_of(params, run).epochs} for run in runs]
     written = report.render(planned, grid.report_dir(profile), context)
     print(f"report: {len(written)} files in {grid.report_dir(profile)}")
-    parents = tracking.record_cells(profile, _cell_summaries(runs, written), Path(grid.report_dir(profile)))
+    parents = tracking.record_cells(profile, _cell_summaries(runs, written), Path(grid.report_dir(profile)),
+                                    outside_cells=[run["id"] for run in runs if not run["cells"]])
     print(f"MLflow: {len(parents)} cell runs and the report in experiment {tracking.experiment_name(profile)!r}")
     return 0
 
@@ -219,22 +224,48 @@ def _cell_summaries(runs: list[dict], written: list) -> list[dict]:
     return summaries
 
 
+def cmd_ui(args) -> int:
+    """MLflow's UI on the project's store, opened on the profile's runs table."""
+    import os
+
+    from at import tracking
+
+    _, profile = _validated(args)
+    uri = tracking.tracking_uri()
+    tracking.check_store(uri)
+    experiment_id = tracking.init_store(profile)
+    served = uri.startswith(("http://", "https://"))
+    base = uri.rstrip("/") if served else f"http://{args.host}:{args.port}"
+    print(f"{tracking.experiment_name(profile)}: {tracking.runs_url(base, experiment_id)}", flush=True)
+    if served:
+        return 0   # a tracking server already serves its UI
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+               "--port", str(args.port)]
+    os.execv(sys.executable, command)
+
+
 def cmd_dvc(args) -> int:
-    from at import dvc_pipeline
+    from at import atomic, dvc_pipeline
 
     params, profile = _validated(args)
-    text = dvc_pipeline.render(params, profile)
-    target = Path(args.output)
+    profiles = [profile] if args.profile else None
+    if dvc_pipeline.DATA in params["profiles"]:
+        raise params_mod.ParamsError(f"{args.params}: profiles.{dvc_pipeline.DATA}: the name of the download "
+                          f"stages' folder ({dvc_pipeline.pipeline_file(dvc_pipeline.DATA)}): rename the profile")
+    wanted = dvc_pipeline.files(params, profiles)
     if args.check:
-        if not target.is_file() or target.read_text() != text:
-            print(f"error: {target} is not what params.yaml defines for profile {profile}: "
-                  f"regenerate it with `python -m at dvc --profile {profile}`", file=sys.stderr)
+        stale = [str(path) for path, text in wanted.items() if not path.is_file() or path.read_text() != text]
+        if stale:
+            print(f"error: {', '.join(stale)} not what {args.params} defines: regenerate with "
+                  f"`python -m at dvc`", file=sys.stderr)
             return 1
         return 0
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(target)
-    print(f"wrote {target} for profile {profile}")
+    for path, text in wanted.items():
+        if path.is_file() and path.read_text() == text:
+            continue   # unchanged: not even its mtime moves
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(path, text)
+        print(f"wrote {path}")
     return 0
 
 
@@ -299,6 +330,8 @@ def main(argv=None) -> int:
                      help="retrain runs that already finished with this spec (default: leave them as they are)")
     how.add_argument("--threads", type=int, help="torch CPU threads")
     how.add_argument("--no-progress", action="store_true", help="no progress bar")
+    how.add_argument("--log", metavar="FILE",
+                     help="write all output to FILE; the terminal gets one line per finished epoch of each run")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("runs", help="list the runs of the grid (what Snakemake and DVC run)")
@@ -312,11 +345,16 @@ def main(argv=None) -> int:
     p.add_argument("--references", help="published numbers to compare with (default: references.yaml beside params.yaml)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("dvc", help="write dvc.yaml for a profile (the same DAG as the Snakefile)")
-    p.add_argument("--profile", help="grid profile (default: params.yaml's default_profile)")
-    p.add_argument("--output", default="dvc.yaml")
-    p.add_argument("--check", action="store_true", help="fail if the file differs from what params.yaml defines")
+    p = sub.add_parser("dvc", help="write the DVC pipelines, pipelines/<profile>/dvc.yaml (the same DAG as the Snakefile)")
+    p.add_argument("--profile", help="only this profile's pipeline (and the downloads'; default: every profile)")
+    p.add_argument("--check", action="store_true", help="fail if a file differs from what params.yaml defines")
     p.set_defaults(func=cmd_dvc)
+
+    p = sub.add_parser("ui", help="MLflow's UI on the runs store; prints the address of a profile's runs table")
+    p.add_argument("--profile", help="grid profile (default: params.yaml's default_profile)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("tracking-init", help="create the MLflow store and experiment before a fan-out")
     p.add_argument("--profile", help="grid profile whose experiment to create (default: params.yaml's "

@@ -63,6 +63,14 @@ PARENT_TAG = "mlflow.parentRunId"
 # toggle, remembered per browser), not by this tag: checked in headless Chromium.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# The runs table as a researcher reads it: the metric columns (a cell's mean over seeds, and
+# each seed's final error, share `test_error`) instead of MLflow's default Source/Models/Dataset
+# columns. MLflow's UI has no server-side default view; it reads a "shared view" from an
+# experiment tag named by the address (`/runs?viewStateShareKey=<key>`), which :func:`runs_url`
+# gives. The order stays MLflow's (by creation), which keeps each cell's seeds nested under it.
+RUNS_VIEW_KEY = "at-runs"
+RUNS_VIEW = {"selectedColumns": ["metrics.`test_error`", "metrics.`std`", "metrics.`n`"],
+             "columnWidths": {"attributes.`Run Name`": 330}, "runsHiddenMode": "SHOW_ALL"}
 
 # MLflow's HTTP client retries a failed request up to 7 times with exponential backoff and
 # waits up to 120 s per request: wrapped in our retries that is close to an hour before an
@@ -252,11 +260,13 @@ def init_store(profile: str) -> str:
     client = _client()
     name = experiment_name(profile)
     found = _retry(client.get_experiment_by_name, name)
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": json.dumps(RUNS_VIEW)}
     if found is not None:
-        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:   # made by earlier code
-            _retry(client.set_experiment_tag, found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        for key, value in tags.items():
+            if found.tags.get(key) != value:   # made by earlier code
+                _retry(client.set_experiment_tag, found.experiment_id, key, value)
         return found.experiment_id
-    kwargs = {"tags": {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}}
+    kwargs = {"tags": tags}
     if uri.startswith("sqlite:///"):
         # keep artifacts beside the database instead of in the working directory of each job
         kwargs["artifact_location"] = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
@@ -269,6 +279,13 @@ def init_store(profile: str) -> str:
         if found is None:
             raise
         return found.experiment_id
+
+
+def runs_url(base: str, experiment_id: str) -> str:
+    """The address of an experiment's runs table in MLflow's UI at ``base``: the Model training
+    view (MLflow 3 opens the GenAI one unless the address says otherwise) with our columns."""
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            f"?viewStateShareKey={RUNS_VIEW_KEY}&workflowType=machine_learning")
 
 
 def git_commit() -> str:
@@ -509,14 +526,52 @@ def cell_key(cell: dict) -> str:
     return f"{cell['table']}/{cell['row']}/{cell['column']}"
 
 
-def record_cells(profile: str, cells: list[dict], report_dir: Path | None = None) -> dict[str, str]:
+def cell_name(cell: dict) -> str:
+    """A cell's run name, what tells cells apart first ("table1 at | wrn-16-1←wrn-16-2",
+    "table2 sum-p2"), so that names cut short in the runs table stay distinguishable. A table
+    whose only column is its metric (Table 2's "error") is named by its rows alone."""
+    if cell["column"] in ("error", cell.get("metric")):
+        return f"{cell['table']} {cell['row']}"
+    return f"{cell['table']} {cell['column']} | {cell['row'].replace('_from_', '←')}"
+
+
+def _run_link(experiment_id: str, run) -> str:
+    # a link inside the MLflow UI (its routes are hash-based: relative links work on any host),
+    # to the Model training view of the run; a '|' in the name would end the table's cell
+    name = run.info.run_name.replace("|", "\\|")
+    return f"[{name}](#/experiments/{experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning)"
+
+
+def _cell_description(experiment_id: str, cell: dict, seeds: dict) -> str:
+    """The cell run's description (shown on its page): every run it aggregates, with a link, its
+    seed and final test error, whichever cell that run is nested under."""
+    lines = [f"**{cell_key(cell)}**: mean of the final `test_error` over the seeds below "
+             f"(n = {cell.get('n', 0)}).", "", "| seed | run | final test error (%) | also in |", "|--:|---|--:|---|"]
+    for rid in sorted(cell["run_ids"]):
+        run = seeds.get(rid)
+        if run is None:
+            lines.append(f"| | `{rid}` (not finished in this store) | | |")
+            continue
+        others = [c for c in json.loads(run.data.tags.get(CELLS_TAG, "[]")) if c != cell_key(cell)]
+        error = run.data.metrics.get("test_error")
+        lines.append(f"| {run.data.params.get('seed', '')} | {_run_link(experiment_id, run)} | "
+                     f"{'' if error is None else f'{error:.2f}'} | {', '.join(others)} |")
+    return "\n".join(lines) + "\n"
+
+
+def record_cells(profile: str, cells: list[dict], report_dir: Path | None = None,
+                 outside_cells: list[str] = ()) -> dict[str, str]:
     """Make or update one parent run per table cell, nest each seed's run under it, and store
     the report folder as the artifacts of the profile's report run.
 
     ``cells``: ``{table, row, column, metric, mean, std, n, run_ids}`` per cell, ``run_ids`` the
     grid ids of its seeds' runs (``mean``/``std`` may be None: too few finished seeds). Parent
     runs are found by their tag ``at.cell``, so calling this again updates them and never makes
-    a second one. Returns ``{"table/row/column": parent MLflow run id}``.
+    a second one. MLflow gives a run one parent: a run shared by several cells nests under the
+    first and every cell's description lists and links all of its runs. ``outside_cells``: the
+    grid ids of runs that fill no cell (a teacher trained only to teach), nested under one
+    "teachers" run so that they do not sit among the cells. Returns ``{"table/row/column":
+    parent MLflow run id}``.
     """
     from mlflow.entities import Metric, RunTag
 
@@ -527,28 +582,52 @@ def record_cells(profile: str, cells: list[dict], report_dir: Path | None = None
     now = int(time.time() * 1000)
     cells_of_run: dict[str, list[str]] = {}
     for cell in sorted(cells, key=cell_key):
+        for rid in cell["run_ids"]:
+            cells_of_run.setdefault(rid, []).append(cell_key(cell))
+    for rid, keys in sorted(cells_of_run.items()):
+        if rid in seeds:   # else not finished (or not tracked in this store): nothing to nest
+            seeds[rid].data.tags[CELLS_TAG] = json.dumps(keys)   # read by the cells' descriptions
+            _retry(client.log_batch, seeds[rid].info.run_id, tags=[RunTag(CELLS_TAG, json.dumps(keys))])
+    for cell in sorted(cells, key=cell_key):
         key = cell_key(cell)
+        name = cell_name(cell)
         tags = {KIND_TAG: "cell", CELL_TAG: key, "table": cell["table"], "row": cell["row"],
-                "column": cell["column"], "metric": cell["metric"], "mlflow.runName": key,
-                "run_ids": json.dumps(sorted(cell["run_ids"]))}
+                "column": cell["column"], "metric": cell["metric"], "mlflow.runName": name,
+                "run_ids": json.dumps(sorted(cell["run_ids"])),
+                "mlflow.note.content": _cell_description(experiment_id, cell, seeds)}
         if key not in parents:
-            run = _retry(client.create_run, experiment_id, run_name=key, tags=tags)
+            run = _retry(client.create_run, experiment_id, run_name=name, tags=tags)
             parents[key] = run.info.run_id
         else:
             _retry(client.log_batch, parents[key], tags=[RunTag(k, v) for k, v in tags.items()])
         stats = {k: cell[k] for k in ("mean", "std", "n") if cell.get(k) is not None}
+        if cell.get("mean") is not None:
+            # the seeds' metric name too: one column of the runs table shows cells and seeds alike
+            stats["test_error"] = cell["mean"]
         _retry(client.log_batch, parents[key], metrics=[Metric(k, float(v), now, 0) for k, v in stats.items()])
         _retry(client.set_terminated, parents[key], "FINISHED")
-        for rid in cell["run_ids"]:
-            cells_of_run.setdefault(rid, []).append(key)
     for rid, keys in sorted(cells_of_run.items()):
-        if rid not in seeds:
-            continue  # not finished (or not tracked in this store): nothing to nest
-        _retry(client.log_batch, seeds[rid].info.run_id,
-               tags=[RunTag(PARENT_TAG, parents[keys[0]]), RunTag(CELLS_TAG, json.dumps(keys))])
+        if rid in seeds:
+            _retry(client.log_batch, seeds[rid].info.run_id, tags=[RunTag(PARENT_TAG, parents[keys[0]])])
+    lone = sorted(rid for rid in outside_cells if rid in seeds and rid not in cells_of_run)
+    if lone:
+        group = _group_run(client, experiment_id, "teachers", "teachers (in no table cell)")
+        for rid in lone:
+            _retry(client.log_batch, seeds[rid].info.run_id, tags=[RunTag(PARENT_TAG, group)])
     if report_dir is not None:
         _record_report(client, experiment_id, profile, Path(report_dir))
     return {key: parents[key] for key in (cell_key(c) for c in cells)}
+
+
+def _group_run(client, experiment_id: str, group: str, name: str) -> str:
+    """The run, found by its tag or made once, under which runs of one kind are nested."""
+    found = _search(client, experiment_id, f"tags.`{KIND_TAG}` = 'group' and tags.`at.group` = '{group}'")
+    if found:
+        return found[0].info.run_id
+    run = _retry(client.create_run, experiment_id, run_name=name,
+                 tags={KIND_TAG: "group", "at.group": group, "mlflow.runName": name})
+    _retry(client.set_terminated, run.info.run_id, "FINISHED")
+    return run.info.run_id
 
 
 def _record_report(client, experiment_id: str, profile: str, report_dir: Path) -> str:

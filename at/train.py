@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from at import resume, run_folder, run_lock
+from at import console, resume, run_folder, run_lock
 from at.data.datasets import training_data
+from at.data.download import read_source_record
 from at.data.stream import DataStream, check_shared_stream
 from at.member import Member, TrainingDiverged, make_optimizer, rng_state, set_rng_state
 from at.method import Progress, TeacherOutput
@@ -96,8 +97,8 @@ class Options:
                 raise ValueError(f"run {specs[0].id} was started in {started}: resuming it in {wanted} "
                                  f"would mix two arithmetics in one run; resume with --precision "
                                  f"{started}, or retrain with --force")
-            print(f"resuming in {started}, the precision these runs started in (auto here would be "
-                  f"{precision})", flush=True)
+            console.say(f"resuming in {started}, the precision these runs started in (auto here would be "
+                  f"{precision})")
             precision = started
         return Arithmetic(device, precision)
 
@@ -313,8 +314,8 @@ def _train_locked(specs: list[RunSpec], options: Options, force: bool, sigterm, 
             results[member.id] = _read_metrics(member)
             if options.tracking and _complete_tracking(member, cohort.data, found):
                 continue
-            print(f"[{member.id}] already finished with this spec: left as it is "
-                  f"(`--force` retrains it)", flush=True)
+            console.say(f"[{member.id}] already finished with this spec: left as it is "
+                  f"(`--force` retrains it)")
             continue
         if situation in ("final", "resume"):
             member.load_state(found.state)
@@ -323,13 +324,12 @@ def _train_locked(specs: list[RunSpec], options: Options, force: bool, sigterm, 
             member.resume_path.unlink(missing_ok=True)
             member.previous_path.unlink(missing_ok=True)
         if situation == "final":
-            print(f"[{member.id}] finished earlier; writing its outputs again from {found.state_path}",
-                  flush=True)
+            console.say(f"[{member.id}] finished earlier; writing its outputs again from {found.state_path}")
             results[member.id] = _finish(member, cohort.data, options.tracking, force)
             continue
         if situation == "resume":
-            print(f"[{member.id}] resuming from {found.state_path} at epoch {member.epoch + 1}, "
-                  f"step {member.step}", flush=True)
+            console.say(f"[{member.id}] resuming from {found.state_path} at epoch {member.epoch + 1}, "
+                  f"step {member.step}")
         training.append(member)
     if training:
         diverged = _train(cohort, training, progress=options.progress, sigterm=sigterm,
@@ -392,7 +392,7 @@ def _train(cohort: Cohort, members: list[Member], *, progress: bool, sigterm, tr
                             check_finite(member, None, since[id(member)])
                             since[id(member)] = member.step
                     except TrainingDiverged as e:
-                        print(f"error: {e}", flush=True)
+                        console.say(f"error: {e}")
                         diverged[member.id] = e
                         members.remove(member)
                         if member.tracker is not None:
@@ -415,16 +415,16 @@ def _train(cohort: Cohort, members: list[Member], *, progress: bool, sigterm, tr
                 member.save(state)
                 if tracking:
                     member.tracker.log_epochs(member.history)
-                print(f"[{member.id}] epoch {row['epoch']}/{cohort.epochs} lr {row['lr']:.4g} "
+                console.say(f"[{member.id}] epoch {row['epoch']}/{cohort.epochs} lr {row['lr']:.4g} "
                       f"loss {row['train_loss']:.4f} train err {row['train_error']:.2f}% "
-                      f"test err {row['test_error']:.2f}% {row['images_per_s']:.0f} img/s", flush=True)
+                      f"test err {row['test_error']:.2f}% {row['images_per_s']:.0f} img/s")
             if not members:
                 break
             if sigterm is not None and sigterm.raised and epoch + 1 < cohort.epochs:
                 raise Interrupted(f"end of epoch {epoch + 1}")
     except Interrupted as e:
         for member in members:
-            print(f"[{member.id}] SIGTERM: saved {member.resume_path} at {e}", flush=True)
+            console.say(f"[{member.id}] SIGTERM: saved {member.resume_path} at {e}")
             if member.tracker is not None:
                 member.tracker.interrupted()
         raise
@@ -450,6 +450,8 @@ def _start_tracking(member: Member, data, force: bool) -> None:
     member.tracker.start(None if force else member.mlflow_run_id, tags={
         "student": spec.student, "teacher": spec.teacher or "none",
         "method": spec.method_name, "seed": spec.seed, "data_md5": data.md5,
+        # where the data came from (params.yaml's URL or an override's path), as the download recorded it
+        "data_source": read_source_record(spec.data_dir).get("url", "a folder of your own") if spec.data_dir else "none",
         "git_commit": git_commit(), "profile": spec.profile,
         "checkpoint_path": str((member.out / "checkpoint.pt").resolve()),
         "device": str(member.arithmetic.device), "precision": member.arithmetic.precision,
@@ -481,8 +483,8 @@ def _finish(member: Member, data, tracking: bool, force: bool, write: bool = Tru
         if member.tracker is not None:
             member.tracker.failed()
         raise
-    print(f"[{member.id}] done: final test error {metrics['final_test_error']:.2f}% "
-          f"after {metrics['final_epoch']} epochs", flush=True)
+    console.say(f"[{member.id}] done: final test error {metrics['final_test_error']:.2f}% "
+          f"after {metrics['final_epoch']} epochs")
     return metrics
 
 
@@ -497,8 +499,8 @@ def _complete_tracking(member: Member, data, found: resume.Saved) -> bool:
     status = RunTracker(member.spec, id_file).status(run_id)
     if status in (None, "FINISHED"):
         return False
-    print(f"[{member.id}] outputs complete but its MLflow run {run_id} is {status}: finishing it from "
-          f"the files (no training)", flush=True)
+    console.say(f"[{member.id}] outputs complete but its MLflow run {run_id} is {status}: finishing it from "
+          f"the files (no training)")
     member.history, member.mlflow_run_id = found.final["history"], run_id
     _finish(member, data, tracking=True, force=False, write=False)
     return True

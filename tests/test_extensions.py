@@ -153,8 +153,9 @@ def test_the_grid_snakemake_and_dvc_see_the_users_runs(user_project):
     for cohort in (COHORT_TEACHER, COHORT_STUDENTS):
         assert f"train --cohort {cohort} --profile mine" in dry.stdout
     assert "python -m at download toy" in dry.stdout
-    _at(root, env, "dvc", "--profile", "mine", "--output", "dvc-mine.yaml")
-    stages = yaml.safe_load((root / "dvc-mine.yaml").read_text())["stages"]
+    _at(root, env, "dvc", "--profile", "mine")
+    stages = {**yaml.safe_load((root / "pipelines" / "mine" / "dvc.yaml").read_text())["stages"],
+              **yaml.safe_load((root / "pipelines" / "data" / "dvc.yaml").read_text())["stages"]}
     commands = " ".join(str(s.get("cmd")) for s in stages.values())
     assert f"--cohort {COHORT_STUDENTS}" in commands and "download toy" in commands
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -224,20 +225,50 @@ def test_cli_lists_exactly_the_grid(params):
     # (`runs --json` is compared with Snakemake's and DVC's job sets in test_pipeline.py)
 
 
-def test_committed_dvc_yaml_is_what_params_yaml_defines():
-    done = run_cli(["dvc", "--profile", "paper", "--check"], cwd=REPO)
-    assert done.returncode == 0, f"dvc.yaml is stale: {done.stderr}"
+def test_committed_dvc_pipelines_are_what_params_yaml_defines():
+    done = run_cli(["dvc", "--check"], cwd=REPO)
+    assert done.returncode == 0, f"a pipelines/*/dvc.yaml is stale: {done.stderr}"
+    from at import dvc_pipeline
+    from at import params as params_io
+
+    params = params_io.load(REPO / "params.yaml")
+    expected = {str(p) for p in dvc_pipeline.files(params)}
+    assert expected == {f"pipelines/{name}/dvc.yaml" for name in ["data", *params["profiles"]]}
+    committed = [f for f in subprocess.run(["git", "ls-files", "pipelines", "dvc.yaml"], cwd=REPO, capture_output=True,
+                                           text=True, check=True).stdout.split() if f.endswith("dvc.yaml")]
+    assert set(committed) <= expected, f"a pipeline file that params.yaml no longer defines: {committed}"
 
 
-def test_dvc_check_fails_on_a_stale_file(params, tmp_path):
-    # the check must be able to fail: the committed dvc.yaml against a changed experiment
+def test_dvc_check_fails_on_a_stale_file_and_names_it(params, tmp_path):
+    # the check must be able to fail: the committed pipelines against a changed experiment
     params["seeds"] = [0, 1, 2, 3]
     changed = tmp_path / "params.yaml"
-    changed.write_text(yaml.safe_dump(params))
-    done = run_cli(["--params", str(changed), "dvc", "--profile", "paper", "--check",
-                                 "--output", str(REPO / "dvc.yaml")], cwd=REPO)
+    changed.write_text(yaml.safe_dump(params, sort_keys=False))
+    done = run_cli(["--params", str(changed), "dvc", "--profile", "paper", "--check"], cwd=REPO)
     assert done.returncode == 1
-    assert "regenerate it with `python -m at dvc --profile paper`" in done.stderr
+    assert "pipelines/paper/dvc.yaml not what" in done.stderr and "pipelines/data" not in done.stderr
+    assert "regenerate with `python -m at dvc`" in done.stderr
+
+
+def test_writing_one_profiles_pipeline_touches_no_other_file(params, tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = run_cli(["--params", str(tmp_path / "params.yaml"), "dvc", "--profile", "smoke"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["params.yaml", "pipelines/data/dvc.yaml", "pipelines/smoke/dvc.yaml"]
+    assert (tmp_path / "pipelines/smoke/dvc.yaml").read_text() == (REPO / "pipelines/smoke/dvc.yaml").read_text()
+    # again: nothing changes, not even a modification time (Snakemake and DVC compare them)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.yaml")}
+    run_cli(["--params", str(tmp_path / "params.yaml"), "dvc", "--profile", "smoke"], cwd=tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.yaml")} == before
+
+
+def test_a_profile_may_not_take_the_download_pipelines_name(params, tmp_path):
+    params["profiles"]["data"] = params["profiles"]["smoke"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = run_cli(["--params", str(tmp_path / "params.yaml"), "dvc"], cwd=tmp_path)
+    assert done.returncode != 0 and "profiles.data" in done.stderr and "rename the profile" in done.stderr
+    assert not (tmp_path / "pipelines").exists()
 
 
 def with_user_table(params: dict) -> dict:

@@ -50,8 +50,10 @@ def _env(root: Path) -> dict[str, str]:
     return env
 
 
-def _sh(args: list[str], cwd: Path, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(args, cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=timeout)
+def _sh(args: list[str], cwd: Path, timeout: float = 600, check: bool = True,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, cwd=cwd, env={**_env(cwd), **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
     if check and done.returncode != 0:
         raise AssertionError(f"`{shlex.join(args)}` in {cwd} exited {done.returncode}\n"
                              f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}")
@@ -72,7 +74,8 @@ def copy_repository(dest: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, target)
     # a dvc.lock or results of the real repository describe its runs, not the copy's
-    (dest / "dvc.lock").unlink(missing_ok=True)
+    for lock in (dest / "pipelines").glob("*/dvc.lock"):
+        lock.unlink()
     shutil.rmtree(dest / "results", ignore_errors=True)
     assert (dest / ".dvc" / "config").is_file(), "the repository is a DVC repository: .dvc/config must be committed"
     _sh(["git", "init", "-q"], dest)
@@ -144,7 +147,7 @@ def _argv(command: str) -> list[str]:
 
 
 def _without(argv: list[str], option: str) -> list[str]:
-    # an option with a value that says how to run, not what (Snakemake's --threads)
+    # an option with a value that says how to run, not what (Snakemake's --threads, --log)
     if option not in argv:
         return argv
     i = argv.index(option)
@@ -156,13 +159,16 @@ def _option(argv: list[str], option: str) -> str:
     return argv[argv.index(option) + 1]
 
 
-def dvc_stages(root: Path) -> list[dict]:
-    """dvc.yaml's stages as DVC itself loads them."""
+def dvc_stages(root: Path, profile: str) -> list[dict]:
+    """A profile's DVC stages (its pipeline's and the downloads') as DVC itself loads them."""
     from dvc.repo import Repo
 
     stages = []
     with Repo(str(root)) as repo:
         for stage in repo.index.stages:
+            if Path(stage.dvcfile.path).relative_to(root).as_posix() not in (
+                    f"pipelines/{profile}/dvc.yaml", "pipelines/data/dvc.yaml"):
+                continue
             outs = stage.outs
             stages.append({
                 "name": stage.name, "cmd": stage.cmd,
@@ -253,7 +259,7 @@ def test_snakemake_runs_the_grid_seed_by_seed(snakemake_paper_jobs, grid_paper_c
 
 
 def test_dvc_stages_are_the_snakemake_jobs(paper_copy, snakemake_paper_jobs, grid_paper_cohorts):
-    stages = dvc_stages(paper_copy)
+    stages = dvc_stages(paper_copy, "paper")
     train_stages = [s for s in stages if s["name"].startswith("train-")]
     train_jobs = _train_jobs(snakemake_paper_jobs)
     by_cohort = {}
@@ -263,8 +269,8 @@ def test_dvc_stages_are_the_snakemake_jobs(paper_copy, snakemake_paper_jobs, gri
     assert sorted(by_cohort) == sorted(train_jobs) == [c["id"] for c in grid_paper_cohorts]
     for cohort_id, (stage, argv) in by_cohort.items():
         job = train_jobs[cohort_id]
-        # the same command, but for how many threads Snakemake gives the job
-        assert _without(_argv(job["shell"]), "--threads") == argv
+        # the same command, but for how many threads Snakemake gives the job and where its log goes
+        assert _without(_without(_argv(job["shell"]), "--threads"), "--log") == argv
         # the same outputs: checkpoints cached outs, metrics.json metrics, history.csv plots
         assert sorted(stage["outs"] + stage["metrics"] + stage["plots"]) == sorted(job["output"])
         assert {Path(p).name for p in stage["outs"]} == {"checkpoint.pt"}
@@ -297,6 +303,9 @@ def test_dvc_params_deps_exist_in_params_yaml():
     for profile in params["profiles"]:
         for name, stage in dvc_pipeline.stages(params, profile).items():
             for key in stage.get("params", []):
+                if isinstance(key, dict):   # another file's keys: the data set's source.json
+                    assert list(key) == [dvc_pipeline.source_record("cifar10")] or name.startswith("train-")
+                    continue
                 node = params
                 for part in key.split("."):
                     assert isinstance(node, dict) and part in node, f"{profile}: {name}: params key {key} is missing"
@@ -360,10 +369,12 @@ def ci_run(tmp_path_factory) -> Path:
     _sh([sys.executable, "-m", "at", "dvc", "--profile", "ci"], root)
     _git_commit_all(root, "dvc.yaml for the ci profile")
     # --show-failed-logs: a failed job's log ends up in the assertion message
-    _sh(["snakemake", "--snakefile", "workflow/Snakefile", "--cores", "2", "--config", "profile=ci",
-         "--show-failed-logs"], root, timeout=1200)
-    # record what Snakemake produced (-f: DVC never ran these stages, they have no lock entry yet)
-    _sh(["dvc", "commit", "-f"], root)
+    done = _sh(["snakemake", "--snakefile", "workflow/Snakefile", "--cores", "2", "--config", "profile=ci",
+                "--show-failed-logs"], root, timeout=1200)
+    root.joinpath("snakemake-console.txt").write_text(done.stdout + done.stderr)
+    # record what Snakemake produced, as the README says (-f: DVC never ran these stages, they
+    # have no lock entry yet; -d: the download stage too)
+    _sh(["dvc", "commit", "-f", "-d", CI_PIPELINE], root)
     return root
 
 
@@ -382,13 +393,107 @@ def test_ci_snakemake_trains_every_run(ci_run):
         assert (ci_run / run["out_dir"] / "checkpoint.pt").stat().st_size > 0
 
 
-@pytest.mark.slow
-def test_dvc_agrees_with_snakemake_after_commit(ci_run):
-    status = _sh(["dvc", "status"], ci_run).stdout
+CI_PIPELINE = "pipelines/ci/dvc.yaml"
+SNAKEMAKE_CI = ["snakemake", "--snakefile", "workflow/Snakefile", "--config", "profile=ci"]
+
+
+def _snakemake_plans(root: Path, *extra: str) -> list[dict]:
+    """The jobs `snakemake -n` would run now (none: an empty list)."""
+    done = _sh([*SNAKEMAKE_CI, "--dry-run", "--printshellcmds", *extra], root, timeout=300)
+    if "Nothing to be done" in done.stdout + done.stderr:
+        return []
+    return parse_dry_run(done.stdout)
+
+
+def _dvc_clean(root: Path, *targets: str) -> str:
+    status = _sh(["dvc", "status", "--with-deps", *(targets or [CI_PIPELINE])], root).stdout
     assert "Data and pipelines are up to date." in status, status
-    repro = _sh(["dvc", "repro"], ci_run).stdout
+    return status
+
+
+@pytest.mark.slow
+def test_snakemake_and_dvc_agree_that_everything_is_up_to_date(ci_run):
+    # after Snakemake then `dvc commit`, neither plans anything: DVC's commit leaves the outputs'
+    # modification times alone (.dvc/config: cache.type copy), which Snakemake compares
+    assert _snakemake_plans(ci_run) == []
+    _dvc_clean(ci_run)
+    repro = _sh(["dvc", "repro", CI_PIPELINE], ci_run).stdout
     assert "Running stage" not in repro, repro
-    assert "Data and pipelines are up to date." in repro, repro
+    assert _snakemake_plans(ci_run) == []
+    # the console showed each member's epoch as it finished, not only Snakemake's job lines
+    console = (ci_run / "snakemake-console.txt").read_text()
+    for run in _ci_runs(ci_run):
+        assert f"[{run['id']}] epoch 1/1 " in console, run["id"]
+
+
+@pytest.mark.slow
+def test_one_methods_change_makes_both_tools_plan_exactly_its_cohort(ci_run, tmp_path):
+    from at import dvc_pipeline
+
+    params = yaml.safe_load((ci_run / "params.yaml").read_text())
+    at_sum_p4 = next(t for t in params["methods"]["at-sum-p4"]["terms"] if t["type"] == "at")
+    at_sum_p4["beta"] = 300
+    changed = ci_run / "params.yaml"
+    original = changed.read_text()
+    try:
+        changed.write_text(yaml.safe_dump(params, sort_keys=False))
+        [cohort] = [c for c in json.loads(_sh([sys.executable, "-m", "at", "runs", "--profile", "ci", "--cohorts",
+                                                "--json"], ci_run).stdout)
+                    if any("/at-sum-p4/" in r for r in c["runs"])]
+        planned = _snakemake_plans(ci_run)
+        assert sorted(j["rule"] for j in planned if j["rule"] != "all") == sorted(
+            [f"train_{cohort['id'].replace('/', '_').replace('-', '_')}", "report"]), planned
+        status = _sh(["dvc", "status", CI_PIPELINE], ci_run).stdout
+        changed_stages = re.findall(r"^pipelines/ci/dvc\.yaml:(\S+):$", status, re.M)
+        assert changed_stages == [dvc_pipeline.stage_name(cohort["id"])], status
+        assert "methods.at-sum-p4" in status
+    finally:
+        changed.write_text(original)
+    assert _snakemake_plans(ci_run) == []
+    _dvc_clean(ci_run)
+
+
+@pytest.mark.slow
+def test_the_data_recorded_is_the_data_used(ci_run):
+    """dvc.lock and MLflow record the archive the download actually fetched (the mini override),
+    not params.yaml's official URL and md5."""
+    from mlflow.tracking import MlflowClient
+
+    lock = yaml.safe_load((ci_run / "pipelines" / "ci" / "dvc.lock").read_text())
+    official = yaml.safe_load((ci_run / "params.yaml").read_text())["data"]["cifar10"]
+    for name, stage in lock["stages"].items():
+        if name.startswith("train-"):
+            assert stage["params"]["data/cifar10/source.json"] == {"url": str(CIFAR_MINI), "md5": CIFAR_MINI_MD5}
+    assert official["md5"] not in json.dumps(lock)
+    client = MlflowClient(tracking_uri=_env(ci_run)["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("attention-transfer/ci")
+    trained = client.search_runs([experiment.experiment_id], "tags.`at.run_id` != ''")
+    assert trained and all((r.data.tags["data_source"], r.data.tags["data_md5"]) == (str(CIFAR_MINI), CIFAR_MINI_MD5)
+                           for r in trained)
+
+
+@pytest.mark.slow
+def test_switching_the_archive_is_seen_by_snakemake_and_dvc(ci_run, tmp_path):
+    """Another archive through the same override: Snakemake plans the download and every job
+    after it; once downloaded, DVC sees the new URL and md5 in every training stage's params."""
+    from cifar_archives import make_cifar10, md5
+
+    copy = tmp_path / "repo"
+    shutil.copytree(ci_run, copy, symlinks=True)
+    archive = tmp_path / "other-cifar-10-python.tar.gz"
+    make_cifar10(archive, seed=3)
+    switched = {"AT_CIFAR10_URL": str(archive), "AT_CIFAR10_MD5": md5(archive)}
+    done = _sh([*SNAKEMAKE_CI, "--dry-run", "--printshellcmds"], copy, env=switched, timeout=300)
+    planned = parse_dry_run(done.stdout)
+    rules = sorted(j["rule"] for j in planned)
+    assert "download" in rules and sum(r.startswith("train_") for r in rules) == len(
+        json.loads(_sh([sys.executable, "-m", "at", "runs", "--profile", "ci", "--cohorts", "--json"], copy).stdout))
+    _sh([*SNAKEMAKE_CI, "--cores", "1", "data/cifar10"], copy, env=switched, timeout=300)
+    status = _sh(["dvc", "status", CI_PIPELINE], copy, env=switched).stdout
+    assert status.count("data/cifar10/source.json:") == sum(r.startswith("train_") for r in rules), status
+    assert "modified:           md5" in status and "modified:           url" in status, status
+    # and back: the mini archive again is a change too
+    assert [j["rule"] for j in _snakemake_plans(copy) if j["rule"] == "download"] == ["download"]
 
 
 @pytest.mark.slow
@@ -456,8 +561,7 @@ def test_report_files_are_there_and_deterministic(ci_run):
 
     _sh([sys.executable, "-m", "at", "report", "--profile", "ci"], ci_run)
     assert _folder_bytes(report) == first, "a second render of the same runs changed bytes"
-    status = _sh(["dvc", "status"], ci_run).stdout
-    assert "Data and pipelines are up to date." in status, status
+    _dvc_clean(ci_run)
 
 
 @pytest.fixture(scope="module")
@@ -468,13 +572,16 @@ def pulled_clone(ci_run, tmp_path_factory) -> Path:
     remote.mkdir()
     # --local: the remote is this machine's, not the project's (.dvc/config.local is not committed)
     _sh(["dvc", "remote", "add", "--local", "-d", "store", str(remote)], ci_run)
-    _sh(["dvc", "push"], ci_run)
+    _sh(["dvc", "push", "--with-deps", CI_PIPELINE], ci_run)
+    # the dvc.lock files are committed with the results they record (README)
     _git_commit_all(ci_run, "ci results")
     clone = where / "clone"
     _sh(["git", "clone", "-q", str(ci_run), str(clone)], where)
     assert not (clone / "runs").exists() and not (clone / "data").exists()
     _sh(["dvc", "remote", "add", "--local", "-d", "store", str(remote)], clone)
-    _sh(["dvc", "pull"], clone)
+    # the profile's outputs and what they depend on (a bare `dvc pull` also tries every other
+    # profile's pipeline, whose stages never ran and have nothing to pull)
+    _sh(["dvc", "pull", "--with-deps", CI_PIPELINE], clone)
     return clone
 
 
@@ -485,8 +592,7 @@ def test_pushed_results_can_be_pulled_into_a_fresh_clone(ci_run, pulled_clone):
             pulled = pulled_clone / run["out_dir"] / name
             assert pulled.read_bytes() == (ci_run / run["out_dir"] / name).read_bytes(), pulled
     # the clone is complete: nothing to re-run
-    status = _sh(["dvc", "status"], pulled_clone).stdout
-    assert "Data and pipelines are up to date." in status, status
+    _dvc_clean(pulled_clone)
 
 
 @pytest.mark.slow
@@ -499,12 +605,11 @@ def test_dvc_repro_runs_a_training_stage_itself(pulled_clone):
     stage = dvc_pipeline.stage_name("cifar10/wrn-16-2/seed0/cohort0")   # the teacher, alone in its cohort
     metrics = pulled_clone / run["out_dir"] / "metrics.json"
     before = metrics.stat().st_mtime_ns
-    done = _sh(["dvc", "repro", "--force", "--single-item", stage], pulled_clone)
-    assert f"Running stage '{stage}'" in done.stdout, done.stdout
+    done = _sh(["dvc", "repro", "--force", "--single-item", f"{CI_PIPELINE}:{stage}"], pulled_clone)
+    assert f"Running stage '{CI_PIPELINE}:{stage}'" in done.stdout, done.stdout
     assert metrics.stat().st_mtime_ns != before
     assert json.loads(metrics.read_text())["run_id"] == run["id"]
-    status = _sh(["dvc", "status", stage], pulled_clone).stdout
-    assert "Data and pipelines are up to date." in status, status
+    _dvc_clean(pulled_clone, f"{CI_PIPELINE}:{stage}")
 
 
 def _dry_run_with(params: dict, paper_copy: Path, tmp_path: Path, profile: str = "paper") -> list[dict]:

@@ -80,7 +80,25 @@ def test_from_the_experiment_to_a_cell_to_its_seeds_to_their_epochs_and_checkpoi
     assert parent.data.metrics["mean"] == pytest.approx(statistics.mean(errors))
     assert parent.data.metrics["std"] == pytest.approx(statistics.stdev(errors))
     assert parent.data.metrics["n"] == 2
-    assert parent.info.run_name == "table2/none/error" and parent.info.status == "FINISHED"
+    # the name says what tells cells apart first; the cell shows the seeds' metric column too
+    assert parent.info.run_name == "table2 none" and parent.info.status == "FINISHED"
+    assert parent.data.metrics["test_error"] == pytest.approx(statistics.mean(errors))
+
+    # every cell lists and links each run it aggregates, the shared ones included, whichever
+    # cell MLflow nests them under
+    seed_runs = {r.data.tags["at.run_id"]: r for r in _search(client, experiment.experiment_id, "tags.`at.run_id` != ''")}
+    for key in ("table2/none/error", "table1/wrn-16-1_from_wrn-16-2/student"):
+        cell_run = _search(client, experiment.experiment_id, f"tags.`at.cell` = '{key}'")[0]
+        description = cell_run.data.tags["mlflow.note.content"]
+        for spec in specs:
+            run = seed_runs[spec["id"]]
+            name = run.info.run_name.replace("|", "\\|")   # a bare '|' would end the table's cell
+            link = (f"[{name}](#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}"
+                    f"?workflowType=machine_learning)")
+            assert link in description, (key, description)
+            assert f"| {spec['seed']} | {link} | {run.data.metrics['test_error']:.2f} |" in description
+        other = ({"table2/none/error", "table1/wrn-16-1_from_wrn-16-2/student"} - {key}).pop()
+        assert description.count(other) == len(specs), "each shared run says which other cell it counts in"
 
     # the shared run nests under one of its cells (the first, by name) and lists both
     shared_parent = _search(client, experiment.experiment_id,
@@ -117,3 +135,25 @@ def test_from_the_experiment_to_a_cell_to_its_seeds_to_their_epochs_and_checkpoi
     trained = _search(client, experiment.experiment_id, "tags.`at.run_id` != ''")
     assert sorted(r.data.tags["at.run_id"] for r in trained) == sorted(s["id"] for s in specs)
     assert all(r.info.status == "FINISHED" for r in trained)
+
+
+def test_runs_in_no_cell_sit_under_one_teachers_run_not_among_the_cells(store, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    tmp, uri, specs = store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    only_first = [{**cell, "run_ids": [specs[0]["id"]]} for cell in _cells(specs)]
+    # the second seed's run stands for a teacher that is in no table (Table 3's NIN-wide)
+    tracking.record_cells("ci", only_first, None, outside_cells=[specs[0]["id"], specs[1]["id"]])
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("attention-transfer/ci")
+    [group] = _search(client, experiment.experiment_id, "tags.`at.kind` = 'group'")
+    assert group.info.run_name.startswith("teachers") and group.info.status == "FINISHED"
+    runs = {r.data.tags["at.run_id"]: r for r in _search(client, experiment.experiment_id, "tags.`at.run_id` != ''")}
+    assert runs[specs[1]["id"]].data.tags["mlflow.parentRunId"] == group.info.run_id
+    # a run that fills a cell stays under its cell, even when also listed as outside
+    cell_parents = {r.info.run_id for r in _search(client, experiment.experiment_id, "tags.`at.kind` = 'cell'")}
+    assert runs[specs[0]["id"]].data.tags["mlflow.parentRunId"] in cell_parents
+    # again: the same group run, not a second one
+    tracking.record_cells("ci", only_first, None, outside_cells=[specs[1]["id"]])
+    assert len(_search(client, experiment.experiment_id, "tags.`at.kind` = 'group'")) == 1

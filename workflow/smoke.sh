@@ -9,4 +9,4 @@ snakemake --snakefile workflow/Snakefile --cores "${AT_CORES:-$(nproc)}" --confi
   --rerun-incomplete --printshellcmds --show-failed-logs
 echo
 echo "Tables and figures: results/$profile/README.md"
-echo "Runs in MLflow:     mlflow ui --backend-store-uri sqlite:///mlruns.db"
+echo "Runs in MLflow:     .venv/bin/python -m at ui --profile $profile   (prints the address to open)"
