@@ -97,33 +97,35 @@ def _readme(summaries: dict[str, list[CellSummary]], results: list[RunResult], c
     return "\n".join(out).rstrip("\n") + "\n"
 
 
-def _table1_figures(summaries, context: Context, out: Path, written: list, drawn: list,
-                    skipped: list) -> None:
-    bars = ("Table 1: ours against the reference" if context.full_scale
-            else "Table 1: our paired Δ against the reference's Δ")
-    captions = {FIG_BARS: bars, FIG_ATTENTION: "Attention maps, teacher and AT student"}
-    if TABLE1 not in context.tables or TABLE1 in context.not_run:
-        return   # "Missing and not run" says so, once
-    layout = context.tables[TABLE1]
-    written += save_figure(figures.bars_figure(summaries[TABLE1], layout, context.footer,
+def _bars_figure(summaries, context: Context, out: Path, written: list, drawn: list) -> None:
+    caption = ("Table 1: ours against the reference" if context.full_scale
+               else "Table 1: our paired Δ against the reference's Δ")
+    written += save_figure(figures.bars_figure(summaries[TABLE1], context.tables[TABLE1], context.footer,
                                                context.full_scale), out, FIG_BARS)
-    drawn.append((FIG_BARS, captions[FIG_BARS],
+    drawn.append((FIG_BARS, caption,
                   "Error bars: sample std over seeds (none when n = 1); no grey bar where the "
                   "cell has no reference number." if context.full_scale else
                   "Blue: mean over seeds of our error minus the baseline's of the same seed, "
                   "whiskers its 95% Student-t interval (none for one pair); grey: the reference's "
                   "error minus its baseline's (none where either number is missing)."))
+
+
+def _attention_figure(summaries, context: Context, out: Path, written: list, drawn: list,
+                      skipped: list) -> None:
+    caption = "Attention maps, teacher and AT student"
     fig, note = attention_maps.attention_from_runs(summaries, context)
     if fig is None:
-        skipped.append((captions[FIG_ATTENTION], note))
+        skipped.append((caption, note))
     else:
         written += save_figure(fig, out, FIG_ATTENTION)
-        drawn.append((FIG_ATTENTION, captions[FIG_ATTENTION], note))
+        drawn.append((FIG_ATTENTION, caption, note))
 
 
-def _table_figures(summaries, context: Context, out: Path, written: list, drawn: list,
-                   skipped: list) -> None:
-    """Per table the profile runs: its curves and its paired differences."""
+def _figures(summaries, context: Context, out: Path, written: list, drawn: list,
+             skipped: list) -> None:
+    """Per table the profile runs, in order: its curves, (Table 1) its bars, its paired
+    differences; then Table 1's attention maps. A table not run has none ("Missing and not run"
+    says so, once)."""
     for name in _run_tables(context):
         layout = context.tables[name]
         series, notes = figures.curve_series(summaries[name])
@@ -135,6 +137,8 @@ def _table_figures(summaries, context: Context, out: Path, written: list, drawn:
             drawn.append((stem, caption, "; ".join(notes)))
         else:
             skipped.append((caption, "no finished top-1 run of this table has a history.csv"))
+        if name == TABLE1:
+            _bars_figure(summaries, context, out, written, drawn)
         caption = f"{layout.title}: paired difference to the baseline"
         if not figures.paired_rows(summaries[name]):
             skipped.append((caption, "no cell of this table has a finished run paired with its "
@@ -147,6 +151,8 @@ def _table_figures(summaries, context: Context, out: Path, written: list, drawn:
                       "Dots: mean over seeds of our error minus the baseline's of the same seed; "
                       "whiskers: 95% Student-t interval (none for one pair); open diamonds: the "
                       "reference's difference (none where either reference number is missing)."))
+    if TABLE1 in _run_tables(context):
+        _attention_figure(summaries, context, out, written, drawn, skipped)
 
 
 def _replace_folder(new: Path, out: Path) -> None:
@@ -207,8 +213,7 @@ def render(runs: Sequence[dict], out_dir, context: dict) -> list[Path]:
             written.append(_write_atomic(staging / f"{name}.csv", table_csv(cells, checked.full_scale)))
         drawn: list[tuple[str, str, str]] = []  # (stem, caption, note)
         skipped: list[tuple[str, str]] = []     # (caption, why not)
-        _table1_figures(summaries, checked, staging, written, drawn, skipped)
-        _table_figures(summaries, checked, staging, written, drawn, skipped)
+        _figures(summaries, checked, staging, written, drawn, skipped)
         written.append(_write_atomic(staging / "README.md",
                                      _readme(summaries, results, checked, drawn, skipped)))
         _replace_folder(staging, out)
