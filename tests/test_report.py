@@ -623,6 +623,9 @@ def test_only_run_tables_get_files_and_a_rerender_leaves_no_stale_file(grid, tmp
     report.render(runs, out, context)
     assert (out / "table3.md").is_file() and (out / f"{figures.FIG_CURVES.format(table='table3')}.png").is_file()
     (out / "notes.txt").write_text("a file of no render")
+    for left in (".out.render", ".out.old"):   # what a render killed between its steps leaves
+        (tmp_path / left).mkdir()
+        (tmp_path / left / "table9.md").write_text("half a render")
     # the profile stops running table3 (and imagenet): their files go, named once in the README
     kept = [r for r in runs if not any(c["table"] in ("table3", "imagenet") for c in r["cells"])]
     not_run = dict(context["not_run"], table3="dropped from this profile", imagenet="no ImageNet folder")

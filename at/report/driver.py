@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -201,10 +200,12 @@ def render(runs: Sequence[dict], out_dir, context: dict) -> list[Path]:
     summaries = summarize(results, checked)
     out = Path(out_dir)
     _check_replaceable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".render", dir=out.parent))
+    # beside its destination (same file system: the renames are atomic); a fixed name, so that
+    # what a killed render left is cleared by the next one
+    staging = out.with_name(f".{out.name}.render")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     try:
-        staging.chmod(0o777 & ~atomic._umask())   # mkdtemp's 0700 would hide results from a group
         written: list[Path] = []
         for name in _run_tables(checked):
             layout, cells = checked.tables[name], summaries[name]
