@@ -3,7 +3,6 @@
 import csv
 import json
 import math
-import re
 import statistics
 import sys
 import types
