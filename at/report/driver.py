@@ -157,10 +157,17 @@ def _figures(summaries, context: Context, out: Path, written: list, drawn: list,
 def _replace_folder(new: Path, out: Path) -> None:
     """Put the freshly rendered folder `new` in the place of `out`: a file of an earlier render
     (a table the profile no longer runs, a figure no longer drawn) cannot survive. The old folder
-    is renamed aside first, then removed, so a reader sees the old report or the new one."""
+    is renamed aside first, then removed, so a reader sees the old report or the new one.
+
+    The report writes no hidden file: those in `out` are the tools' and move over unchanged
+    (Snakemake's .snakemake_timestamp of a directory output: without it a re-render would change
+    what DVC recorded of the folder, and Snakemake's idea of its age)."""
     old = out.with_name(f".{out.name}.old")
     shutil.rmtree(old, ignore_errors=True)   # left by a render killed between the renames
     if out.exists():
+        for marker in sorted(out.iterdir()):
+            if marker.name.startswith(".") and marker.is_file():
+                marker.rename(new / marker.name)   # a rename keeps its bytes and its mtime
         out.rename(old)
     new.rename(out)
     shutil.rmtree(old, ignore_errors=True)
