@@ -185,6 +185,8 @@ def cmd_report(args) -> int:
     tracking.check_store()   # before results/ is rewritten: a store that fails leaves it as it was
     runs = grid.runs(params, profile)
     context = {"profile": profile, "description": provenance.describe(params, profile, runs),
+               "footer": provenance.footer(params, profile, runs),
+               "full_scale": provenance.full_scale(params, profile, runs),
                "purpose": (params["profiles"][profile] or {}).get("purpose"),
                "not_run": grid.not_run(params, profile), "tables": grid_tables(params, profile),
                "references": references.load(args.references or references.path_beside(args.params)),

@@ -1,4 +1,6 @@
-"""Where a profile's numbers come from, in one line that every table and figure carries.
+"""Where a profile's numbers come from: one full line, said once at the top of the profile's
+report (`describe`), a short one under every figure (`footer`), and whether its numbers are on
+the scale of the published ones (`full_scale`).
 
 Smoke numbers must never pass for paper numbers: the line names the profile, the data actually
 used (read from the data folder's source.json, so the CIFAR-10 mini subset is called so, with
@@ -63,3 +65,54 @@ def describe(params: dict, profile: str, runs: list[dict]) -> str:
     from at.tracking import git_commit
     parts.append(f"code {git_commit()}")
     return ", ".join(parts)
+
+
+def short_data_name(dataset: str) -> str:
+    """The data a run used, in a few words: "CIFAR-10 mini subset", "CIFAR-10 (official"... cut
+    at the first parenthesis of the known source's name; else the data set's title."""
+    record = datasets.get(dataset)
+    source = None if record.user_folder else read_source_record(grid.data_dir(dataset))
+    known = record.known_sources.get((source or {}).get("md5"))
+    return known.split(" (")[0] if known else record.title
+
+
+def footer(params: dict, profile: str, runs: list[dict]) -> str:
+    """One short line for the foot of a figure: profile · data · epochs · code (7 characters).
+    No seed count: a figure says which seeds it shows (n per line, or the seed it draws)."""
+    if not runs:
+        return f"{profile} · no runs"
+    from at.tracking import git_commit
+
+    epochs = sorted({grid.protocol_of(params, r).epochs for r in runs})
+    data = ", ".join(short_data_name(d) for d in sorted({r["dataset"] for r in runs}))
+    commit = git_commit()
+    short = commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
+    return f"{profile} · {data} · {'/'.join(map(str, epochs))} ep · code {short}"
+
+
+# Keys that do not change what a run learns from or for how long: the numbers stay comparable.
+_SCALE_FREE_KEYS = ("precision", "eval_batch_size")
+
+
+def full_scale(params: dict, profile: str, runs: list[dict]) -> bool:
+    """Whether the profile's runs are on the published numbers' scale: each run's protocol is
+    its params.yaml protocol without the profile's changes (epochs, subsets, schedule; precision
+    aside), and each data folder holds the archive params.yaml names (its md5; a data set without
+    a published md5, or a folder the user supplies, is taken as the full one)."""
+    import dataclasses
+
+    from at.spec import Protocol
+
+    for run in runs:
+        ours = grid.protocol_of(params, run)
+        paper = Protocol.resolve(params["protocols"][run["protocol_name"]], f"protocols.{run['protocol_name']}")
+        free = {k: getattr(paper, k) for k in _SCALE_FREE_KEYS}
+        if dataclasses.replace(ours, **free) != paper:
+            return False
+    for dataset in sorted({r["dataset"] for r in runs}):
+        published = ((params.get("data") or {}).get(dataset) or {}).get("md5")
+        if datasets.get(dataset).user_folder or not published:
+            continue
+        if (read_source_record(grid.data_dir(dataset)) or {}).get("md5") != published:
+            return False
+    return bool(runs)

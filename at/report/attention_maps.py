@@ -7,7 +7,8 @@ from typing import Callable
 
 import numpy as np
 
-from at.report.figures import new_figure, set_title
+from at.report import labels
+from at.report.figures import new_figure, set_footer, set_title
 
 # The Table 1 pair and method whose checkpoints feed the attention-map figure (as in the paper).
 ATTENTION_PAIR = "wrn-16-1_from_wrn-16-2"
@@ -17,7 +18,7 @@ ATTENTION_IMAGES = 4
 
 def attention_figure(teacher, student, images, inputs, title: str,
                      attention_fn: Callable | None = None,
-                     names: tuple[str, str] = ("teacher", "student")):
+                     names: tuple[str, str] = ("teacher", "student"), footer: str | None = None):
     """Attention maps of teacher and student at each tapped layer, one row per image.
 
     teacher, student: models returning (logits, taps), in eval mode on the device of `inputs`.
@@ -74,6 +75,8 @@ def attention_figure(teacher, student, images, inputs, title: str,
         ax.set_xticks([])
         ax.set_yticks([])
     set_title(fig, title, fontsize=9)
+    if footer:
+        set_footer(fig, footer)
     return fig
 
 
@@ -118,11 +121,11 @@ def attention_from_runs(summaries, context) -> tuple[object | None, str]:
     inputs = augment.normalize(images, augment.CIFAR_MEAN, augment.CIFAR_STD)
     student = student.to("cpu").float().eval()
     teacher = teacher.to("cpu").float().eval()
-    title = (
-        f"Attention maps (F_sum^2) of {spec.teacher} (teacher) and {spec.student} "
-        f"(AT student, seed {run.seed}), first {ATTENTION_IMAGES} test images\n{context.description}"
-    )
+    # one run's maps: the title names its seed and run, never the profile's seed count
+    title = labels.mathtext(
+        f"Attention maps (F_sum^2) of {spec.teacher} (teacher) and {spec.student} (AT student), "
+        f"first {ATTENTION_IMAGES} test images\nseed {run.seed}: run {run.id} and its teacher")
     fig = attention_figure(teacher, student, images.numpy(), inputs, title,
-                           names=("teacher", "student"))
-    return fig, f"from `{run.id}` and its teacher"
+                           names=("teacher", "student"), footer=context.footer)
+    return fig, f"Seed {run.seed} only: from `{run.id}` and its teacher (`{teacher_path}`)."
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from at import atomic
+from at.report import labels
 from at.report.cells import CellSummary
-from at.report.inputs import ReportInputError
+from at.report.inputs import DEFAULT_METRIC, ReportInputError
 from at.report.layout import TableLayout
 from at.report.tables import mean_text
 
 # Figure output stems (each written as .png and .pdf).
-FIG_CURVES = "fig_curves_table1"
+FIG_CURVES = "fig_curves_{table}"   # one per table with a finished run's history
 FIG_BARS = "fig_bars_table1"
 FIG_ATTENTION = "fig_attention_maps"
 FIG_PAIRED = "fig_paired_{table}"   # one per table
@@ -25,6 +26,7 @@ _PNG_DPI = 100
 # Without these, matplotlib stamps the creation date and its version into the files.
 _PDF_METADATA = {"CreationDate": None, "Software": None, "Producer": None}
 _PNG_METADATA = {"Software": None}
+_FOOTER_SIZE = 7   # points: one small grey line, not a block
 
 
 def new_figure(width: float, height: float):
@@ -34,24 +36,45 @@ def new_figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=_PNG_DPI, layout="constrained")
 
 
+def _chars_per_line(fig, fontsize: float) -> int:
+    # DejaVu Sans averages about 0.6 em per character (tests check the drawn text fits)
+    return max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
+
+
 def set_title(fig, text: str, fontsize: float = 11) -> None:
-    """A figure title wrapped to the figure's width: a long description is never cut off.
+    """A figure title wrapped to the figure's width: a long title is never cut off.
 
     Constrained layout makes room above the axes but does not shorten a line wider than the
-    figure, so each line is wrapped at the characters that fit (DejaVu Sans averages about
-    0.6 em per character; tests check the drawn title lies inside the figure).
+    figure, so each line is wrapped at the characters that fit.
     """
-    width_pt = fig.get_figwidth() * 72
-    per_line = max(20, int(width_pt / (0.6 * fontsize)))
+    per_line = _chars_per_line(fig, fontsize)
     lines = [wrapped for line in text.split("\n") for wrapped in textwrap.wrap(line, per_line)]
     fig.suptitle("\n".join(lines), fontsize=fontsize)
 
 
-def _method_colors(columns: list[str]) -> dict[str, tuple]:
+def set_footer(fig, footer: str) -> None:
+    """The provenance of a figure in one short grey line at its bottom (the whole record is in
+    the README). It is the figure's supxlabel because constrained layout keeps room for that
+    and for nothing placed with fig.text; shortened rather than wrapped, so it stays one line."""
+    one_line = textwrap.shorten(footer, _chars_per_line(fig, _FOOTER_SIZE), placeholder=" …")
+    fig.supxlabel(one_line, fontsize=_FOOTER_SIZE, color="0.4")
+
+
+def legend_outside(ax, **kwargs) -> None:
+    """A legend beside the axes, right of their frame, where it covers no data (constrained
+    layout narrows the axes to make room for it; tests check the drawn legend)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8, **kwargs)
+
+
+def _colors(keys: list[str]) -> dict[str, tuple]:
     from matplotlib import colormaps
 
     cmap = colormaps["tab10"]
-    return {col: cmap(i % 10) for i, col in enumerate(columns)}
+    return {key: cmap(i % 10) for i, key in enumerate(keys)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Curves: test error per epoch, mean over seeds
 
 
 def _read_history(path: Path) -> dict[int, float]:
@@ -66,14 +89,17 @@ def _read_history(path: Path) -> dict[int, float]:
             raise ReportInputError(f"{path}: bad epoch or test_error value: {exc}") from None
 
 
-def curve_series(summaries: dict[str, list[CellSummary]]) -> tuple[dict, list[str]]:
-    """Table 1: {row: {column: (epochs, mean test error, n)}} over finished runs.
+def curve_series(cells: list[CellSummary]) -> tuple[dict, list[str]]:
+    """One table's {(row, column): (epochs, mean test error, n)} over its finished runs.
 
     Seeds are averaged at the epochs all of them have, so a curve never mixes seed counts.
+    history.csv holds the top-1 error per epoch: a cell of another metric (top-5) has no curve.
     """
-    series: dict[str, dict[str, tuple]] = {}
+    series: dict[tuple[str, str], tuple] = {}
     notes = []
-    for c in summaries["table1"]:
+    for c in cells:
+        if c.definition is None or c.definition.metric != DEFAULT_METRIC:
+            continue
         histories = []
         for r in c.runs:
             if r.missing:
@@ -86,87 +112,121 @@ def curve_series(summaries: dict[str, list[CellSummary]]) -> tuple[dict, list[st
         if not histories:
             continue
         common = sorted(set.intersection(*(set(h) for h in histories)))
-        if not common:
-            continue
-        mean = [float(np.mean([h[e] for h in histories])) for e in common]
-        series.setdefault(c.row, {})[c.column] = (common, mean, len(histories))
-    return series, sorted(notes)
+        if common:
+            mean = [float(np.mean([h[e] for h in histories])) for e in common]
+            series[(c.row, c.column)] = (common, mean, len(histories))
+    return series, sorted(set(notes))
 
 
-def curves_figure(series: dict, layout: TableLayout, description: str):
+def _panels(layout: TableLayout, cells: list[CellSummary]) -> list[tuple[str, list[tuple[tuple, str]]]]:
+    """[(panel title, [((row, column), line label)])]: each panel holds a baseline and the cells
+    measured against it. Table 1's baselines sit in their cells' row (a panel per pair, a line
+    per method); Table 2's, 3's and 4's in their column (a panel per column, a line per row)."""
+    by_row = len(layout.columns) > 1 and (
+        any(c.baseline is not None and c.baseline.row == c.row for c in cells)
+        or not any(c.baseline is not None for c in cells))
+    if by_row:
+        return [(layout.rows[r]["label"], [((r, c), layout.columns[c]) for c in layout.columns])
+                for r in layout.rows]
+    title = (lambda c: layout.columns[c]) if len(layout.columns) > 1 else (lambda c: "")
+    return [(title(c), [((r, c), layout.rows[r]["label"]) for r in layout.rows]) for c in layout.columns]
+
+
+def curves_figure(series: dict, layout: TableLayout, cells: list[CellSummary], footer: str):
     from matplotlib.ticker import MaxNLocator
 
-    colors = _method_colors(list(layout.columns))
-    n_rows = len(layout.rows)
-    columns = min(2, n_rows)   # one pair (a profile that runs one row) gets the whole width
-    grid_rows = -(-n_rows // columns)
-    fig = new_figure(5 * columns + 1, 3.5 * grid_rows + 0.5)
+    panels = [p for p in _panels(layout, cells) if any(key in series for key, _ in p[1])]
+    if not panels:
+        raise ValueError(f"{layout.name}: no cell has a finished run with a history.csv")
+    columns = min(2, len(panels))   # one panel (one pair, Table 2) gets the whole width
+    grid_rows = -(-len(panels) // columns)
+    fig = new_figure(6.5 * columns, 3.5 * grid_rows + 0.6)
     axes = fig.subplots(grid_rows, columns, squeeze=False).ravel()
-    for ax in axes[n_rows:]:
+    for ax in axes[len(panels):]:
         ax.set_visible(False)
-    for ax, row in zip(axes, layout.rows):
-        ax.set_title(layout.rows[row]["label"], fontsize=10)
+    for ax, (title, lines) in zip(axes, panels):
+        colors = _colors([label for _, label in lines])
+        if title:
+            ax.set_title(labels.mathtext(title), fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test error (%)")
-        lines = series.get(row, {})
-        for column, label in layout.columns.items():
-            if column in lines:
-                epochs, mean, n = lines[column]
-                ax.plot(epochs, mean, marker="o", markersize=3, color=colors[column],
-                        label=f"{label} (n={n})")
-        if lines:
-            ax.legend(fontsize=8)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        else:
-            ax.text(0.5, 0.5, "no finished runs", ha="center", va="center",
-                    transform=ax.transAxes)
-            ax.set_xticks([])
-            ax.set_yticks([])
+        for key, label in lines:
+            if key in series:
+                epochs, mean, n = series[key]
+                ax.plot(epochs, mean, marker="o", markersize=3, color=colors[label],
+                        label=labels.mathtext(f"{label} (n={n})"))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    set_title(fig, f"Table 1 pairs: test error during training, mean over seeds\n{description}")
+        legend_outside(ax)
+    set_title(fig, f"{layout.title}: test error during training, mean over seeds")
+    set_footer(fig, footer)
     return fig
 
 
-def bars_figure(cells: list[CellSummary], layout: TableLayout, description: str):
-    columns = list(layout.columns)
-    fig = new_figure(max(7.0, 3.25 * len(layout.rows)), 4.2)
-    axes = fig.subplots(1, len(layout.rows), squeeze=False, sharey=True).ravel()
+# ----------------------------------------------------------------------------------------------
+# Bars: ours beside the reference
+
+
+def bars_figure(cells: list[CellSummary], layout: TableLayout, footer: str, full_scale: bool):
+    """Per row of the table, one bar pair per column. On the reference's scale (full_scale):
+    our mean error (± std) beside the reference's error. Otherwise absolute errors would only
+    show the difference of scale: our paired Δ to the baseline (95% CI) beside the
+    reference's Δ, for the cells that have a baseline."""
     by_key = {(c.row, c.column): c for c in cells}
-    x = np.arange(len(columns), dtype=float)
+    # the same columns in every panel: in Δ mode those measured against a baseline in some row
+    columns = [col for col in layout.columns
+               if full_scale or any(by_key[(row, col)].baseline is not None for row in layout.rows)]
+    fig = new_figure(max(7.0, (0.55 * len(columns) + 0.8) * len(layout.rows) + 2.0), 4.2)
+    axes = fig.subplots(1, len(layout.rows), squeeze=False, sharey=True).ravel()
     width = 0.38
     for ax, row in zip(axes, layout.rows):
         summaries = [by_key[(row, col)] for col in columns]
-        ours = [c.mean if c.mean is not None else 0.0 for c in summaries]
-        errs = [c.std if c.std is not None else 0.0 for c in summaries]
-        has = [c.mean is not None for c in summaries]
-        ax.bar(x - width / 2, [o if h else 0.0 for o, h in zip(ours, has)], width,
-               color="tab:blue", label="ours (mean ± std)")
-        with_std = [i for i, c in enumerate(summaries) if c.std is not None]
-        if with_std:
-            ax.errorbar(x[with_std] - width / 2, [ours[i] for i in with_std],
-                        yerr=[errs[i] for i in with_std], fmt="none", ecolor="black", capsize=2)
+        x = np.arange(len(summaries), dtype=float)
+        if full_scale:
+            ours = [c.mean for c in summaries]
+            low = high = [c.std for c in summaries]
+            refs = [c.reference for c in summaries]
+            why = [mean_text(c) for c in summaries]
+        else:
+            paired = [c.paired if c.paired is not None and c.paired.mean is not None else None
+                      for c in summaries]
+            ours = [p.mean if p else None for p in paired]
+            low = [p.mean - p.ci_low if p and p.ci_low is not None else None for p in paired]
+            high = [p.ci_high - p.mean if p and p.ci_high is not None else None for p in paired]
+            refs = [c.paired.reference if c.paired else None for c in summaries]
+            why = [mean_text(c) if c.mean is None else "no pair" for c in summaries]
+            ax.axhline(0.0, color="gray", linewidth=1)
+        has = [i for i, o in enumerate(ours) if o is not None]
+        ax.bar(x[has] - width / 2, [ours[i] for i in has], width, color="tab:blue",
+               label="ours: mean ± std" if full_scale else "ours: paired Δ, 95% CI")
+        whiskers = [i for i in has if low[i] is not None]
+        if whiskers:
+            ax.errorbar(x[whiskers] - width / 2, [ours[i] for i in whiskers],
+                        yerr=[[low[i] for i in whiskers], [high[i] for i in whiskers]],
+                        fmt="none", ecolor="black", capsize=2)
         # cells without a reference number get no reference bar
-        with_ref = [i for i, c in enumerate(summaries) if c.reference is not None]
-        ax.bar(x[with_ref] + width / 2, [summaries[i].reference for i in with_ref], width,
-               color="tab:gray", alpha=0.6, label="reference")
-        for xi, c in zip(x, summaries):
-            if c.mean is None:
-                # No bar of height 0 that could read as "0 % error": say why there is none.
-                ax.text(xi - width / 2, 0.2, mean_text(c), rotation=90, ha="center",
-                        va="bottom", fontsize=7)
-            else:
-                ax.text(xi - width / 2, 0.2, f"n={c.n}", rotation=90, ha="center", va="bottom",
-                        fontsize=7, color="white")
-        ax.set_xticks(x, [layout.columns[c] for c in columns], rotation=45, fontsize=8)
-        ax.set_title(layout.rows[row]["label"], fontsize=9)
+        with_ref = [i for i, r in enumerate(refs) if r is not None]
+        ax.bar(x[with_ref] + width / 2, [refs[i] for i in with_ref], width, color="tab:gray",
+               alpha=0.6, label="reference" if full_scale else "reference Δ")
+        # n, or why there is no bar (a bar of height 0 would read as "0 % error" or "no change"),
+        # under each bar pair, where it covers nothing
+        counts = [why[i] if ours[i] is None else f"n={c.n if full_scale else c.paired.n}"
+                  for i, c in enumerate(summaries)]
+        ax.set_xticks(x, [labels.mathtext(f"{layout.columns[c.column]}\n({n})")
+                          for c, n in zip(summaries, counts)], fontsize=8)
+        ax.set_title(labels.mathtext(layout.rows[row]["label"]), fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("test error (%)")
-    # the legend goes in a band above the tallest bar, where it can cover none
-    top = axes[0].get_ylim()[1]
-    axes[0].set_ylim(top=top * 1.18)
-    axes[0].legend(fontsize=8, loc="upper right", ncols=2)
-    set_title(fig, f"Table 1: ours against the reference\n{description}")
+    axes[0].set_ylabel("test error (%)" if full_scale
+                       else "error minus the baseline's, same seed (points)")
+    legend_outside(axes[-1])
+    set_title(fig, f"{layout.title}: " + ("ours against the reference" if full_scale else
+                                         "our paired Δ to the baseline against the reference's Δ"))
+    set_footer(fig, footer)
     return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired differences: dot and whisker
 
 
 def paired_rows(cells: list[CellSummary]) -> list[CellSummary]:
@@ -174,13 +234,13 @@ def paired_rows(cells: list[CellSummary]) -> list[CellSummary]:
     return [c for c in cells if c.paired is not None and c.paired.mean is not None]
 
 
-def paired_figure(layout: TableLayout, cells: list[CellSummary], description: str):
+def paired_figure(layout: TableLayout, cells: list[CellSummary], footer: str):
     """Dot and whisker: each method's paired difference to its baseline with its 95% CI,
     beside the reference's difference; methods on the y axis, top to bottom in table order."""
     shown = paired_rows(cells)
     if not shown:
         raise ValueError(f"{layout.name}: no cell has a finished run paired with its baseline")
-    fig = new_figure(8, 1.6 + 0.45 * len(shown))
+    fig = new_figure(9, 1.8 + 0.45 * len(shown))
     ax = fig.subplots()
     y = np.arange(len(shown), dtype=float)[::-1]
     means = [c.paired.mean for c in shown]
@@ -196,11 +256,13 @@ def paired_figure(layout: TableLayout, cells: list[CellSummary], description: st
     if with_ref:  # a cell or baseline without a reference number gets no marker
         ax.plot([shown[i].paired.reference for i in with_ref], y[with_ref], "D", color="tab:red",
                 markerfacecolor="none", label="reference Δ")
-    ax.set_yticks(y, [f"{c.label} (n={c.paired.n})" for c in shown], fontsize=8)
+    ax.set_yticks(y, [labels.mathtext(f"{c.label} (n={c.paired.n})") for c in shown], fontsize=8)
+    ax.set_ylim(-0.6, len(shown) - 0.4)
     ax.set_xlabel("test error minus the baseline's, same seed (percentage points)")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    set_title(fig, f"{layout.title}: paired difference to the baseline\n{description}")
+    legend_outside(ax)
+    set_title(fig, f"{layout.title}: paired difference to the baseline")
+    set_footer(fig, footer)
     return fig
 
 

@@ -37,8 +37,10 @@ class Context:
     """What the report is asked to render, beyond the runs (see `render`)."""
 
     profile: str
-    description: str                  # one line: data, subsets, epochs (goes into every title)
+    description: str                  # one line: data, md5, epochs, seeds, code (said once, in the README)
     purpose: str | None               # one line said first everywhere (e.g. what smoke runs are)
+    footer: str                       # one short line under every figure (profile, data, epochs, code)
+    full_scale: bool                  # the runs follow the references' protocols on the full data
     not_run: dict[str, str]           # {table: reason}
     tables: dict[str, TableLayout]    # every table of the grid, in order
     data_md5: dict[str, str | None]   # {data set: md5 its runs must have used}; None: unknown
@@ -90,6 +92,12 @@ def validate_context(context: dict) -> Context:
     # description: which data, subset and epochs the runs used (at.provenance.describe)
     description = _one_line("description", context.get("description"), required=True)
     purpose = _one_line("purpose", context.get("purpose"), required=False)
+    # footer: at.provenance.footer; without one, the figures point at the README
+    footer = (_one_line("footer", context.get("footer"), required=False)
+              or f"{profile} profile · provenance: README.md")
+    full_scale = context.get("full_scale", False)
+    if not isinstance(full_scale, bool):
+        raise ReportInputError(f"context['full_scale'] must be True or False, got {full_scale!r}")
     grid_tables = context.get("tables")
     if not isinstance(grid_tables, dict) or not all(
             isinstance(t, dict) and isinstance(t.get("rows"), list) and isinstance(t.get("columns"), list)
@@ -115,7 +123,8 @@ def validate_context(context: dict) -> Context:
         raise ReportInputError("context['data_md5'] must map each data set to the md5 its runs "
                                "must have used (from its data folder's source.json)")
     cifar_dir = context.get("cifar_dir")
-    return Context(profile=profile, description=description, purpose=purpose,
+    return Context(profile=profile, description=description, purpose=purpose, footer=footer,
+                   full_scale=full_scale,
                    not_run=dict(not_run), tables=tables, data_md5=dict(data_md5),
                    cifar_dir=str(cifar_dir) if cifar_dir else None)
 
