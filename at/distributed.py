@@ -282,3 +282,20 @@ def wrap(student: torch.nn.Module, objective: torch.nn.Module, device: torch.dev
         convert(student, device)
     trainee = _Trainee(student, objective)
     return DistributedDataParallel(trainee, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def launch_command(processes: int, argv: list[str], env: Mapping[str, str] | None = None,
+                   python: str | None = None) -> list[str]:
+    """The command that starts ``python -m at ARGV`` as ``processes`` ranks, for a run asked of
+    `python -m at train` in one process: ``srun`` inside a SLURM job (its tasks are the ranks;
+    the job asked for them: at.grid.job_resources), ``torchrun`` on one machine elsewhere
+    (``--standalone``: a free rendezvous port of its own, so runs on one machine do not meet)."""
+    import sys
+
+    env = os.environ if env is None else env
+    python = python or sys.executable
+    if env.get("SLURM_JOB_ID"):
+        # --kill-on-bad-exit: a rank that dies ends the others, which would wait for it forever
+        return ["srun", f"--ntasks={processes}", "--kill-on-bad-exit=1", python, "-m", "at", *argv]
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+            "-m", "at", *argv]
