@@ -102,6 +102,12 @@ def cmd_train(args) -> int:
     try:
         train_cohort(specs, options, force=args.force)
     except Interrupted:
+        from at import distributed
+
+        ranks = distributed.from_environment()
+        if ranks.enabled:   # each rank says so: a launcher may report a rank it stopped itself
+            print(f"rank {ranks.rank} of {ranks.world_size}: stopped by SIGTERM, position saved by rank 0; "
+                  f"exiting {EXIT_INTERRUPTED}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)

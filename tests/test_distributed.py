@@ -254,3 +254,26 @@ def test_nccl_without_cuda_is_refused_before_any_process_group():
         ranks.start(CPU, "nccl")
     import torch.distributed as dist
     assert not dist.is_initialized()
+
+
+def test_the_throughput_benchmark_writes_its_report(tmp_path):
+    """benchmarks/ddp_throughput.py end to end on its one-process row (the N-process rows start
+    torchrun, as tests/test_distributed_processes.py does)."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ddp_throughput.py"
+    out = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, str(script), "--processes", "1", "--steps", "2", "--warmup", "1",
+                           "--batch", "16", "--dataset-size", "64", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    assert (row["processes"], row["steps"], row["batch"], row["loss_finite"]) == (1, 2, 16, True)
+    assert row["images_per_s"] == pytest.approx(16 * 2 / row["seconds"])
+    assert report["speedup_over_one_process"] == {"1": 1.0}
+    bad = subprocess.run([sys.executable, str(script), "--processes", "3", "--batch", "16", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "must split evenly" in bad.stderr
