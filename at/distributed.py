@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Ranks", "SINGLE", "bounds", "check_layout", "first_host", "from_environment", "slurm_port"]
+__all__ = ["Ranks", "SINGLE", "bounds", "check_layout", "first_host", "from_environment", "launch_command",
+           "loss_weight", "slurm_port", "wrap"]
 
 # The rendezvous port of an srun-launched run: a fixed base plus the job id modulo a span, so
 # that runs of different jobs on one node get different ports (a collision needs two job ids
@@ -75,6 +76,15 @@ def bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     base, extra = divmod(n, world_size)
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (1 if rank < extra else 0)
+
+
+def loss_weight(n: int, rank: int, world_size: int) -> float:
+    """What ``rank`` multiplies its mean loss over its slice of a batch of ``n`` by before
+    backward: DDP averages the ranks' gradients, so the average of ``weight * mean over the
+    slice`` must be the mean over the batch, i.e. weight = slice size x ranks / n. It is 1 where
+    the slices are equal (every batch but an epoch's last, shorter one)."""
+    lo, hi = bounds(n, rank, world_size)
+    return (hi - lo) * world_size / n
 
 
 def check_layout(run_id: str, batch_size: int, n_train: int, world_size: int) -> None:
@@ -231,10 +241,11 @@ def from_environment(env: Mapping[str, str] | None = None) -> Ranks:
         local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
         port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else None
         ranks = Ranks(rank, world, local, env.get("MASTER_ADDR"), port, "torchrun")
-    elif "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
-        # a task of an srun step: the step's own task count (SLURM_NTASKS can be the job's)
-        key = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
-        world = _int(env, key) if key in env else 1
+    elif "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        # a task of an srun step (srun sets SLURM_STEP_NUM_TASKS): the step's own task count.
+        # Not SLURM_NTASKS: the batch script of a job of 8 tasks has SLURM_NTASKS=8 and is one
+        # process, the one that starts the step.
+        world = _int(env, "SLURM_STEP_NUM_TASKS")
         if world == 1:
             return SINGLE
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")

@@ -1,5 +1,9 @@
 """The training loop, for teachers and students alike, in the order things happen.
 
+A run on several processes (protocol ``processes``, at.distributed) runs this same loop on every
+rank: each rank steps on its slice of every batch, with each member under DistributedDataParallel;
+rank 0 alone reads and writes the run folders and MLflow, and the ranks agree on when to stop.
+
 :func:`train_cohort` trains runs that share a data stream (the same data set, protocol data
 keys and seed: at.data.stream) in one process; a run trained alone (:func:`train`) is a
 cohort of one. Reading top to bottom:
@@ -164,8 +168,7 @@ class Cohort:
         if not self.ranks.enabled:
             return 1.0
         n = min(self.batch_size, self.data.n_train - step * self.batch_size)
-        lo, hi = distributed.bounds(n, self.ranks.rank, self.ranks.world_size)
-        return (hi - lo) * self.ranks.world_size / n
+        return distributed.loss_weight(n, self.ranks.rank, self.ranks.world_size)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, members: list[Member], weight: float = 1.0) -> list[torch.Tensor]:
         """One batch for ``members``: each distinct teacher's output once, then each member's step."""

@@ -146,9 +146,10 @@ def test_rendezvous_from_an_srun_step():
     # a port the user set wins; a one-task step (the plugin's `srun -n1`) is one process
     assert distributed.from_environment({**env, "MASTER_PORT": "40000"}).master_port == 40000
     assert distributed.from_environment({**env, "SLURM_STEP_NUM_TASKS": "1"}) is distributed.SINGLE
-    # the batch script of a job (no step) is one process, even with SLURM_NTASKS=8
-    assert distributed.from_environment({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) \
-        is distributed.SINGLE
+    # the batch script of a job of 8 tasks (no srun step) is one process: the one that starts them
+    batch = {"SLURM_JOB_ID": "1", "SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "n1"}
+    assert distributed.from_environment(batch) is distributed.SINGLE
+    assert distributed.from_environment({**batch, "SLURM_STEP_ID": "4294967291"}) is distributed.SINGLE
 
 
 @pytest.mark.parametrize("nodelist, first", [
@@ -172,6 +173,18 @@ def test_a_run_on_n_processes_starts_them_with_srun_in_a_job_and_torchrun_elsewh
 ])
 def test_a_batch_splits_into_contiguous_slices_in_rank_order(n, world, slices):
     assert [distributed.bounds(n, r, world) for r in range(world)] == slices
+
+
+@pytest.mark.parametrize("n, world", [(16, 2), (93, 2), (10, 4), (7, 3)])
+def test_weighted_rank_losses_average_to_the_batch_mean(n, world):
+    # DDP averages the ranks' gradients; with the weights, the average of the ranks' weighted
+    # slice means is the mean over the whole batch, even when the slices differ in size
+    losses = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    weighted = [distributed.loss_weight(n, r, world) * losses[slice(*distributed.bounds(n, r, world))].mean()
+                for r in range(world)]
+    assert float(sum(weighted) / world) == pytest.approx(float(losses.mean()), rel=1e-12)
+    if n % world == 0:
+        assert all(distributed.loss_weight(n, r, world) == 1.0 for r in range(world))
 
 
 # ---------------------------------------------------------------------------------------------
