@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["Ranks", "SINGLE", "bounds", "check_layout", "first_host", "from_environment", "launch_command",
-           "loss_weight", "slurm_port", "wrap"]
+           "loss_weight", "rank_rng_state", "slurm_port", "wrap"]
 
 # The rendezvous port of an srun-launched run: a fixed base plus the job id modulo a span, so
 # that runs of different jobs on one node get different ports (a collision needs two job ids
@@ -85,6 +85,17 @@ def loss_weight(n: int, rank: int, world_size: int) -> float:
     the slices are equal (every batch but an epoch's last, shorter one)."""
     lo, hi = bounds(n, rank, world_size)
     return (hi - lo) * world_size / n
+
+
+def rank_rng_state(seed: int, rank: int, device: torch.device) -> dict:
+    """The random state (at.member's form) that a member's training steps start from on ``rank``
+    > 0 (dropout): seeded with the run's seed and the rank, so that ranks draw independent
+    masks for their different images. Rank 0 keeps the one-process run's state."""
+    from at.member import rng_state
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed * 1_000_003 + rank)
+        return rng_state(device)
 
 
 def check_layout(run_id: str, batch_size: int, n_train: int, world_size: int) -> None:

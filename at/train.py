@@ -158,6 +158,10 @@ class Cohort:
             if ranks.enabled:
                 member.forward = distributed.wrap(member.student, member.objective, arithmetic.device,
                                                   spec.protocol.sync_bn)
+                if ranks.rank > 0:
+                    # every rank built the same initialisation from the seed; its dropout must
+                    # not draw the same masks as rank 0's for its own images: a stream of its own
+                    member.rng = distributed.rank_rng_state(spec.seed, ranks.rank, arithmetic.device)
             self.members.append(member)
 
     def loss_weight(self, step: int) -> float:

@@ -175,6 +175,20 @@ def test_a_batch_splits_into_contiguous_slices_in_rank_order(n, world, slices):
     assert [distributed.bounds(n, r, world) for r in range(world)] == slices
 
 
+def test_ranks_draw_their_own_dropout_masks():
+    def masks(state):
+        torch.set_rng_state(state["torch"])
+        return torch.nn.functional.dropout(torch.ones(1000), 0.5).nonzero().flatten()
+
+    with torch.random.fork_rng(devices=[]):
+        rank1, rank2 = (masks(distributed.rank_rng_state(7, r, CPU)) for r in (1, 2))
+        again = masks(distributed.rank_rng_state(7, 1, CPU))
+        torch.manual_seed(7)
+        rank0 = masks({"torch": torch.get_rng_state()})
+    assert torch.equal(rank1, again), "a rank's stream is a function of the seed and the rank"
+    assert not torch.equal(rank0, rank1) and not torch.equal(rank1, rank2)
+
+
 @pytest.mark.parametrize("n, world", [(16, 2), (93, 2), (10, 4), (7, 3)])
 def test_weighted_rank_losses_average_to_the_batch_mean(n, world):
     # DDP averages the ranks' gradients; with the weights, the average of the ranks' weighted
