@@ -94,22 +94,47 @@ def _warn_about(specs: list) -> None:
 def cmd_train(args) -> int:
     from at.train import EXIT_INTERRUPTED, Interrupted, Options, TrainingDiverged, train_cohort
 
-    if args.log:
-        from at import console
+    from at import console, distributed
 
+    if args.log and not distributed.from_environment().enabled:
+        # a rank of a data-parallel run inherits its launcher's output, the log already
         console.log_to(args.log)
     specs = _train_specs(args)
     _warn_about(specs)
+    _start_processes(specs, args)
     options = Options(device=args.device, precision=args.precision, progress=not args.no_progress,
-                      threads=args.threads)
+                      threads=args.threads, backend=args.backend)
     try:
         train_cohort(specs, options, force=args.force)
     except Interrupted:
+        from at import distributed
+
+        ranks = distributed.from_environment()
+        if ranks.enabled:   # each rank says so: a launcher may report a rank it stopped itself
+            print(f"rank {ranks.rank} of {ranks.world_size}: stopped by SIGTERM, position saved by rank 0; "
+                  f"exiting {EXIT_INTERRUPTED}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     return 0
+
+
+def _start_processes(specs: list, args) -> None:
+    """A run that asks for N > 1 processes (protocol.processes), started as one process by the
+    command line: this process becomes their launcher (srun in a SLURM job, torchrun elsewhere:
+    at.distributed.launch_command), each of which runs this same command as one rank. Called
+    in-process (``main(argv)``, the tests), it leaves the mismatch to train_cohort's error."""
+    import os
+
+    from at import distributed
+
+    processes = specs[0].protocol.processes if specs else 1
+    if processes == 1 or args.argv is None or distributed.from_environment().enabled:
+        return
+    command = distributed.launch_command(processes, args.argv)
+    print(f"{specs[0].id}: {processes} processes: {' '.join(command)}", flush=True)
+    os.execvp(command[0], command)
 
 
 def cmd_download(args) -> int:
@@ -330,7 +355,10 @@ def main(argv=None) -> int:
                           "CPUs with native bf16, else float32)")
     how.add_argument("--force", action="store_true",
                      help="retrain runs that already finished with this spec (default: leave them as they are)")
-    how.add_argument("--threads", type=int, help="torch CPU threads")
+    how.add_argument("--threads", type=int, help="torch CPU threads (of each process)")
+    how.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
+                     help="torch.distributed backend of a run on several processes (protocol.processes): "
+                          "auto (nccl on CUDA, gloo on the CPU)")
     how.add_argument("--no-progress", action="store_true", help="no progress bar")
     how.add_argument("--log", metavar="FILE",
                      help="write all output to FILE; the terminal gets one line per finished epoch of each run")
@@ -364,6 +392,8 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_tracking_init)
 
     args = parser.parse_args(argv)
+    # the command line as given, for a run that starts its own processes (None: called in-process)
+    args.argv = None if argv is not None else sys.argv[1:]
     try:
         return args.func(args)
     except Exception as e:

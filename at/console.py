@@ -3,7 +3,9 @@
 ``python -m at train --log FILE`` sends the whole output of the process (progress bars,
 warnings, these lines) to FILE and keeps only these lines on the terminal, so that Snakemake's
 console shows one line per finished epoch of each running job instead of minutes of silence,
-while the job's log keeps everything.
+while the job's log keeps everything. (The ranks of a data-parallel run are started by their
+launcher, torchrun or srun, which passes on its output but no other file: their lines go to the
+log only.)
 """
 
 from __future__ import annotations

@@ -325,6 +325,8 @@ def cohorts(params: dict, profile: str | None = None) -> list[dict]:
                 "runs": [r["id"] for r in chunk],
                 "teacher_runs": sorted({r["teacher_run"] for r in chunk if r["teacher_run"]}),
                 "dataset": chunk[0]["dataset"],
+                # the processes each run of it trains on (protocol key; one value per protocol)
+                "processes": protocol_of(params, chunk[0]).processes,
             })
     return sorted(found, key=lambda c: c["id"])
 
@@ -349,6 +351,30 @@ def protocol_of(params: dict, run: dict) -> Protocol:
 def resources_of(params: dict, profile: str) -> dict:
     prof = params["profiles"][profile] or {}
     return dict(prof.get("resources") or (params.get("resources") or {}).get("train") or {})
+
+
+# What a training job asks for where params.yaml's resources leave a key out.
+RESOURCE_DEFAULTS = {"gpu": 0, "cpus_per_task": 1, "mem_mb": 4000, "runtime": 60}
+
+
+def job_resources(params: dict, profile: str, cohort: dict) -> dict:
+    """The Snakemake resources (SLURM flags through the profile) of one cohort's training job.
+
+    params.yaml's resources are those of one process. A cohort whose protocol asks for N > 1
+    processes (``processes``, at.distributed) is one SLURM job of N tasks, one GPU each:
+    ``tasks`` N, ``gpu`` N times the per-process GPUs, ``mem_mb`` N times, ``cpus_per_task`` as
+    given; ``tasks_per_gpu`` 1 (the plugin would otherwise ask ``--ntasks-per-gpu=N``) and
+    ``mpi`` set, which makes the SLURM plugin run the job's command in the batch script itself
+    instead of inside a one-task ``srun`` step, so that `python -m at train` can start its N
+    tasks with ``srun`` (at.distributed.launch_command). ``threads``: every process's CPUs, what
+    a local Snakemake counts against ``--cores``."""
+    base = {**RESOURCE_DEFAULTS, **resources_of(params, profile)}
+    processes = cohort["processes"]
+    out = dict(base, threads=base["cpus_per_task"] * processes)
+    if processes > 1:
+        out.update(gpu=base["gpu"] * processes, mem_mb=base["mem_mb"] * processes, tasks=processes, mpi="srun",
+                   tasks_per_gpu=1 if base["gpu"] == 1 else 0)
+    return out
 
 
 def data_dir(dataset: str, params: dict | None = None) -> str:

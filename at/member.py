@@ -104,6 +104,9 @@ class Member:
         self.last_terms: dict = {}   # the last step's weighted terms, for a divergence message
         self.stream_state: dict | None = None   # where the data stream stood when this state was saved
         self.tracker = None
+        # what a training step calls: the objective, or its DistributedDataParallel wrapper in
+        # a run on several processes (at.distributed.wrap)
+        self.forward = self.objective
 
     @property
     def position(self) -> tuple[int, int]:
@@ -117,14 +120,25 @@ class Member:
 
     # -- the resume state -----------------------------------------------------------------------
 
-    def state(self, stream_state: dict) -> dict:
-        """The resume state: everything needed to continue exactly, with the stream's position."""
-        partial = None
-        if self.partial is not None and self.step > 0:
-            partial = {**self.partial, "loss": self.partial["loss"].cpu(),
-                       "correct": self.partial["correct"].cpu(),
-                       "terms": {k: v.cpu() for k, v in self.partial["terms"].items()}}
+    def partial_state(self) -> dict | None:
+        """The epoch's running sums on the CPU (None at an epoch's start)."""
+        if self.partial is None or self.step == 0:
+            return None
+        return {**self.partial, "loss": self.partial["loss"].cpu(), "correct": self.partial["correct"].cpu(),
+                "terms": {k: v.cpu() for k, v in self.partial["terms"].items()}}
+
+    def rank_state(self, stream_state: dict) -> dict:
+        """What differs between the ranks of a data-parallel run: each rank's random state,
+        stream generator and running sums of its slices (rank 0's resume state holds them all)."""
+        return {"rng": self.rng, "data": stream_state["data"], "partial": self.partial_state()}
+
+    def state(self, stream_state: dict, ranks: list[dict] | None = None) -> dict:
+        """The resume state: everything needed to continue exactly, with the stream's position;
+        in a data-parallel run, ``ranks`` (every rank's :meth:`rank_state`, in rank order)."""
+        partial = self.partial_state()
+        extra = {} if ranks is None else {"ranks": ranks}
         return {
+            **extra,
             "spec": self.spec.to_dict(), "teacher_sha256": self.teacher_sha256,
             "epoch": self.epoch, "step": self.step, "partial": partial,
             "model": self.student.state_dict(), "objective": self.objective.state_dict(),
@@ -136,8 +150,13 @@ class Member:
             "precision": self.arithmetic.precision,
         }
 
-    def load_state(self, saved: dict) -> None:
+    def load_state(self, saved: dict, rank: int = 0) -> None:
+        """Continue from ``saved``; rank ``rank`` of a data-parallel run takes its own random
+        state, stream generator and running sums from the state's ``ranks``."""
         device = self.arithmetic.device
+        if "ranks" in saved:
+            mine = saved["ranks"][rank]
+            saved = {**saved, "rng": {**mine["rng"], "data": mine["data"]}, "partial": mine["partial"]}
         self.student.load_state_dict(saved["model"])
         self.objective.load_state_dict(saved["objective"])
         # a state saved mid-epoch holds that epoch's lr in the optimizer; at an epoch's start the
@@ -154,12 +173,12 @@ class Member:
                             "correct": partial["correct"].to(device),
                             "terms": {k: v.to(device) for k, v in partial["terms"].items()}}
 
-    def save(self, stream_state: dict) -> None:
+    def save(self, stream_state: dict, ranks: list[dict] | None = None) -> None:
         """Write the resume state; the one it replaces stays as ``last.prev.pt``, so a state that
         turns out unreadable (a disk that lied, a copy cut short) costs one epoch, not the run."""
         if self.resume_path.exists():
             self.resume_path.replace(self.previous_path)
-        checkpoint.save(self.state(stream_state), self.resume_path)
+        checkpoint.save(self.state(stream_state, ranks), self.resume_path)
 
     # -- the final outputs ----------------------------------------------------------------------
 

@@ -69,6 +69,11 @@ PROTOCOL_PROPERTIES = {
     # BatchNorm weights of WRNs at init: the authors' code draws them from U(0, 1)
     "bn_weight_init": {"enum": list(BN_WEIGHT_INITS), "default": "uniform"},
     "precision": {"enum": list(PRECISIONS), "default": "auto"},
+    # data parallelism (at.distributed): how many processes (one per GPU) a run trains on, the
+    # global batch split across them; and whether BatchNorm normalises over the global batch
+    # (at.sync_batchnorm) or over each process's slice
+    "processes": {**POSITIVE_INT, "default": 1},
+    "sync_bn": {"type": "boolean", "x-expect": "true or false", "default": False},
 }
 PROTOCOL_KEYS = frozenset(PROTOCOL_PROPERTIES)
 PROTOCOL_DEFAULTS = {k: v["default"] for k, v in PROTOCOL_PROPERTIES.items() if "default" in v}

@@ -48,6 +48,8 @@ class Protocol:
     augment: str
     bn_weight_init: str
     precision: str
+    processes: int
+    sync_bn: bool
 
     # the keys that decide the data stream, with the data set, its folder and the seed
     # (at.data.stream). `epochs` is not among them: it decides how long a stream is read.

@@ -1,5 +1,9 @@
 """The training loop, for teachers and students alike, in the order things happen.
 
+A run on several processes (protocol ``processes``, at.distributed) runs this same loop on every
+rank: each rank steps on its slice of every batch, with each member under DistributedDataParallel;
+rank 0 alone reads and writes the run folders and MLflow, and the ranks agree on when to stop.
+
 :func:`train_cohort` trains runs that share a data stream (the same data set, protocol data
 keys and seed: at.data.stream) in one process; a run trained alone (:func:`train`) is a
 cohort of one. Reading top to bottom:
@@ -25,6 +29,8 @@ teacher) is left as it is; ``force`` retrains it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import signal
 import time
@@ -34,10 +40,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from at import console, resume, run_folder, run_lock
+from at import console, distributed, resume, run_folder, run_lock
 from at.data.datasets import training_data
 from at.data.download import read_source_record
 from at.data.stream import DataStream, check_shared_stream
+from at.distributed import SINGLE, Ranks
 from at.member import Member, TrainingDiverged, make_optimizer, rng_state, set_rng_state
 from at.method import Progress, TeacherOutput
 from at.precision import Arithmetic, resolve as resolve_precision
@@ -69,6 +76,7 @@ class Options:
     progress: bool = True
     threads: int | None = None
     tracking: bool = True   # an MLflow run per training run (off: the benchmark, some tests)
+    backend: str = "auto"   # a run on several processes: auto (nccl on CUDA, gloo on the CPU), gloo, nccl
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -131,21 +139,43 @@ class _SigtermFlag:
 class Cohort:
     """Members on one data stream, with their teachers: what the loop (and the benchmark) steps."""
 
-    def __init__(self, specs: list[RunSpec], arithmetic: Arithmetic, data=None):
+    def __init__(self, specs: list[RunSpec], arithmetic: Arithmetic, data=None, ranks: Ranks = SINGLE):
         check_shared_stream(specs)
         self.arithmetic = arithmetic
+        self.ranks = ranks
         self.data = data if data is not None else training_data(specs[0], arithmetic.device)
         protocol = specs[0].protocol
         self.epochs = protocol.epochs
         self.eval_batch_size = protocol.eval_batch_size
-        self.stream = DataStream(self.data, specs[0].seed, protocol.batch_size, arithmetic.device)
+        self.batch_size = protocol.batch_size
+        distributed.check_layout(specs[0].id, protocol.batch_size, self.data.n_train, ranks.world_size)
+        self.stream = DataStream(self.data, specs[0].seed, protocol.batch_size, arithmetic.device,
+                                 ranks.rank, ranks.world_size)
         self.teachers = Teachers(specs, arithmetic)
         self.members = []
         for spec in specs:
             teacher, teacher_sha256 = self.teachers.of(spec)
-            self.members.append(Member(spec, self.data, teacher, arithmetic, teacher_sha256))
+            member = Member(spec, self.data, teacher, arithmetic, teacher_sha256)
+            if ranks.enabled:
+                member.forward = distributed.wrap(member.student, member.objective, arithmetic.device,
+                                                  spec.protocol.sync_bn)
+                if ranks.rank > 0:
+                    # every rank built the same initialisation from the seed; its dropout must
+                    # not draw the same masks as rank 0's for its own images: a stream of its own
+                    member.rng = distributed.rank_rng_state(spec.seed, ranks.rank, arithmetic.device)
+            self.members.append(member)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, members: list[Member]) -> list[torch.Tensor]:
+    def loss_weight(self, step: int) -> float:
+        """What this rank's mean loss is multiplied by before backward, so that DDP's average of
+        the ranks' gradients is the gradient of the global batch's mean loss: its share of the
+        batch times the number of ranks (1, except in an epoch's shorter last batch that does
+        not split evenly)."""
+        if not self.ranks.enabled:
+            return 1.0
+        n = min(self.batch_size, self.data.n_train - step * self.batch_size)
+        return distributed.loss_weight(n, self.ranks.rank, self.ranks.world_size)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, members: list[Member], weight: float = 1.0) -> list[torch.Tensor]:
         """One batch for ``members``: each distinct teacher's output once, then each member's step."""
         x = self.arithmetic.layout(x)
         shared: dict = {}
@@ -158,7 +188,7 @@ class Cohort:
                 if output is None:
                     with self.arithmetic.autocast():
                         output = shared[key] = member.objective.teacher_output(x, y)
-            losses.append(train_step(member, x, y, output))
+            losses.append(train_step(member, x, y, output, weight))
         return losses
 
 
@@ -179,20 +209,21 @@ def begin_epoch(member: Member) -> None:
 
 
 def train_step(member: Member, x: torch.Tensor, y: torch.Tensor,
-               teacher_output: TeacherOutput | None) -> torch.Tensor:
+               teacher_output: TeacherOutput | None, weight: float = 1.0) -> torch.Tensor:
     """One optimisation step of a member on a prepared batch; returns the loss, still on the device.
 
     Nothing here reads a value back to the host: the running sums stay on the device and are
-    read once per epoch (and at the loop's finiteness checks)."""
+    read once per epoch (and at the loop's finiteness checks). ``weight`` scales the loss that
+    is differentiated (Cohort.loss_weight), not the one recorded."""
     protocol, device = member.protocol, member.arithmetic.device
     progress = Progress(epoch=member.epoch, epochs=protocol.epochs,
                         lr_factor=protocol.learning_rate(member.epoch) / protocol.lr)
     set_rng_state(member.rng, device)   # dropout draws from this run's own stream
     member.student.train()
     with member.arithmetic.autocast():
-        result = member.objective(x, y, progress, teacher_output)
+        result = member.forward(x, y, progress, teacher_output)
     member.optimizer.zero_grad(set_to_none=True)
-    result.loss.backward()
+    (result.loss if weight == 1.0 else result.loss * weight).backward()
     member.optimizer.step()
     member.rng = rng_state(device)
     n = len(y)
@@ -207,11 +238,12 @@ def train_step(member: Member, x: torch.Tensor, y: torch.Tensor,
     return loss
 
 
-def check_finite(member: Member, loss: torch.Tensor | None, since_step: int) -> None:
+def check_finite(member: Member, loss: torch.Tensor | None, since_step: int, ranks: Ranks = SINGLE) -> None:
     """Raise TrainingDiverged if the loss of the last step (or the running sum since
-    ``since_step``) is not finite. Reads one number from the device."""
+    ``since_step``) is not finite, on this rank or any other (all ranks stop together). Reads
+    one number from the device."""
     value = loss if loss is not None else member.partial["loss"]
-    if bool(torch.isfinite(value)):
+    if not ranks.any(not bool(torch.isfinite(value))):
         return
     where = (f"step {member.step}" if loss is not None else f"between steps {since_step + 1} and {member.step}")
     terms = {k: float(v) for k, v in member.last_terms.items()}
@@ -236,9 +268,16 @@ def evaluate(model, data, batch_size: int, arithmetic: Arithmetic) -> tuple[floa
     return 100.0 * int(wrong1) / data.n_test, 100.0 * int(wrong5) / data.n_test
 
 
-def end_epoch(member: Member, data, epoch_wall_s: float, eval_batch_size: int) -> dict:
-    """Evaluate, append the epoch's row to the history, move to the next epoch."""
-    test_error, test_error_top5 = evaluate(member.student, data, eval_batch_size, member.arithmetic)
+def end_epoch(member: Member, data, epoch_wall_s: float, eval_batch_size: int, ranks: Ranks = SINGLE) -> dict:
+    """Evaluate, append the epoch's row to the history, move to the next epoch. In a run on
+    several processes the running sums are summed over the ranks first (the row is the global
+    batch's), and rank 0 alone evaluates (its row is the one recorded)."""
+    if ranks.enabled:
+        _sum_over_ranks(member.partial, ranks)
+    if ranks.is_main:
+        test_error, test_error_top5 = evaluate(member.student, data, eval_batch_size, member.arithmetic)
+    else:
+        test_error = test_error_top5 = float("nan")
     partial = member.partial
     seen = partial["seen"]
     row = {"epoch": member.epoch + 1, "lr": member.protocol.learning_rate(member.epoch),
@@ -258,23 +297,50 @@ def end_epoch(member: Member, data, epoch_wall_s: float, eval_batch_size: int) -
     return row
 
 
+def _sum_over_ranks(partial: dict, ranks: Ranks) -> None:
+    """An epoch's running sums (loss, correct, seen, each term), summed over the ranks in place."""
+    names = sorted(partial["terms"])
+    loss = partial["loss"]
+    packed = torch.stack([loss, partial["correct"].to(loss.dtype),
+                          torch.tensor(float(partial["seen"]), dtype=loss.dtype, device=loss.device),
+                          *(torch.as_tensor(partial["terms"][k], dtype=loss.dtype, device=loss.device) for k in names)])
+    ranks.sum_(packed)
+    partial["loss"], partial["correct"], partial["seen"] = packed[0], packed[1].round().long(), int(packed[2])
+    partial["terms"] = {k: packed[3 + i] for i, k in enumerate(names)}
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 
 
-def train_cohort(specs: list, options: Options | None = None, force: bool = False, stop=None) -> list[dict]:
+def train_cohort(specs: list, options: Options | None = None, force: bool = False, stop=None,
+                 ranks: Ranks | None = None) -> list[dict]:
     """Train (or resume, or leave alone when finished) runs sharing one data stream; return
     each run's final metrics, in the order of ``specs`` (RunSpecs, or dicts resolved here).
 
     A member whose loss diverges fails alone: the others train on, and TrainingDiverged is raised
     at the end, naming every diverged run. ``stop`` stands in for the SIGTERM flag (anything with
     a ``raised`` attribute, read once per step and once per epoch end): tests stop a cohort at
-    an exact step with it, in-process."""
+    an exact step with it, in-process.
+
+    ``ranks``: this process's place in a run on several processes (default: read from the
+    launcher's environment, at.distributed); every rank calls this with the same specs. Rank 0
+    holds the run folders and writes everything; the others train their slices."""
     options = options or Options()
     if not specs:
         raise ValueError("a cohort needs at least one run")
     specs = [RunSpec.resolve(spec) for spec in specs]
     check_shared_stream(specs)
+    ranks = distributed.from_environment() if ranks is None else ranks
+    wanted = specs[0].protocol.processes
+    if wanted != ranks.world_size:
+        how = (f"start it with `torchrun --nproc-per-node {wanted} -m at train ...` (on SLURM: srun --ntasks "
+               f"{wanted}), or let `python -m at train` start them" if ranks.world_size == 1
+               else f"this process is rank {ranks.rank} of {ranks.world_size} ({ranks.launcher})")
+        raise ValueError(f"run {specs[0].id} asks for {wanted} process(es) (protocol.processes), but it runs on "
+                         f"{ranks.world_size}: {how}")
+    if ranks.enabled:
+        return _train_ranks(specs, options, force, stop, ranks)
     if options.tracking:
         check_store()   # a store that cannot record the runs fails before a file is written
     # SIGTERM becomes a flag from here on: the loop saves and exits between two steps, and a
@@ -290,56 +356,129 @@ def train_cohort(specs: list, options: Options | None = None, force: bool = Fals
             raise
 
 
-def _train_locked(specs: list[RunSpec], options: Options, force: bool, sigterm, created: list[Path]) -> list[dict]:
-    """train_cohort once every run folder is locked: start, train, finish."""
-    for spec in specs:
-        run_folder.remove_temporary(Path(spec.out_dir))   # left by a kill between a write and its rename
+class _Handshake:
+    """Rank 0's word to the other ranks once it has read the run folders: what they hold, or
+    the error that stops the run (raised on every rank, so all exit with the same status)."""
+
+    def __init__(self, ranks: Ranks):
+        self.ranks = ranks
+        self.sent = False
+
+    def send(self, payload) -> None:
+        self.sent = True
+        self.ranks.broadcast(("ok", payload))
+
+    def fail(self, error: BaseException) -> None:
+        if self.sent or not self.ranks.enabled:
+            return
+        self.sent = True
+        try:
+            self.ranks.broadcast(("error", error))
+        except Exception:   # an error that does not pickle: its text
+            self.ranks.broadcast(("error", RuntimeError(f"rank 0: {error}")))
+
+    def receive(self):
+        kind, payload = self.ranks.broadcast(None)
+        if kind == "error":
+            raise payload
+        return payload
+
+
+def _train_ranks(specs: list[RunSpec], options: Options, force: bool, stop, ranks: Ranks) -> list[dict]:
+    """train_cohort on one rank of a run on several processes."""
+    device = ranks.device(options.device)
+    if device is not None:
+        options = Options(**{**options.__dict__, "device": str(device)})
+    ranks.start(options.resolve_device(), options.backend)
+    handshake = _Handshake(ranks)
+    quiet = contextlib.nullcontext() if ranks.is_main else contextlib.redirect_stdout(io.StringIO())
     try:
-        saved = {spec.id: resume.Saved.read(spec, force) for spec in specs}
-        arithmetic = options.arithmetic(specs, resume.started_precision(list(saved.values())))
+        with _SigtermFlag() as sigterm, quiet:
+            sigterm = stop if stop is not None else sigterm
+            if not ranks.is_main:
+                results = _train_locked(specs, options, force, sigterm, [], ranks, handshake)
+            else:
+                try:
+                    if options.tracking:
+                        check_store()
+                    created = run_folder.prepare(specs)
+                    try:
+                        with run_lock.hold({spec.id: Path(spec.out_dir) for spec in specs}):
+                            results = _train_locked(specs, options, force, sigterm, created, ranks, handshake)
+                    except run_lock.RunLocked:
+                        run_folder.remove_empty(created)
+                        raise
+                except BaseException as e:
+                    handshake.fail(e)
+                    raise
+            # every rank returns rank 0's metrics, and leaves only when rank 0 has written them
+            return ranks.broadcast(results)
+    finally:
+        ranks.stop()
+
+
+def _train_locked(specs: list[RunSpec], options: Options, force: bool, sigterm, created: list[Path],
+                  ranks: Ranks = SINGLE, handshake: _Handshake | None = None) -> list[dict]:
+    """train_cohort once every run folder is locked (by rank 0): start, train, finish."""
+    main = ranks.is_main
+    try:
+        if main:
+            for spec in specs:
+                run_folder.remove_temporary(Path(spec.out_dir))   # left by a kill between a write and its rename
+            saved = {spec.id: resume.Saved.read(spec, force) for spec in specs}
+            started = resume.started_precision(list(saved.values()))
+            if handshake is not None:
+                handshake.send((saved, started))
+        else:
+            saved, started = handshake.receive()
+        arithmetic = options.arithmetic(specs, started)
         if options.threads:
             torch.set_num_threads(options.threads)
         if arithmetic.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        cohort = Cohort(specs, arithmetic)
+        cohort = Cohort(specs, arithmetic, ranks=ranks)
     except BaseException:
-        run_folder.remove_empty(created)   # nothing trained: no empty run folders left behind
+        if main:
+            run_folder.remove_empty(created)   # nothing trained: no empty run folders left behind
         raise
+    tracking = options.tracking and main
     results: dict[str, dict] = {}
     training: list[Member] = []
     for member in cohort.members:
         found = saved[member.id]
         situation = "fresh" if force else found.situation(member.teacher_sha256)
         if situation == "finished":
-            results[member.id] = _read_metrics(member)
-            if options.tracking and _complete_tracking(member, cohort.data, found):
-                continue
+            if main:
+                results[member.id] = _read_metrics(member)
+                if tracking and _complete_tracking(member, cohort.data, found):
+                    continue
             console.say(f"[{member.id}] already finished with this spec: left as it is "
-                  f"(`--force` retrains it)")
+                        f"(`--force` retrains it)")
             continue
         if situation in ("final", "resume"):
-            member.load_state(found.state)
-        else:
+            member.load_state(found.state, ranks.rank)
+        elif main:
             # a stale or discarded state must not become the fallback of this run's new states
             member.resume_path.unlink(missing_ok=True)
             member.previous_path.unlink(missing_ok=True)
         if situation == "final":
             console.say(f"[{member.id}] finished earlier; writing its outputs again from {found.state_path}")
-            results[member.id] = _finish(member, cohort.data, options.tracking, force)
+            if main:
+                results[member.id] = _finish(member, cohort.data, tracking, force)
             continue
         if situation == "resume":
             console.say(f"[{member.id}] resuming from {found.state_path} at epoch {member.epoch + 1}, "
                   f"step {member.step}")
         training.append(member)
     if training:
-        diverged = _train(cohort, training, progress=options.progress, sigterm=sigterm,
-                          tracking=options.tracking, force=force)
+        diverged = _train(cohort, training, progress=options.progress and main, sigterm=sigterm,
+                          tracking=tracking, force=force)
         for member in training:
-            if member.id not in diverged:
-                results[member.id] = _finish(member, cohort.data, options.tracking, force)
+            if member.id not in diverged and main:
+                results[member.id] = _finish(member, cohort.data, tracking, force)
         if diverged:
             raise TrainingDiverged("; ".join(str(e) for e in diverged.values()))
-    return [results[spec.id] for spec in specs]
+    return [results[spec.id] for spec in specs] if main else []
 
 
 def train(spec, options: Options | None = None, force: bool = False) -> dict:
@@ -354,7 +493,7 @@ def _label(members: list[Member]) -> str:
 def _train(cohort: Cohort, members: list[Member], *, progress: bool, sigterm, tracking: bool,
            force: bool) -> dict[str, TrainingDiverged]:
     """The epochs of the members still training; returns the members that diverged."""
-    stream, arithmetic = cohort.stream, cohort.arithmetic
+    stream, arithmetic, ranks = cohort.stream, cohort.arithmetic, cohort.ranks
     steps = stream.steps_per_epoch
     # the stream starts where the member furthest behind stands, from that member's saved state
     first = min(members, key=lambda m: m.position)
@@ -383,13 +522,13 @@ def _train(cohort: Cohort, members: list[Member], *, progress: bool, sigterm, tr
                 for member in active:
                     if step == 0:
                         begin_epoch(member)
-                losses = cohort.step(x, y, active)
+                losses = cohort.step(x, y, active, cohort.loss_weight(step))
                 for member, loss in zip(active, losses):
                     try:
                         if check_every == 1:
-                            check_finite(member, loss, step)
+                            check_finite(member, loss, step, ranks)
                         elif (step + 1) % check_every == 0 or step + 1 == steps:
-                            check_finite(member, None, since[id(member)])
+                            check_finite(member, None, since[id(member)], ranks)
                             since[id(member)] = member.step
                     except TrainingDiverged as e:
                         console.say(f"error: {e}")
@@ -400,10 +539,11 @@ def _train(cohort: Cohort, members: list[Member], *, progress: bool, sigterm, tr
                 if not members:
                     break
                 bar.update(1)
-                if sigterm is not None and sigterm.raised and step + 1 < steps:
+                # SIGTERM on any rank stops every rank after the same step
+                if _stopping(sigterm, ranks) and step + 1 < steps:
                     state = stream.state(mid_epoch=True)
                     for member in members:
-                        member.save(state)
+                        _save(member, state, ranks)
                     raise Interrupted(f"epoch {epoch + 1}, step {step + 1}")
             bar.close()
             wall = time.perf_counter() - tick
@@ -411,8 +551,8 @@ def _train(cohort: Cohort, members: list[Member], *, progress: bool, sigterm, tr
             for member in members:
                 if member.position != (epoch, steps):
                     continue  # ahead of the replayed stream: this epoch is already in its history
-                row = end_epoch(member, cohort.data, wall, cohort.eval_batch_size)
-                member.save(state)
+                row = end_epoch(member, cohort.data, wall, cohort.eval_batch_size, ranks)
+                _save(member, state, ranks)
                 if tracking:
                     member.tracker.log_epochs(member.history)
                 console.say(f"[{member.id}] epoch {row['epoch']}/{cohort.epochs} lr {row['lr']:.4g} "
@@ -420,7 +560,7 @@ def _train(cohort: Cohort, members: list[Member], *, progress: bool, sigterm, tr
                       f"test err {row['test_error']:.2f}% {row['images_per_s']:.0f} img/s")
             if not members:
                 break
-            if sigterm is not None and sigterm.raised and epoch + 1 < cohort.epochs:
+            if _stopping(sigterm, ranks) and epoch + 1 < cohort.epochs:
                 raise Interrupted(f"end of epoch {epoch + 1}")
     except Interrupted as e:
         for member in members:
@@ -434,6 +574,23 @@ def _train(cohort: Cohort, members: list[Member], *, progress: bool, sigterm, tr
                 member.tracker.failed()
         raise
     return diverged
+
+
+def _stopping(sigterm, ranks: Ranks) -> bool:
+    """Whether SIGTERM (or a test's stop flag) arrived here or, in a run on several processes,
+    on any rank: every rank asks at the same points, so all stop after the same step."""
+    raised = sigterm is not None and sigterm.raised
+    return ranks.any(raised) if ranks.enabled else raised
+
+
+def _save(member: Member, stream_state: dict, ranks: Ranks) -> None:
+    """Write a member's resume state: rank 0 writes it, with every rank's own part in it."""
+    if not ranks.enabled:
+        member.save(stream_state)
+        return
+    every = ranks.gather(member.rank_state(stream_state))
+    if ranks.is_main:
+        member.save(stream_state, every)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,12 +8,13 @@ Two loaders behind one interface; a data set's record (:mod:`at.data.datasets`) 
   random draw comes from the run's generator, so a resumed run repeats an uninterrupted one
   exactly.
 - :class:`FolderData` (CUB-200-2011, MIT Indoor-67, ImageNet), decoded
-  with PIL in DataLoader workers. Workers draw from a seed taken from the run's generator each
-  epoch; a run resumed mid-epoch continues with the remaining samples of the saved order
-  (exactly reproducible only for TensorData).
+  with PIL in DataLoader workers. Each image's augmentation draws from its own seed (the
+  epoch's seed, from the run's generator, plus its position in the epoch), so the batches do
+  not depend on the number of workers and a run resumed mid-epoch continues exactly.
 
-``train_batches(perm, start_step, batch_size, generator)`` yields the batches of one epoch in
-the order ``perm``, from ``start_step`` on; ``test_batches(batch_size)`` the test set in order.
+``train_batches(perm, start_step, batch_size, generator, part=None)`` yields the batches of one
+epoch in the order ``perm``, from ``start_step`` on (with ``part = (rank, processes)``: that
+rank's slice of each batch, at.distributed.bounds, augmented as in the whole batch); ``test_batches(batch_size)`` the test set in order.
 The protocol's ``augment`` is one the data set supports (at.spec checks it).
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from at.data import augment, download
+from at.distributed import bounds
 
 USER_FOLDER = "user-folder"  # the md5 of a data set supplied as a folder (nothing to hash)
 
@@ -94,9 +96,24 @@ class TensorData:
             x = augment.random_crop_flip(x, generator, pad=4, crop=self.crop, flip=self.flip)
         return augment.normalize(x, self.mean, self.std), self.train_y[idx]
 
-    def train_batches(self, perm: torch.Tensor, start_step: int, batch_size: int, generator: torch.Generator):
+    def train_slice(self, idx: torch.Tensor, generator: torch.Generator, lo: int, hi: int):
+        """Images ``lo:hi`` of the batch ``idx``, augmented exactly as in the whole batch: the
+        crops and flips of the whole batch are drawn (the generator advances as for the whole
+        batch), and only the slice's images are gathered and augmented."""
+        x = self.train_x[idx[lo:hi]]
+        if self.crop or self.flip:
+            drawn = augment.draw_crop_flip(len(idx), generator, pad=4, crop=self.crop, flip=self.flip)
+            x = augment.apply_crop_flip(x, augment.CropFlip(drawn.offsets[lo:hi], drawn.flips[lo:hi]), pad=4)
+        return augment.normalize(x, self.mean, self.std), self.train_y[idx[lo:hi]]
+
+    def train_batches(self, perm: torch.Tensor, start_step: int, batch_size: int, generator: torch.Generator,
+                      part: tuple[int, int] | None = None):
         for start in range(start_step * batch_size, len(perm), batch_size):
-            yield self.train_batch(perm[start:start + batch_size], generator)
+            idx = perm[start:start + batch_size]
+            if part is None:
+                yield self.train_batch(idx, generator)
+            else:
+                yield self.train_slice(idx, generator, *bounds(len(idx), *part))
 
     def test_batches(self, batch_size: int):
         for i in range(0, self.n_test, batch_size):
@@ -105,6 +122,23 @@ class TensorData:
 
 
 IMAGE_SIZE = 224
+
+
+class SeededImages(torch.utils.data.Dataset):
+    """An image data set read by ``(index, seed)``: the image's random augmentation draws from
+    ``seed`` alone (torch's global generator of the worker, forked so the caller's is kept)."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.images[index]
 
 
 class FolderData:
@@ -146,10 +180,28 @@ class FolderData:
             generator=loader_generator, pin_memory=self.device.type == "cuda",
             persistent_workers=False)
 
-    def train_batches(self, perm: torch.Tensor, start_step: int, batch_size: int, generator: torch.Generator):
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        order = perm[start_step * batch_size:].cpu().tolist()
-        for x, y in self._loader(self.train_set, order, batch_size, seed):
+    def train_batches(self, perm: torch.Tensor, start_step: int, batch_size: int, generator: torch.Generator,
+                      part: tuple[int, int] | None = None):
+        """The epoch's batches (of one rank: ``part`` = (rank, processes)). Image ``i`` of the
+        epoch is augmented from its own seed, the epoch's seed plus ``i``, whichever worker (and
+        whichever rank) decodes it: so a rank's slice is the one-process batch's slice, no rank
+        decodes an image it does not train on, and the number of workers changes nothing."""
+        # The epoch's seed comes from a copy of the generator, which itself does not advance: a
+        # state saved mid-epoch (the generator after the epoch's order) gives the same seed again
+        # on resume, so an image-folder run resumes exactly too.
+        copy = torch.Generator(device=generator.device)
+        copy.set_state(generator.get_state())
+        epoch_seed = int(torch.randint(0, 2**62, (1,), generator=copy, device=generator.device))
+        order = perm.cpu().tolist()
+        batches = []
+        for start in range(start_step * batch_size, len(order), batch_size):
+            n = min(batch_size, len(order) - start)
+            lo, hi = (0, n) if part is None else bounds(n, *part)
+            batches.append([(order[start + i], epoch_seed + start + i) for i in range(lo, hi)])
+        loader = torch.utils.data.DataLoader(
+            SeededImages(self.train_set), batch_sampler=batches, num_workers=self.workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def test_batches(self, batch_size: int):

@@ -7,6 +7,11 @@ model initialisation, dropout and F-ActT projections draw from the global torch 
 two runs with the same (data set, data keys, seed) see the same batches whatever their models
 and methods: they are paired (the report's per-seed differences rely on it), and they can train
 as one cohort that computes each batch once.
+
+A run on N processes (at.distributed) reads the same stream: each rank draws every batch's order
+and augmentation as a one-process run does, and keeps its contiguous slice of the batch
+(at.distributed.bounds); the ranks' slices, concatenated in rank order, are the one-process
+batch, bit for bit.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ def check_shared_stream(specs: list) -> None:
         if spec.protocol.epochs != first.protocol.epochs:
             raise ValueError(f"runs {first.id} and {spec.id} cannot train as one cohort: "
                              f"epochs {first.protocol.epochs} and {spec.protocol.epochs}")
+        if spec.protocol.processes != first.protocol.processes:
+            # a cohort is one job: its members train data-parallel on the same processes
+            raise ValueError(f"runs {first.id} and {spec.id} cannot train as one cohort: they ask for "
+                             f"{first.protocol.processes} and {spec.protocol.processes} processes")
         if spec.protocol.precision != first.protocol.precision:
             raise ValueError(f"runs {first.id} and {spec.id} cannot train as one cohort: "
                              f"they ask for different precisions")
@@ -47,8 +56,11 @@ class DataStream:
     epoch's sample order.
     """
 
-    def __init__(self, data, seed: int, batch_size: int, device: torch.device):
+    def __init__(self, data, seed: int, batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1):
         self.data = data
+        # a data-parallel run's rank reads its slice of every batch (at.distributed); every rank
+        # holds the same generator, so all draw the same order and the same augmentation
+        self.part = (rank, world_size) if world_size > 1 else None
         self.batch_size = batch_size
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
@@ -64,8 +76,11 @@ class DataStream:
         self.perm = torch.randperm(self.data.n_train, generator=self.generator, device=self.device)
 
     def batches(self, start_step: int):
-        """The current epoch's batches from ``start_step`` on, augmented as they are drawn."""
-        return self.data.train_batches(self.perm, start_step, self.batch_size, self.generator)
+        """The current epoch's batches from ``start_step`` on, augmented as they are drawn (this
+        rank's slices of them in a data-parallel run)."""
+        if self.part is None:
+            return self.data.train_batches(self.perm, start_step, self.batch_size, self.generator)
+        return self.data.train_batches(self.perm, start_step, self.batch_size, self.generator, part=self.part)
 
     def state(self, mid_epoch: bool) -> dict:
         return {"data": self.generator.get_state(),
