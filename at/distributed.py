@@ -91,7 +91,7 @@ def rank_rng_state(seed: int, rank: int, device: torch.device) -> dict:
     """The random state (at.member's form) that a member's training steps start from on ``rank``
     > 0 (dropout): seeded with the run's seed and the rank, so that ranks draw independent
     masks for their different images. Rank 0 keeps the one-process run's state."""
-    from at.member import rng_state
+    from at.rng import rng_state
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed * 1_000_003 + rank)

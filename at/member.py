@@ -30,6 +30,7 @@ import torch
 from at import atomic, checkpoint, models
 from at.method import Objective
 from at.precision import Arithmetic
+from at.rng import rng_state
 from at.spec import Protocol, RunSpec
 
 
@@ -40,19 +41,6 @@ class TrainingDiverged(RuntimeError):
 def make_optimizer(params, protocol: Protocol, lr: float) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=lr, momentum=protocol.momentum, nesterov=protocol.nesterov,
                            weight_decay=protocol.weight_decay)
-
-
-def rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def history_csv(history: list[dict]) -> str:

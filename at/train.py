@@ -45,7 +45,8 @@ from at.data.datasets import training_data
 from at.data.download import read_source_record
 from at.data.stream import DataStream, check_shared_stream
 from at.distributed import SINGLE, Ranks
-from at.member import Member, TrainingDiverged, make_optimizer, rng_state, set_rng_state
+from at.member import Member, TrainingDiverged, make_optimizer
+from at.rng import rng_state, set_rng_state
 from at.method import Progress, TeacherOutput
 from at.precision import Arithmetic, resolve as resolve_precision
 from at.spec import RunSpec
