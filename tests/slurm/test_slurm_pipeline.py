@@ -27,7 +27,7 @@ import yaml
 from at import checkpoint, grid, params as params_io
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_pipeline import _env, copy_repository  # noqa: E402  (the same copy as the local e2e)
+from pipeline_repo import _env, copy_repository  # noqa: E402  (the same copy as the local e2e)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
