@@ -330,8 +330,8 @@ def sweep_figure(layout: TableLayout, axis: SweepAxis, cells: list[CellSummary],
     ax.set_ylabel("error minus the baseline's,\nsame seed (points)")
     ax.grid(alpha=0.3)
     legend_outside(ax)
-    set_title(fig, f"{layout.title}: {layout.rows[axis.row]['label']}, paired difference to the "
-                   f"baseline against {axis.key}")
+    set_title(fig, labels.mathtext(f"{layout.title}: {layout.rows[axis.row]['label']}, paired difference "
+                                   f"to the baseline against {axis.key}"))
     set_footer(fig, footer)
     return fig
 
