@@ -80,9 +80,12 @@ def train_params(params: dict, run: dict) -> list[str]:
 
     Only these, not the whole profile: changing a profile's tables, resources or not_run
     reasons must not re-run trainings whose spec did not change. Everything else in the spec
-    (models, weights, seed, teacher) is spelled in the run id, so in the stage name.
+    (models, weights, seed, teacher) is spelled in the run id, so in the stage name. So is a
+    sweep's value (at.sweep: ``at-sum-p4/beta=300``); its run depends on the method it changes
+    (``method_base``), whose every other key stays as params.yaml has it. The table's sweep list
+    is not a parameter: adding a value adds a stage, and must not re-run the other values'.
     """
-    keys = [f"methods.{run['method_name']}", f"protocols.{run['protocol_name']}",
+    keys = [f"methods.{run['method_base']}", f"protocols.{run['protocol_name']}",
             f"data.{run['dataset']}.num_classes"]
     if "protocol" in (params["profiles"][run["profile"]] or {}):
         keys.append(f"profiles.{run['profile']}.protocol")

@@ -12,7 +12,7 @@ import copy
 import re
 from pathlib import Path
 
-from at import models, names, schema
+from at import models, names, schema, sweep as sweeps
 from at.data import datasets as data_sets
 from at.errors import ParamsError
 from at.method import requires_teacher
@@ -23,6 +23,7 @@ RUNS_ROOT = "runs"
 RESULTS_ROOT = "results"
 CELL_KEYS = {"dataset", "protocol", "student", "teacher", "method", "train", "weights",
              "teacher_weights", "metric"}
+ROW_KEYS = CELL_KEYS | {"sweep"}   # a row may sweep a key of its method (at.sweep)
 
 
 def _fail(key: str, problem: str, allowed=None) -> ParamsError:
@@ -91,6 +92,14 @@ def _validate_references(params: dict) -> None:
                 cell = _cell(params, table_name, row, column)
                 _check_augment(f"tables.{table_name} cell ({row}, {column})", cell["dataset"],
                                protocols[cell["protocol"]])
+        for row in table.get("rows") or {}:
+            # a sweep's rows are named by the key and values: the same in every column
+            added = {column: [r for r, _ in cells_of(params, table_name, row, column)]
+                     for column in table.get("columns") or {}}
+            if len({tuple(rows) for rows in added.values()}) > 1:
+                raise _fail(f"tables.{table_name}.rows.{row}.sweep",
+                            "the key names a different term in different columns: write term.key "
+                            f"(rows per column: {added})")
         for model in table.get("teachers") or []:
             if not models.is_known(model):
                 raise _fail(f"tables.{table_name}.teachers", f"unknown model {model!r}; allowed: "
@@ -119,11 +128,11 @@ def _cell(params: dict, table_name: str, row: str, column: str) -> dict:
     """The merged definition of one cell, checked: {dataset, protocol, model, teacher, ...}."""
     table = params["tables"][table_name]
     key = f"tables.{table_name} cell ({row}, {column})"
-    for part, where in ((table["rows"][row], f"tables.{table_name}.rows.{row}"),
-                        (table["columns"][column], f"tables.{table_name}.columns.{column}")):
-        _check_keys(where, part or {}, CELL_KEYS)
+    for part, where, allowed in ((table["rows"][row], f"tables.{table_name}.rows.{row}", ROW_KEYS),
+                                 (table["columns"][column], f"tables.{table_name}.columns.{column}", CELL_KEYS)):
+        _check_keys(where, part or {}, allowed)
     cell = {k: v for k, v in table.items() if k in CELL_KEYS}
-    cell.update(table["rows"][row] or {})
+    cell.update({k: v for k, v in (table["rows"][row] or {}).items() if k in CELL_KEYS})
     cell.update(table["columns"][column] or {})
     data, protocols, methods = params.get("data") or {}, params.get("protocols") or {}, params.get("methods") or {}
     for k in ("dataset", "protocol", "student", "method"):
@@ -155,7 +164,50 @@ def _cell(params: dict, table_name: str, row: str, column: str) -> dict:
     return {"dataset": cell["dataset"], "protocol": cell["protocol"], "model": trained,
             "weights": cell.get("weights"), "teacher": teacher,
             "teacher_weights": cell.get("teacher_weights") if teacher else None,
-            "method": cell["method"], "metric": cell.get("metric", "top1")}
+            "method": cell["method"], "method_spec": methods[cell["method"]],
+            "metric": cell.get("metric", "top1")}
+
+
+def row_sweep(params: dict, table_name: str, row: str, column: str) -> sweeps.Sweep | None:
+    """The sweep a row declares (at.sweep), resolved against the method of its cell in
+    ``column``; None where the row sweeps nothing."""
+    declared = (params["tables"][table_name]["rows"][row] or {}).get("sweep")
+    if declared is None:
+        return None
+    cell = _cell(params, table_name, row, column)
+    try:
+        return sweeps.resolve(f"tables.{table_name}.rows.{row}.sweep", row, cell["method"],
+                              cell["method_spec"], declared)
+    except ValueError as e:
+        raise ParamsError(str(e)) from None
+
+
+def table_rows(params: dict, table_name: str, rows: list[str]) -> list[str]:
+    """``rows`` of a table with, after each row that sweeps, the rows its values add
+    (sum-p4, sum-p4/beta=100, sum-p4/beta=300, ...): the rows of the table's report."""
+    table = params["tables"][table_name]
+    out = []
+    for row in rows:
+        out.append(row)
+        found = row_sweep(params, table_name, row, next(iter(table["columns"])))
+        if found is not None:
+            out += [found.row_of(value) for value in found.values]
+    return out
+
+
+def cells_of(params: dict, table_name: str, row: str, column: str) -> list[tuple[str, dict]]:
+    """(row, cell) of one declared row in one column: the row's own cell, then one per value of
+    its sweep, whose method is the swept one (``method`` its name in run ids, ``method_spec``
+    its terms)."""
+    cell = _cell(params, table_name, row, column)
+    found = row_sweep(params, table_name, row, column)
+    out = [(row, cell)]
+    for value in found.values if found is not None else ():
+        out.append((found.row_of(value), {
+            **cell, "method": found.method_name_of(cell["method_spec"], value),
+            "method_spec": found.method(cell["method_spec"], value),
+            "swept": found.method_name}))
+    return out
 
 
 def _segment(dataset: str, protocol: str) -> str:
@@ -216,7 +268,9 @@ def runs(params: dict, profile: str | None = None) -> list[dict]:
             "id": rid, "profile": profile, "dataset": cell["dataset"], "protocol_name": cell["protocol"],
             "student": cell["model"], "weights": cell["weights"], "teacher": cell["teacher"],
             "teacher_weights": cell["teacher_weights"], "teacher_run": None,
-            "method_name": cell["method"], "seed": seed,
+            "method_name": cell["method"], "method": copy.deepcopy(cell["method_spec"]),
+            # the params.yaml method a sweep's run changes (at.sweep); its own name otherwise
+            "method_base": cell.get("swept", cell["method"]), "seed": seed,
             "out_dir": names.inside(RUNS_ROOT, f"{RUNS_ROOT}/{profile}/{rid}"), "cells": [],
         })
         if table is not None:
@@ -226,11 +280,11 @@ def runs(params: dict, profile: str | None = None) -> list[dict]:
     for table in _tables_of(params, profile):
         spec = params["tables"][table]
         seeds = prof.get("seeds") or spec.get("seeds") or params["seeds"]
-        for row in rows_of(params, profile, table):
+        for declared in rows_of(params, profile, table):
             for column in spec["columns"]:
-                cell = _cell(params, table, row, column)
-                for seed in seeds:
-                    add(cell, seed, table, row, column)
+                for row, cell in cells_of(params, table, declared, column):
+                    for seed in seeds:
+                        add(cell, seed, table, row, column)
 
     # every student's teacher must be a run that some cell of the grid trains
     trained_anywhere = _all_trained_cells(params)
@@ -239,7 +293,7 @@ def runs(params: dict, profile: str | None = None) -> list[dict]:
             continue  # no teacher, or a pretrained one used as it is (ImageNet): no teacher run
         teacher_cell = {"dataset": run["dataset"], "protocol": run["protocol_name"], "model": run["teacher"],
                         "weights": run["weights"], "teacher": None, "teacher_weights": None,
-                        "method": "baseline", "metric": "top1"}
+                        "method": "baseline", "method_spec": params["methods"]["baseline"], "metric": "top1"}
         key = (run["dataset"], run["protocol_name"], run["teacher"], run["weights"])
         if key not in trained_anywhere:
             cell = run["cells"][0]
@@ -408,7 +462,7 @@ def run_spec(params: dict, run: str | dict, profile: str | None = None) -> RunSp
         "student": r["student"], "weights": r["weights"],
         "teacher": r["teacher"], "teacher_weights": r["teacher_weights"],
         "teacher_checkpoint": teacher_checkpoint(params, r),
-        "method_name": r["method_name"], "method": params["methods"][r["method_name"]],
+        "method_name": r["method_name"], "method": r["method"],
         "seed": r["seed"], "out_dir": r["out_dir"],
         "num_classes": params["data"][r["dataset"]]["num_classes"],
         "protocol": protocol_of(params, r).to_dict(), "profile": r["profile"],

@@ -95,11 +95,22 @@ CELL_PROPERTIES = {
     "metric": {"enum": ["top1", "top5"]},
 }
 CELL_SCHEMA = {"type": ["object", "null"], "properties": CELL_PROPERTIES, "additionalProperties": False}
+# A row may sweep one key of a term of its method over values (at.sweep checks that the method
+# has the key and that each value passes the term's own check): {beta: [100, 300]}, {at.beta: ...}
+SWEEP_EXPECT = "a mapping of one term key (key or term.key) to a non-empty list of distinct numbers or names"
+SWEEP_SCHEMA = {
+    "type": "object", "minProperties": 1, "maxProperties": 1, "x-expect": SWEEP_EXPECT,
+    "propertyNames": {"type": "string", "pattern": r"^([A-Za-z_][A-Za-z0-9_-]*\.)?[A-Za-z_][A-Za-z0-9_]*$",
+                      "x-expect": "a term key: key or term.key (e.g. beta, at.beta)"},
+    "additionalProperties": {"type": "array", "minItems": 1, "x-expect": SWEEP_EXPECT,
+                             "items": {"type": ["number", "string"], "x-expect": "a number or a name"}},
+}
+ROW_SCHEMA = {**CELL_SCHEMA, "properties": {**CELL_PROPERTIES, "sweep": SWEEP_SCHEMA}}
 TABLE_SCHEMA = {
     "type": "object", "additionalProperties": False, "required": ["rows", "columns"],
     "properties": {
         **CELL_PROPERTIES,
-        "rows": _named(CELL_SCHEMA, minProperties=1),
+        "rows": _named(ROW_SCHEMA, minProperties=1),
         "columns": _named(CELL_SCHEMA, minProperties=1),
         "seeds": SEEDS,
         # models whose baseline runs the students learn from, without a cell in the paper

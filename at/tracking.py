@@ -327,7 +327,11 @@ def _dataset_input(name: str, folder: str, md5: str):
 def run_name(spec) -> str:
     """A training run's MLflow name: what tells runs apart first (method, seed), then the rest of
     the id, so that names cut short in the runs table stay distinguishable
-    ("at-sum-p2 seed0 | cifar10/wrn-16-1_from_wrn-16-2"). The id itself is the tag at.run_id."""
+    ("at-sum-p2 seed0 | cifar10/wrn-16-1_from_wrn-16-2"; a sweep's method keeps its value:
+    "at-sum-p2/beta=300 seed0 | ..."). The id itself is the tag at.run_id."""
+    suffix = f"/{spec.method_name}/seed{spec.seed}"
+    if spec.id.endswith(suffix) and len(spec.id) > len(suffix):
+        return f"{spec.method_name} seed{spec.seed} | {spec.id[:-len(suffix)]}"
     parts = spec.id.split("/")
     if len(parts) >= 3 and parts[-1] == f"seed{spec.seed}":
         return f"{parts[-2]} {parts[-1]} | {'/'.join(parts[:-2])}"

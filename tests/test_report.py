@@ -75,7 +75,9 @@ def make_context(params=None, refs=None, **changes):
     params = params or real_params()
     context = {"profile": "smoke", "description": DESC, "footer": FOOTER, "tables": grid_tables(params),
                "references": refs if refs is not None else references.load(REPO / "references.yaml"),
-               "not_run": {"table4": "CUB and Scenes are not downloaded in the smoke profile"},
+               "not_run": {"table4": "CUB and Scenes are not downloaded in the smoke profile",
+                           # its sweep's report: tests/test_sweep.py
+                           "beta-sweep": "run by the sweep-smoke profile only"},
                "data_md5": {"cifar10": CIFAR_MD5, "imagenet": "user-folder"}}
     context.update(changes)
     return context

@@ -9,7 +9,7 @@ from typing import Sequence
 from at import atomic
 from at.report import attention_maps, figures
 from at.report.cells import CellSummary, summarize
-from at.report.figures import FIG_ATTENTION, FIG_BARS, FIG_CURVES, FIG_PAIRED, save_figure
+from at.report.figures import FIG_ATTENTION, FIG_BARS, FIG_CURVES, FIG_PAIRED, FIG_SWEEP, save_figure
 from at.report.inputs import (Context, ReportInputError, RunResult, load_runs, validate_context,
                               validate_runs)
 from at.report.tables import table_csv, table_latex, table_markdown
@@ -120,6 +120,23 @@ def _attention_figure(summaries, context: Context, out: Path, written: list, dra
         drawn.append((FIG_ATTENTION, caption, note))
 
 
+def _sweep_figure(name: str, axis, summaries, context: Context, out: Path, written: list, drawn: list,
+                  skipped: list) -> None:
+    layout = context.tables[name]
+    caption = f"{layout.title}: {layout.rows[axis.row]['label']}, sweep of {axis.key}"
+    if not any(figures.sweep_points(axis, column, summaries[name]) for column in layout.columns):
+        skipped.append((caption, "no value of the sweep has a finished run paired with its "
+                                 "baseline's run of the same seed"))
+        return
+    stem = FIG_SWEEP.format(table=name, row=axis.row)
+    written += save_figure(figures.sweep_figure(layout, axis, summaries[name], context.footer), out, stem)
+    drawn.append((stem, caption,
+                  f"Dots: mean over seeds of our error minus the baseline's of the same seed, per value "
+                  f"of {axis.key} (the other keys as the method has them); whiskers: 95% Student-t "
+                  "interval (none for one pair); open diamond: the reference's difference, at the "
+                  f"method's own {axis.key} (none where either reference number is missing)."))
+
+
 def _figures(summaries, context: Context, out: Path, written: list, drawn: list,
              skipped: list) -> None:
     """Per table the profile runs, in order: its curves, (Table 1) its bars, its paired
@@ -138,6 +155,8 @@ def _figures(summaries, context: Context, out: Path, written: list, drawn: list,
             skipped.append((caption, "no finished top-1 run of this table has a history.csv"))
         if name == TABLE1:
             _bars_figure(summaries, context, out, written, drawn)
+        for axis in layout.sweeps:
+            _sweep_figure(name, axis, summaries, context, out, written, drawn, skipped)
         caption = f"{layout.title}: paired difference to the baseline"
         if not figures.paired_rows(summaries[name]):
             skipped.append((caption, "no cell of this table has a finished run paired with its "

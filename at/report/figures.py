@@ -13,7 +13,7 @@ from at import atomic
 from at.report import labels
 from at.report.cells import CellSummary
 from at.report.inputs import DEFAULT_METRIC, ReportInputError
-from at.report.layout import TableLayout
+from at.report.layout import SweepAxis, TableLayout
 from at.report.tables import mean_text
 
 # Figure output stems (each written as .png and .pdf).
@@ -21,6 +21,7 @@ FIG_CURVES = "fig_curves_{table}"   # one per table with a finished run's histor
 FIG_BARS = "fig_bars_table1"
 FIG_ATTENTION = "fig_attention_maps"
 FIG_PAIRED = "fig_paired_{table}"   # one per table
+FIG_SWEEP = "fig_sweep_{table}_{row}"   # one per row that sweeps a key (at.sweep)
 
 _PNG_DPI = 100
 # Without these, matplotlib stamps the creation date and its version into the files.
@@ -262,6 +263,75 @@ def paired_figure(layout: TableLayout, cells: list[CellSummary], footer: str):
     ax.grid(axis="x", alpha=0.3)
     legend_outside(ax)
     set_title(fig, f"{layout.title}: paired difference to the baseline")
+    set_footer(fig, footer)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps: the paired difference against the swept value
+
+
+def sweep_points(axis: SweepAxis, column: str, cells: list[CellSummary]) -> list[tuple[object, CellSummary]]:
+    """(value, cell) of one sweep in one column, for the values with at least one seed paired."""
+    by_key = {(c.row, c.column): c for c in cells}
+    return [(value, by_key[(row, column)]) for value, row in axis.values
+            if (row, column) in by_key and by_key[(row, column)].paired is not None
+            and by_key[(row, column)].paired.mean is not None]
+
+
+def sweep_log_axis(values) -> bool:
+    """A log x axis where the swept values are positive numbers spanning a decade or more."""
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return len(numbers) == len(values) and min(numbers) > 0 and max(numbers) / min(numbers) >= 10
+
+
+def sweep_figure(layout: TableLayout, axis: SweepAxis, cells: list[CellSummary], footer: str):
+    """One sweep: our paired Δ to the baseline (95% CI) against the swept value, a line per
+    column, with the reference's Δ at the method's own value (the paper's cell, the swept row)."""
+    from at.sweep import value_text
+
+    values = [v for v, _ in axis.values]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    # names (a mapping, a schedule) sit at even steps in params.yaml's order
+    where = (lambda v: v) if numeric else (lambda v: values.index(v) if v in values else None)
+    by_key = {(c.row, c.column): c for c in cells}
+    fig = new_figure(8, 4.2)
+    ax = fig.subplots()
+    ax.axhline(0.0, color="gray", linewidth=1)
+    colors = _colors(list(layout.columns))
+    drawn = 0
+    for column, label in layout.columns.items():
+        points = sweep_points(axis, column, cells)
+        suffix = f", {label}" if len(layout.columns) > 1 else ""
+        if points:
+            drawn += 1
+            x = [where(v) for v, _ in points]
+            means = [c.paired.mean for _, c in points]
+            ax.plot(x, means, "o-", color=colors[column], label=labels.mathtext(f"ours: mean paired Δ{suffix}"))
+            ci = [(xi, c) for xi, (_, c) in zip(x, points) if c.paired.ci_low is not None]
+            if ci:
+                ax.errorbar([xi for xi, _ in ci], [c.paired.mean for _, c in ci],
+                            yerr=[[c.paired.mean - c.paired.ci_low for _, c in ci],
+                                  [c.paired.ci_high - c.paired.mean for _, c in ci]],
+                            fmt="none", ecolor=colors[column], capsize=3)
+        swept = by_key.get((axis.row, column))
+        if swept is not None and swept.paired is not None and swept.paired.reference is not None \
+                and where(axis.own) is not None:
+            ax.plot([where(axis.own)], [swept.paired.reference], "D", color="tab:red", markerfacecolor="none",
+                    markersize=8, label=labels.mathtext(f"reference Δ at its {axis.key} = {value_text(axis.own)}{suffix}"))
+    if not drawn:
+        raise ValueError(f"{layout.name}: no value of the sweep of row {axis.row} has a finished run "
+                         "paired with its baseline")
+    if numeric and sweep_log_axis(values):
+        ax.set_xscale("log")
+    ax.set_xticks([where(v) for v in values], [value_text(v) for v in values])
+    ax.minorticks_off()
+    ax.set_xlabel(f"{axis.key} (swept)" + (", log scale" if ax.get_xscale() == "log" else ""))
+    ax.set_ylabel("error minus the baseline's,\nsame seed (points)")
+    ax.grid(alpha=0.3)
+    legend_outside(ax)
+    set_title(fig, labels.mathtext(f"{layout.title}: {layout.rows[axis.row]['label']}, paired difference "
+                                   f"to the baseline against {axis.key}"))
     set_footer(fig, footer)
     return fig
 
