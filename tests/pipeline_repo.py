@@ -178,3 +178,14 @@ def dvc_stages(root: Path, profile: str) -> list[dict]:
                 "cached": sorted(o.def_path for o in outs if o.use_cache),
             })
     return stages
+
+
+def _train_jobs(jobs: list[dict]) -> dict[str, dict]:
+    """Snakemake's training jobs by the cohort they train (one job per cohort)."""
+    found = {}
+    for job in jobs:
+        if job["rule"].startswith("train_"):
+            cohort = _option(_argv(job["shell"]), "--cohort")
+            assert cohort not in found, f"cohort {cohort} has two jobs"
+            found[cohort] = job
+    return found

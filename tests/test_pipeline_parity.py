@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 from in_process import run_cli
-from pipeline_repo import REPO, _argv, _env, _option, _sh, _without, copy_repository, dvc_stages, parse_dry_run
+from pipeline_repo import (REPO, _argv, _env, _option, _sh, _train_jobs, _without, copy_repository, dvc_stages,
+                           parse_dry_run)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -44,17 +45,6 @@ def grid_paper_runs(paper_copy) -> list[dict]:
 @pytest.fixture(scope="module")
 def grid_paper_cohorts(paper_copy) -> list[dict]:
     return json.loads(run_cli(["runs", "--profile", "paper", "--cohorts", "--json"], paper_copy).stdout)
-
-
-def _train_jobs(jobs: list[dict]) -> dict[str, dict]:
-    """Snakemake's training jobs by the cohort they train (one job per cohort)."""
-    found = {}
-    for job in jobs:
-        if job["rule"].startswith("train_"):
-            cohort = _option(_argv(job["shell"]), "--cohort")
-            assert cohort not in found, f"cohort {cohort} has two jobs"
-            found[cohort] = job
-    return found
 
 
 def test_snakemake_dry_run_trains_every_run_of_the_grid_in_cohorts(snakemake_paper_jobs, grid_paper_runs,

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from at import dvc_pipeline, grid, references, report, tracking
@@ -200,7 +199,7 @@ def test_dvc_stage_of_a_sweep_run_depends_on_its_method_and_names_its_value(para
 
 
 def test_snakemake_plans_the_sweep_s_cohorts(tmp_path):
-    from test_pipeline import _sh, _train_jobs, copy_repository, parse_dry_run
+    from pipeline_repo import _sh, _train_jobs, copy_repository, parse_dry_run
 
     repo = copy_repository(tmp_path / "repo")
     done = _sh(["snakemake", "--snakefile", "workflow/Snakefile", "--config", f"profile={PROFILE}",
