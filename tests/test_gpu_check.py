@@ -72,13 +72,15 @@ def test_the_tests_step_selects_the_cuda_tests(tmp_path):
     # collected from the files that hold the CUDA tests and one that holds none (collecting the
     # whole suite costs half a minute of imports and proves nothing more)
     assert str(REPO / "tests") in command
-    files = [str(REPO / "tests" / name) for name in ("test_cuda_cohort.py", "test_augment.py", "test_benchmark.py")]
+    files = [str(REPO / "tests" / name)
+             for name in ("test_cuda_cohort.py", "test_augment.py", "test_cuda_distributed.py", "test_benchmark.py")]
     narrowed = [part if part != str(REPO / "tests") else files[0] for part in command] + files[1:]
     collected = subprocess.run([*narrowed, "--collect-only"], cwd=REPO, capture_output=True, text=True,
                                timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
     ids = [line for line in collected.stdout.splitlines() if "::" in line]
     assert "tests/test_cuda_cohort.py::test_a_cohort_killed_on_the_gpu_resumes_every_member" in ids, collected.stdout
     assert any(i.startswith("tests/test_augment.py::test_cuda_batch_matches_the_reference") for i in ids)
+    assert "tests/test_cuda_distributed.py::test_two_gpus_with_nccl_and_sync_bn_follow_the_one_gpu_run" in ids
     assert not any("test_benchmark" in i for i in ids), "only tests marked cuda"
 
 
