@@ -276,9 +276,6 @@ def cmd_dvc(args) -> int:
 
     params, profile = _validated(args)
     profiles = [profile] if args.profile else None
-    if dvc_pipeline.DATA in params["profiles"]:
-        raise params_mod.ParamsError(f"{args.params}: profiles.{dvc_pipeline.DATA}: the name of the download "
-                          f"stages' folder ({dvc_pipeline.pipeline_file(dvc_pipeline.DATA)}): rename the profile")
     wanted = dvc_pipeline.files(params, profiles)
     if args.check:
         stale = [str(path) for path, text in wanted.items() if not path.is_file() or path.read_text() != text]

@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from at import grid
+from at.errors import ParamsError
 from at.data.download import SOURCE_RECORD
 
 ROOT = "pipelines"
@@ -181,6 +182,9 @@ def render_data(params: dict) -> str:
 
 def files(params: dict, profiles: list[str] | None = None) -> dict[Path, str]:
     """Every pipeline file and its text: the data file, then one per profile (all by default)."""
+    if DATA in params["profiles"]:
+        raise ParamsError(f"profiles.{DATA}: the name of the download stages' folder "
+                          f"({pipeline_file(DATA)}): rename the profile")
     out = {pipeline_file(DATA): render_data(params)}
     for profile in profiles or list(params["profiles"]):
         out[pipeline_file(profile)] = render(params, profile)

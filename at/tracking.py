@@ -70,7 +70,7 @@ EXPERIMENT_KIND = "custom_model_development"
 # gives. The order stays MLflow's (by creation), which keeps each cell's seeds nested under it.
 RUNS_VIEW_KEY = "at-runs"
 RUNS_VIEW = {"selectedColumns": ["metrics.`test_error`", "metrics.`std`", "metrics.`n`"],
-             "columnWidths": {"attributes.`Run Name`": 330}, "runsHiddenMode": "SHOW_ALL"}
+             "runsHiddenMode": "SHOW_ALL"}
 
 # MLflow's HTTP client retries a failed request up to 7 times with exponential backoff and
 # waits up to 120 s per request: wrapped in our retries that is close to an hour before an
@@ -588,10 +588,9 @@ def record_cells(profile: str, cells: list[dict], report_dir: Path | None = None
     for cell in sorted(cells, key=cell_key):
         for rid in cell["run_ids"]:
             cells_of_run.setdefault(rid, []).append(cell_key(cell))
-    for rid, keys in sorted(cells_of_run.items()):
+    for rid, keys in cells_of_run.items():
         if rid in seeds:   # else not finished (or not tracked in this store): nothing to nest
             seeds[rid].data.tags[CELLS_TAG] = json.dumps(keys)   # read by the cells' descriptions
-            _retry(client.log_batch, seeds[rid].info.run_id, tags=[RunTag(CELLS_TAG, json.dumps(keys))])
     for cell in sorted(cells, key=cell_key):
         key = cell_key(cell)
         name = cell_name(cell)
@@ -610,9 +609,11 @@ def record_cells(profile: str, cells: list[dict], report_dir: Path | None = None
             stats["test_error"] = cell["mean"]
         _retry(client.log_batch, parents[key], metrics=[Metric(k, float(v), now, 0) for k, v in stats.items()])
         _retry(client.set_terminated, parents[key], "FINISHED")
+    # each seed's run once: the cells it counts in, and the first of them as its parent
     for rid, keys in sorted(cells_of_run.items()):
         if rid in seeds:
-            _retry(client.log_batch, seeds[rid].info.run_id, tags=[RunTag(PARENT_TAG, parents[keys[0]])])
+            _retry(client.log_batch, seeds[rid].info.run_id,
+                   tags=[RunTag(CELLS_TAG, json.dumps(keys)), RunTag(PARENT_TAG, parents[keys[0]])])
     lone = sorted(rid for rid in outside_cells if rid in seeds and rid not in cells_of_run)
     if lone:
         group = _group_run(client, experiment_id, "teachers", "teachers (in no table cell)")

@@ -17,9 +17,9 @@ from torch import nn
 
 from at import dvc_pipeline, grid, references, report, tracking
 from at.method import Objective, Progress, resolve_method
-from at.params import ParamsError
 from at.report import cells, figures, inputs
 from at.report.layout import grid_tables
+from test_grid import _assert_names, _error
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = "sweep-smoke"
@@ -30,15 +30,6 @@ STUDENT_RUN = "cifar10/wrn-16-1/baseline/seed0"
 TEACHER_RUN = "cifar10/wrn-16-2/baseline/seed0"
 
 
-def _error(params: dict) -> str:
-    with pytest.raises(ParamsError) as info:
-        grid.validate(params)
-    return str(info.value)
-
-
-def _assert_names(message: str, *fragments: str) -> None:
-    missing = [f for f in fragments if f not in message]
-    assert not missing, f"error message lacks {missing}: {message}"
 
 
 def _row(params: dict) -> dict:
