@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from at import atomic, checkpoint, models
+from at import atomic, checkpoint, models, precision
 from at.method import Objective
 from at.precision import Arithmetic
 from at.rng import rng_state
 from at.spec import Protocol, RunSpec
+from at.tracking import git_commit
 
 
 class TrainingDiverged(RuntimeError):
@@ -190,6 +191,10 @@ class Member:
             "train_size": data.n_train,
             "test_size": data.n_test,
             "precision": self.arithmetic.precision,
+            # the run's provenance in its own record (results/runs/, at.records): the code that
+            # wrote these numbers and what computed them
+            "git_commit": git_commit(),
+            "machine": precision.machine(self.arithmetic.device),
         }
 
     def write_outputs(self, data) -> dict:

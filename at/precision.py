@@ -37,6 +37,23 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set()
 
 
+def machine(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """What computed a run, in words, for its record: the GPU's name, or the CPU's model and the
+    threads torch used (speeds differ ~3x between the CPUs a run may land on)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "unknown CPU"
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    native = ", native bf16" if cpu_has_native_bf16() else ""
+    return f"{model} ({torch.get_num_threads()} threads{native})"
+
+
 def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
     flags = cpu_flags() if flags is None else flags
     return any(flag in flags for flag in NATIVE_BF16_CPU_FLAGS)

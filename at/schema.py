@@ -41,11 +41,16 @@ NAMES = {"type": "array", "items": {"type": "string"}, "x-expect": "a list of na
 # A name that becomes part of a path (runs/<profile>/<run id>/, results/<profile>/<table>.md, an
 # MLflow run name): at.names says why and which.
 NAME = {"type": "string", "pattern": NAME_PATTERN, "x-expect": f"a name of {NAME_RULE}"}
+# Methods, protocols, data sets and profiles are also keys of DVC params paths
+# (`methods.kd.terms`, at.dvc_pipeline.train_params), which DVC splits at every dot.
+DVC_KEY_NAME = {"type": "string", "pattern": NAME_PATTERN.replace("_.+=-", "_+=-"),
+                "x-expect": f"a name of {NAME_RULE.replace('_ . + = -', '_ + = -')} (no dot: DVC "
+                            "splits its params paths at dots)"}
 
 
-def _named(values: dict, **extra) -> dict:
+def _named(values: dict, names: dict = NAME, **extra) -> dict:
     """An object whose keys are names (:data:`NAME`) and whose values are ``values``."""
-    return {"type": "object", "propertyNames": NAME, "additionalProperties": values, **extra}
+    return {"type": "object", "propertyNames": names, "additionalProperties": values, **extra}
 
 # A protocol's keys with their types and ranges and, for the optional ones, their defaults: the
 # one place where a default of the training protocol lives (at.spec.Protocol fills them in).
@@ -154,16 +159,16 @@ PARAMS_SCHEMA = {
         "default_profile": NAME,
         "plugins": PLUGINS,
         "seeds": SEEDS,
-        "data": _named(DATA_SCHEMA),
-        "protocols": _named(PROTOCOL_SCHEMA),
+        "data": _named(DATA_SCHEMA, DVC_KEY_NAME),
+        "protocols": _named(PROTOCOL_SCHEMA, DVC_KEY_NAME),
         # a method's terms are checked by at.method.validate_method (their keys depend on the type)
         "methods": _named({
             "type": "object", "required": ["terms"], "additionalProperties": False,
             "properties": {"terms": {"type": "array", "minItems": 1, "items": {"type": "object"}},
-                           "plugins": PLUGINS}}),
+                           "plugins": PLUGINS}}, DVC_KEY_NAME),
         "tables": _named(TABLE_SCHEMA),
         "resources": {"type": "object", "additionalProperties": False, "properties": {"train": RESOURCES_SCHEMA}},
-        "profiles": _named(PROFILE_SCHEMA, minProperties=1),
+        "profiles": _named(PROFILE_SCHEMA, DVC_KEY_NAME, minProperties=1),
         # runs sharing a data stream train in one process (at.grid.cohorts)
         "cohort": {"type": "object", "additionalProperties": False, "properties": {"max_size": POSITIVE_INT}},
     },

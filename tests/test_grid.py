@@ -65,13 +65,23 @@ def test_unknown_mapping_names_the_method_and_the_mappings(params):
 
 def test_unknown_default_profile_names_the_key_and_the_profiles(params):
     params["default_profile"] = "fast"
-    _assert_names(_error(params), "default_profile", "'fast'", "allowed: ci, mini, paper, smoke")
+    _assert_names(_error(params), "default_profile", "'fast'",
+                  "allowed: " + ", ".join(sorted(params["profiles"])))
 
 
 def test_unknown_profile_asked_for_names_the_profiles(params):
     with pytest.raises(ParamsError) as info:
         grid.runs(params, "fast")
-    _assert_names(str(info.value), "'fast'", "profiles", "ci, mini, paper, smoke")
+    _assert_names(str(info.value), "'fast'", "profiles", ", ".join(sorted(params["profiles"])))
+
+
+@pytest.mark.parametrize("section", ["methods", "protocols", "profiles", "data"])
+def test_a_name_that_dvc_would_split_is_refused(params, section):
+    # a method `kd-alpha0.5` would be the DVC params path methods.kd-alpha0.5: DVC reads
+    # methods -> kd-alpha0 -> 5, and every stage of its runs would fail to find its params
+    params[section]["kd-alpha0.5" if section != "data" else "cifar10.mini"] = copy.deepcopy(
+        next(iter(params[section].values())))
+    _assert_names(_error(params), section, "no dot", "DVC")
 
 
 def test_unknown_table_in_a_profile_is_refused(params):
