@@ -200,30 +200,50 @@ def cmd_runs(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from at import grid, provenance, references, report
-    from at.report.inputs import expected_data_md5
+    """Export the records of the runs finished here (at.records), then render the report from
+    the records alone; --records-only renders the committed records without reading runs/ or
+    touching MLflow."""
+    from at import grid, provenance, records, references, report
     from at.report.layout import grid_tables
 
     from at import tracking
 
     params, profile = _validated(args)
-    tracking.check_store()   # before results/ is rewritten: a store that fails leaves it as it was
-    runs = grid.runs(params, profile)
+    if not args.records_only:
+        tracking.check_store()   # before results/ is rewritten: a store that fails leaves it as it was
+        exported = records.export(params, profile, attention_run=_attention_run(params, profile))
+        print(f"records: {len(exported.written)} written, {len(exported.kept)} kept from earlier, "
+              f"{len(exported.removed)} removed (no longer in params.yaml) in {records.root(profile)}")
+    runs = records.runs(params, profile)
     context = {"profile": profile, "description": provenance.describe(params, profile, runs),
                "footer": provenance.footer(params, profile, runs),
                "full_scale": provenance.full_scale(params, profile, runs),
                "purpose": (params["profiles"][profile] or {}).get("purpose"),
                "not_run": grid.not_run(params, profile), "tables": grid_tables(params, profile),
                "references": references.load(args.references or references.path_beside(args.params)),
-               "data_md5": {d: expected_data_md5(d, grid.data_dir(d, params)) for d in sorted({r["dataset"] for r in runs})}}
+               "data_md5": provenance.data_md5(runs)}
     # each run with its protocol's planned epochs: the report refuses a metrics.json that differs
     planned = [{**run, "epochs": grid.protocol_of(params, run).epochs} for run in runs]
-    written = report.render(planned, grid.report_dir(profile), context)
-    print(f"report: {len(written)} files in {grid.report_dir(profile)}")
-    parents = tracking.record_cells(profile, _cell_summaries(runs, written), Path(grid.report_dir(profile)),
+    out = args.out or grid.report_dir(profile)
+    written = report.render(planned, out, context)
+    print(f"report: {len(written)} files in {out}")
+    if args.records_only:
+        return 0
+    parents = tracking.record_cells(profile, _cell_summaries(runs, written), Path(out),
                                     outside_cells=[run["id"] for run in runs if not run["cells"]])
     print(f"MLflow: {len(parents)} cell runs and the report in experiment {tracking.experiment_name(profile)!r}")
     return 0
+
+
+def _attention_run(params: dict, profile: str) -> str | None:
+    """The run whose attention maps the report draws: the lowest seed's of Table 1's AT cell."""
+    from at import grid
+    from at.report.attention_maps import ATTENTION_METHOD, ATTENTION_PAIR
+
+    wanted = {"table": "table1", "row": ATTENTION_PAIR, "column": ATTENTION_METHOD}
+    found = sorted((run["seed"], run["id"]) for run in grid.runs(params, profile)
+                   if any({k: c[k] for k in wanted} == wanted for c in run["cells"]))
+    return found[0][1] if found else None
 
 
 def _cell_summaries(runs: list[dict], written: list) -> list[dict]:
@@ -370,6 +390,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("report", help="render the tables and figures of the grid into results/<profile>")
     p.add_argument("--profile", help="grid profile (default: params.yaml's default_profile)")
     p.add_argument("--references", help="published numbers to compare with (default: references.yaml beside params.yaml)")
+    p.add_argument("--records-only", action="store_true",
+                   help="render from the committed records (results/runs/<profile>) alone: no export "
+                        "from runs/, no MLflow (what a clone without checkpoints can do)")
+    p.add_argument("--out", help="render into this folder instead of results/<profile>")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("dvc", help="write the DVC pipelines, pipelines/<profile>/dvc.yaml (the same DAG as the Snakefile)")
@@ -412,6 +436,7 @@ USER_ERRORS = {
     "at.data.cifar": ("CifarFormatError",),
     "at.data.folders": ("DataLayoutError",),
     "at.report.inputs": ("ReportInputError",),
+    "at.records": ("RecordError",),
 }
 PACKAGE_DIR = Path(__file__).resolve().parent
 

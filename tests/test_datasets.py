@@ -211,7 +211,7 @@ def test_imagenet_runs_read_the_users_folder(imagenet_params, tmp_path):
     assert tuple(x.shape) == (4, 3, 224, 224) and y.tolist() == [0, 0, 1, 1]
     # red images of class 0, blue of class 1: the normalised red channel tells them apart
     assert (x[:2, 0] > x[:2, 2]).all() and (x[2:, 0] < x[2:, 2]).all()
-    assert provenance.data_description("imagenet", imagenet_params) == f"ImageNet from the folder {folder}"
+    assert provenance.data_description("imagenet", "user-folder", imagenet_params) == f"ImageNet from the folder {folder}"
 
 
 def test_imagenet_without_a_folder_has_no_data_dir(params):

@@ -905,8 +905,8 @@ def tiny_images(n=3, size=8):
 def test_attention_figure_with_tiny_models(tmp_path):
     teacher, student = TinyNet(6, 1).eval(), TinyNet(3, 2).eval()
     images, inputs = tiny_images()
-    fig = attention_maps.attention_figure(teacher, student, images, inputs, f"maps\n{DESC}",
-                                  attention_fn=l2_attention)
+    maps = attention_maps.compute_maps(teacher, student, inputs, attention_fn=l2_attention)
+    fig = attention_maps.attention_figure(images.numpy(), maps, f"maps\n{DESC}")
     assert DESC in fig._suptitle.get_text()
     axes = fig.get_axes()
     assert len(axes) == 3 * (1 + 2 * 2)
@@ -920,8 +920,7 @@ def test_attention_figure_with_tiny_models(tmp_path):
     assert sorted(p.name for p in paths) == ["att.pdf", "att.png"]
     assert (tmp_path / "a" / "att.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "a" / "att.pdf").read_bytes()[:5] == b"%PDF-"
-    fig2 = attention_maps.attention_figure(teacher, student, images, inputs, f"maps\n{DESC}",
-                                   attention_fn=l2_attention)
+    fig2 = attention_maps.attention_figure(images.numpy(), maps, f"maps\n{DESC}")
     (tmp_path / "b").mkdir()
     figures.save_figure(fig2, tmp_path / "b", "att")
     for name in ("att.png", "att.pdf"):
@@ -936,51 +935,21 @@ def test_attention_figure_refuses_unpaired_taps():
 
     images, inputs = tiny_images()
     with pytest.raises(ValueError, match="taps"):
-        attention_maps.attention_figure(TinyNet(4, 0), OneTap(4, 1), images, inputs, "t",
-                                attention_fn=l2_attention)
+        attention_maps.compute_maps(TinyNet(4, 0), OneTap(4, 1), inputs, attention_fn=l2_attention)
 
 
-def test_render_draws_attention_from_checkpoints(grid, tmp_path, monkeypatch):
-    """The checkpoint/data path of render, with stand-ins for at.checkpoint and at.data."""
+def test_render_draws_attention_from_the_runs_record(grid, tmp_path):
+    """The figure comes from the AT run's attention.json (at.records), never from checkpoints."""
     runs, context = grid
     at_seed0 = Path(runs[0]["out_dir"])
-    # a real (empty) checkpoint: the report checks each run's metrics.json against it; the model
-    # in it comes from the stand-in load_model below
-    from at import checkpoint
-    checkpoint.save({"spec": {}, "model": {}}, at_seed0 / "checkpoint.pt")
-    teacher_ckpt = tmp_path / "teacher.pt"
-    teacher_ckpt.write_bytes(b"stand-in")
-    data_dir = tmp_path / "data" / "cifar-10-batches-py"
-    data_dir.mkdir(parents=True)
-    (data_dir / "test_batch").write_bytes(b"stand-in")
-    images, _ = tiny_images(n=6)
-    loaded = []
-
-    def load_model(path):
-        loaded.append(Path(path))
-        if Path(path) == teacher_ckpt:
-            return TinyNet(6, 1), types.SimpleNamespace(student="wrn-16-2")
-        return TinyNet(3, 2), types.SimpleNamespace(student="wrn-16-1", teacher="wrn-16-2",
-                                                    teacher_checkpoint=str(teacher_ckpt),
-                                                    data_dir=str(tmp_path / "data"))
-
-    fakes = {
-        "at.checkpoint": types.SimpleNamespace(load_model=load_model),
-        "at.data.cifar": types.SimpleNamespace(
-            load=lambda folder: types.SimpleNamespace(test_x=images, test_y=torch.zeros(6))),
-        "at.data.augment": types.SimpleNamespace(
-            CIFAR_MEAN=(0.5, 0.5, 0.5), CIFAR_STD=(0.25, 0.25, 0.25),
-            normalize=lambda x, m, s: (x.float() / 255 - 0.5) / 0.25),
-        "at.attention": types.SimpleNamespace(attention_map=lambda act, mapping, p: l2_attention(act)),
-    }
-    import at.data
-
-    for name, module in fakes.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(at.data, "cifar", fakes["at.data.cifar"], raising=False)
-    monkeypatch.setattr(at.data, "augment", fakes["at.data.augment"], raising=False)
+    images, inputs = tiny_images(n=4)
+    maps = attention_maps.compute_maps(TinyNet(6, 1).eval(), TinyNet(3, 2).eval(), inputs,
+                                       attention_fn=l2_attention)
+    (at_seed0 / attention_maps.ATTENTION_FILE).write_text(json.dumps({
+        "run": runs[0]["id"], "seed": 0, "student": "wrn-16-1", "teacher": "wrn-16-2",
+        "mapping": "F_sum^2", "images": images.tolist(),
+        "maps": [{"teacher": t.tolist(), "student": s.tolist()} for t, s in maps]}))
     written = report.render(runs, tmp_path / "out", context)
-    assert loaded == [at_seed0 / "checkpoint.pt", teacher_ckpt]
     names = {p.name for p in written}
     assert {f"{figures.FIG_ATTENTION}.png", f"{figures.FIG_ATTENTION}.pdf"} <= names
     assert f"({figures.FIG_ATTENTION}.png)" in (tmp_path / "out" / "README.md").read_text()
@@ -993,9 +962,12 @@ def test_render_draws_attention_from_checkpoints(grid, tmp_path, monkeypatch):
     assert fig._supxlabel.get_text() == FOOTER and DESC not in title
     assert note.startswith("Seed 0 only: from `at-sum-p2/seed0` and its teacher")
     assert _title_inside(fig)
-    # without the checkpoint the figure is skipped, said in the README, and the old one removed
-    (at_seed0 / "checkpoint.pt").unlink()
+    # the student's group-2 map of image 1 is the record's
+    shown = np.asarray(fig.get_axes()[1 * 5 + 4].get_images()[0].get_array())
+    np.testing.assert_allclose(shown, maps[1][1][1])
+    # without the record's maps the figure is skipped, said in the README, and the old one removed
+    (at_seed0 / attention_maps.ATTENTION_FILE).unlink()
     report.render(runs, tmp_path / "out", context)
     readme = (tmp_path / "out" / "README.md").read_text()
-    assert "Not drawn: no finished AT run of WRN-16-1 from WRN-16-2 has a checkpoint.pt" in readme
+    assert "Not drawn: no finished AT run of WRN-16-1 from WRN-16-2 has an attention.json" in readme
     assert not (tmp_path / "out" / f"{figures.FIG_ATTENTION}.png").exists()

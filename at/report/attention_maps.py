@@ -1,4 +1,6 @@
-"""The attention-map figure: teacher and AT student of Table 1, inferred from their checkpoints."""
+"""The attention-map figure: teacher and AT student of Table 1. The maps are inferred from their
+checkpoints once, when the run's record is written (:func:`record`), and drawn from that record,
+so that a clone without checkpoints renders the same figure."""
 
 from __future__ import annotations
 
@@ -14,15 +16,15 @@ from at.report.figures import new_figure, set_footer, set_title
 ATTENTION_PAIR = "wrn-16-1_from_wrn-16-2"
 ATTENTION_METHOD = "at"
 ATTENTION_IMAGES = 4
+# the maps in the AT run's record (at.records), from which the figure is drawn
+ATTENTION_FILE = "attention.json"
 
 
-def attention_figure(teacher, student, images, inputs, title: str,
-                     attention_fn: Callable | None = None,
-                     names: tuple[str, str] = ("teacher", "student"), footer: str | None = None):
-    """Attention maps of teacher and student at each tapped layer, one row per image.
+def compute_maps(teacher, student, inputs, attention_fn: Callable | None = None,
+                 names: tuple[str, str] = ("teacher", "student")) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per tapped layer, the (teacher, student) attention maps of ``inputs``, each (N, h, w) float64.
 
-    teacher, student: models returning (logits, taps), in eval mode on the device of `inputs`.
-    images: uint8 (N, 3, H, W) array or tensor, shown as is; inputs: what the models take
+    teacher, student: models returning (logits, taps), in eval mode on the device of `inputs`
     (normalised float tensor, N first). attention_fn(activation) -> (N, h*w) per tap; default
     at.attention.attention_map(act, "sum", 2) (imported here, so that tests can pass their own).
     """
@@ -41,7 +43,7 @@ def attention_figure(teacher, student, images, inputs, title: str,
         raise ValueError(
             f"{names[0]} has {len(t_taps)} taps and {names[1]} {len(s_taps)}: cannot pair them"
         )
-    maps = []  # per tap: (teacher maps, student maps), each (N, h, w)
+    maps = []
     for j, (t_act, s_act) in enumerate(zip(t_taps, s_taps)):
         if t_act.shape[-2:] != s_act.shape[-2:]:
             raise ValueError(
@@ -53,8 +55,17 @@ def attention_figure(teacher, student, images, inputs, title: str,
         for act in (t_act, s_act):
             q = attention_fn(act.float())
             pair.append(q.reshape(q.shape[0], h, w).detach().cpu().double().numpy())
-        maps.append(pair)
-    pictures = np.asarray(images.cpu() if hasattr(images, "cpu") else images)
+        maps.append(tuple(pair))
+    return maps
+
+
+def attention_figure(images, maps, title: str, names: tuple[str, str] = ("teacher", "student"),
+                     footer: str | None = None):
+    """Attention maps of teacher and student at each tapped layer, one row per image.
+
+    images: uint8 (N, 3, H, W) array, shown as is; maps: per tap (teacher, student) arrays of
+    shape (N, h, w) (:func:`compute_maps`, or a run record's attention.json)."""
+    pictures = np.asarray(images)
     if pictures.dtype != np.uint8 or pictures.ndim != 4 or pictures.shape[1] != 3:
         raise ValueError(f"images must be uint8 (N, 3, H, W), got {pictures.dtype} {pictures.shape}")
     n = pictures.shape[0]
@@ -66,7 +77,7 @@ def attention_figure(teacher, student, images, inputs, title: str,
         for j, pair in enumerate(maps):
             for k, (who, m) in enumerate(zip(names, pair)):
                 ax = axes[i, 1 + 2 * j + k]
-                ax.imshow(m[i], cmap="jet", interpolation="bilinear")
+                ax.imshow(np.asarray(m[i], dtype=np.float64), cmap="jet", interpolation="bilinear")
                 if i == 0:
                     ax.set_title(f"{who}\ngroup {j + 1}", fontsize=8)
         if i == 0:
@@ -88,29 +99,22 @@ def _find_cifar_folder(candidate: Path) -> Path | None:
     return None
 
 
-def attention_from_runs(summaries, context) -> tuple[object | None, str]:
-    """(figure, note) or (None, why it was skipped), from the AT student's checkpoint."""
-    cell = next(
-        (c for c in summaries.get("table1", []) if c.row == ATTENTION_PAIR and c.column == ATTENTION_METHOD),
-        None,
-    )
-    if cell is None or cell.status == "not run":
-        return None, "the AT run of WRN-16-1 from WRN-16-2 is not run in this profile"
-    candidates = [r for r in cell.runs if not r.missing and (r.out_dir / "checkpoint.pt").is_file()]
-    if not candidates:
-        return None, "no finished AT run of WRN-16-1 from WRN-16-2 has a checkpoint.pt"
-    run = candidates[0]  # lowest seed: runs are sorted by seed
+def record(out_dir: Path, cifar_dir: str | None = None) -> dict | None:
+    """The attention maps of an AT run and its teacher as its record keeps them (attention.json,
+    at.records): the first test images and, per tap, both maps, each scaled to its own maximum
+    and rounded to 3 decimals (the figure's colour scale is per map, and shows no more). None
+    where the run's or its teacher's checkpoint, or the CIFAR-10 test batch, is not there."""
     from at.checkpoint import load_model
 
-    student, spec = load_model(run.out_dir / "checkpoint.pt")
+    student, spec = load_model(Path(out_dir) / "checkpoint.pt")
     teacher_path = spec.teacher_checkpoint
     if not teacher_path or not Path(teacher_path).is_file():
-        return None, f"the teacher checkpoint of `{run.id}` ({teacher_path}) is not there"
+        return None
     teacher, _ = load_model(Path(teacher_path))
-    data_dir = context.cifar_dir or spec.data_dir
+    data_dir = cifar_dir or spec.data_dir
     folder = _find_cifar_folder(Path(data_dir)) if data_dir else None
     if folder is None:
-        return None, f"no CIFAR-10 test batch under {data_dir!r}"
+        return None
 
     import torch
 
@@ -119,13 +123,38 @@ def attention_from_runs(summaries, context) -> tuple[object | None, str]:
     data = cifar.load(folder)
     images = torch.as_tensor(data.test_x[:ATTENTION_IMAGES])
     inputs = augment.normalize(images, augment.CIFAR_MEAN, augment.CIFAR_STD)
-    student = student.to("cpu").float().eval()
-    teacher = teacher.to("cpu").float().eval()
+    maps = compute_maps(teacher.to("cpu").float().eval(), student.to("cpu").float().eval(), inputs)
+
+    def scaled(m: np.ndarray) -> list:
+        top = m.reshape(m.shape[0], -1).max(axis=1).reshape(-1, 1, 1)
+        return np.round(m / np.where(top > 0, top, 1.0), 3).tolist()
+
+    return {"run": spec.id, "seed": spec.seed, "student": spec.student, "teacher": spec.teacher,
+            "mapping": "F_sum^2", "images": images.numpy().tolist(),
+            "maps": [{"teacher": scaled(t), "student": scaled(s)} for t, s in maps]}
+
+
+def attention_from_runs(summaries, context) -> tuple[object | None, str]:
+    """(figure, note) or (None, why it was skipped), from the AT student's record (attention.json)."""
+    cell = next(
+        (c for c in summaries.get("table1", []) if c.row == ATTENTION_PAIR and c.column == ATTENTION_METHOD),
+        None,
+    )
+    if cell is None or cell.status == "not run":
+        return None, "the AT run of WRN-16-1 from WRN-16-2 is not run in this profile"
+    candidates = [r for r in cell.runs if not r.missing and (r.out_dir / ATTENTION_FILE).is_file()]
+    if not candidates:
+        return None, (f"no finished AT run of WRN-16-1 from WRN-16-2 has an {ATTENTION_FILE} in its "
+                      "record (written from its checkpoints when the run is exported)")
+    run = candidates[0]  # lowest seed: runs are sorted by seed
+    import json
+
+    saved = json.loads((run.out_dir / ATTENTION_FILE).read_text())
+    images = np.asarray(saved["images"], dtype=np.uint8)
+    maps = [(np.asarray(m["teacher"]), np.asarray(m["student"])) for m in saved["maps"]]
     # one run's maps: the title names its seed and run, never the profile's seed count
     title = labels.mathtext(
-        f"Attention maps (F_sum^2) of {spec.teacher} (teacher) and {spec.student} (AT student), "
-        f"first {ATTENTION_IMAGES} test images\nseed {run.seed}: run {run.id} and its teacher")
-    fig = attention_figure(teacher, student, images.numpy(), inputs, title,
-                           names=("teacher", "student"), footer=context.footer)
-    return fig, f"Seed {run.seed} only: from `{run.id}` and its teacher (`{teacher_path}`)."
-
+        f"Attention maps ({saved['mapping']}) of {saved['teacher']} (teacher) and {saved['student']} "
+        f"(AT student), first {len(images)} test images\nseed {run.seed}: run {run.id} and its teacher")
+    fig = attention_figure(images, maps, title, names=("teacher", "student"), footer=context.footer)
+    return fig, f"Seed {run.seed} only: from `{run.id}` and its teacher."

@@ -216,8 +216,8 @@ def render(runs: Sequence[dict], out_dir, context: dict) -> list[Path]:
     our absolute errors compare with theirs); purpose (optional one line, said first);
     tables ({table: {rows: [...], columns: [...]}}, at.report.layout.grid_tables(params));
     references (at.references.load); not_run ({table: reason}); data_md5 ({data set: md5 of
-    its data folder, None if unknown}); optionally cifar_dir (CIFAR-10 folder for the
-    attention figure; default: the data_dir of the AT student's checkpoint spec).
+    the data its runs trained on, None if unknown}). Table 1's attention-map figure is drawn
+    from the AT run's attention.json (at.records), never from checkpoints.
     Every input is checked before anything is written. out_dir is the report's own folder: it
     is replaced as a whole. Returns the written files, sorted.
     """

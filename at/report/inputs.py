@@ -44,7 +44,6 @@ class Context:
     not_run: dict[str, str]           # {table: reason}
     tables: dict[str, TableLayout]    # every table of the grid, in order
     data_md5: dict[str, str | None]   # {data set: md5 its runs must have used}; None: unknown
-    cifar_dir: str | None             # CIFAR-10 folder for the attention figure (optional)
 
 
 @dataclass(frozen=True)
@@ -122,11 +121,9 @@ def validate_context(context: dict) -> Context:
     if not isinstance(data_md5, dict):
         raise ReportInputError("context['data_md5'] must map each data set to the md5 its runs "
                                "must have used (from its data folder's source.json)")
-    cifar_dir = context.get("cifar_dir")
     return Context(profile=profile, description=description, purpose=purpose, footer=footer,
                    full_scale=full_scale,
-                   not_run=dict(not_run), tables=tables, data_md5=dict(data_md5),
-                   cifar_dir=str(cifar_dir) if cifar_dir else None)
+                   not_run=dict(not_run), tables=tables, data_md5=dict(data_md5))
 
 
 def validate_runs(runs: Sequence[dict], context: Context) -> list[dict]:
