@@ -73,6 +73,9 @@ class Member:
         self.teacher = teacher
         self.teacher_sha256 = teacher_sha256
         self.arithmetic = arithmetic
+        # the code this process trains with, read when the run starts: an edit to the checkout
+        # while it trains does not make its record say `-dirty`
+        self.code_version = git_commit()
         device = arithmetic.device
         # The member's own random state starts from its seed: its initialisation is the one it
         # would have alone, whatever else the cohort builds before or after it.
@@ -193,7 +196,7 @@ class Member:
             "precision": self.arithmetic.precision,
             # the run's provenance in its own record (results/runs/, at.records): the code that
             # wrote these numbers and what computed them
-            "git_commit": git_commit(),
+            "git_commit": self.code_version,
             "machine": precision.machine(self.arithmetic.device),
         }
 
