@@ -64,12 +64,8 @@ def _finished_outputs(params: dict, run: dict, spec: RunSpec) -> dict[str, bytes
     out = Path(run["out_dir"])
     if not (out / "metrics.json").is_file():
         return None
-    files = {}
-    for name in COPIED:
-        path = out / name
-        if not path.is_file():
-            raise RecordError(f"run {run['id']}: {path} is missing beside its metrics.json")
-        files[name] = path.read_bytes()
+    # history.csv as far as it is there (the report draws no curve without it)
+    files = {name: (out / name).read_bytes() for name in COPIED if (out / name).is_file()}
     try:
         metrics = json.loads(files["metrics.json"])
     except ValueError as e:

@@ -19,6 +19,8 @@ import yaml
 from at import grid, records
 from in_process import run_cli
 
+pytestmark = pytest.mark.slow   # a real (tiny) training of six runs
+
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = "tiny"
 AT_RUN = "cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed0"

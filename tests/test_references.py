@@ -51,7 +51,16 @@ def tables():
 
 
 def test_tables_and_order(tables):
-    assert list(tables) == ["table1", "table2", "table3", "table4", "imagenet", "beyond"]
+    assert list(tables) == ["table1", "table2", "table3", "table4", "imagenet", "beyond", "sensitivity"]
+
+
+def test_the_sensitivity_table_quotes_the_papers_own_cells(tables):
+    """Its numbers are Table 2's (no transfer, F_sum^2, F_sum^4) and Table 1's KD, not new ones."""
+    values = tables["sensitivity"].values
+    t1, t2 = tables["table1"].values, tables["table2"].values
+    assert {r: v["error"] for r, v in values.items()} == {
+        "none": t2["none"]["error"], "sum-p2": t2["sum-p2"]["error"], "sum-p4": t2["sum-p4"]["error"],
+        "kd": t1["wrn-16-1_from_wrn-16-2"]["kd"]}
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))

@@ -77,7 +77,8 @@ def make_context(params=None, refs=None, **changes):
                "references": refs if refs is not None else references.load(REPO / "references.yaml"),
                "not_run": {"table4": "CUB and Scenes are not downloaded in the smoke profile",
                            # its sweep's report: tests/test_sweep.py
-                           "beta-sweep": "run by the sweep-smoke profile only"},
+                           "beta-sweep": "run by the sweep-smoke profile only",
+                           "sensitivity": "run by the sensitivity profile only"},
                "data_md5": {"cifar10": CIFAR_MD5, "imagenet": "user-folder"}}
     context.update(changes)
     return context
