@@ -205,8 +205,11 @@ def _disk_full(error: BaseException) -> bool:
 
 def _unreachable(error: Exception) -> bool:
     text = str(error).lower()
+    # "connection broken" / "aborted" / "reset": the server went away while it answered (a
+    # response cut mid-body, seen when a server is killed during get_metric_history)
     return any(s in text for s in ("connection refused", "failed to establish a new connection",
-                                   "max retries exceeded", "timed out", "remotedisconnected"))
+                                   "max retries exceeded", "timed out", "remotedisconnected",
+                                   "connection broken", "connection aborted", "connection reset"))
 
 
 def _retry(call, *args, budget_s: float = RETRY_BUDGET_S, **kwargs):

@@ -195,6 +195,23 @@ def _stop_server(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+@pytest.mark.parametrize("message", [
+    # the server killed while it answered: the body cut short (requests' ChunkedEncodingError)
+    "API request to http://127.0.0.1:1/api/2.0/mlflow/metrics/get-history failed with exception "
+    "('Connection broken: IncompleteRead(0 bytes read, 2 more expected)', IncompleteRead(0 bytes read, 2 more expected))",
+    "API request to http://127.0.0.1:1/api/2.0/mlflow/runs/get failed with exception ('Connection aborted.', "
+    "ConnectionResetError(104, 'Connection reset by peer'))",
+])
+def test_a_server_gone_mid_answer_is_a_tracking_error_not_a_traceback(message):
+    from at.tracking import TrackingError, _retry
+
+    def get_metric_history():
+        raise RuntimeError(message)
+
+    with pytest.raises(TrackingError, match="get_metric_history failed \\(not reachable, 1 attempt"):
+        _retry(get_metric_history, budget_s=0)
+
+
 @pytest.mark.slow
 def test_server_killed_mid_run_training_goes_on_then_the_retry_finishes_the_same_mlflow_run(
         tmp_path, cifar_mini_dir, capsys, monkeypatch):
