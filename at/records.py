@@ -84,12 +84,13 @@ def _finished_outputs(params: dict, run: dict, spec: RunSpec) -> dict[str, bytes
         if not spec.same_as(saved["spec"]):
             raise RecordError(f"run {run['id']}: {final} was trained from another spec than "
                               "params.yaml now defines: retrain it (--force) or restore params.yaml")
-        for name, expected in sorted((saved.get(checkpoint.OUTPUT_DIGESTS) or {}).items()):
-            if name in files and checkpoint.digest(files[name]) != expected:
-                raise RecordError(f"run {run['id']}: {out / name} is not the file the run wrote (its "
-                                  "sha256 differs from the one in checkpoint.pt)")
+    # the report's own check: the bytes against the checkpoint's digests, the numbers against history.csv
+    from at.report.inputs import expected_data_md5, unbound
+
+    problem = unbound(out, metrics)
+    if problem:
+        raise RecordError(f"run {run['id']}: {out / 'metrics.json'}: {problem}")
     # the data it trained on is the data folder's (the report renders one data set per md5)
-    from at.report.inputs import expected_data_md5
 
     expected = expected_data_md5(run["dataset"], grid.data_dir(run["dataset"], params))
     if expected is not None and metrics.get("data_md5") != expected:

@@ -398,20 +398,20 @@ def test_an_archive_that_is_not_one_is_named_by_the_users_path(tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_an_edited_metrics_json_is_refused_by_the_report(tmp_path, cifar_mini_dir, mlflow_store):
-    from at.report.inputs import ReportInputError, _unbound
+    from at.report.inputs import ReportInputError, unbound
 
     out = tmp_path / "run"
     assert run_cli(_train_args(out, cifar_mini_dir)).returncode == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert _unbound(out, metrics) is None
+    assert unbound(out, metrics) is None
     saved = checkpoint.load(out / "checkpoint.pt")
     assert saved[checkpoint.OUTPUT_DIGESTS]["metrics.json"] == checkpoint.digest((out / "metrics.json").read_bytes())
 
     edited = {**metrics, "final_test_error": 1.23}
     (out / "metrics.json").write_text(json.dumps(edited, indent=2, sort_keys=True) + "\n")
-    assert "metrics.json is not the file the run wrote" in _unbound(out, edited)
+    assert "metrics.json is not the file the run wrote" in unbound(out, edited)
     # without the checkpoint (records committed without it), the history still speaks
     (out / "checkpoint.pt").unlink()
-    problem = _unbound(out, edited)
+    problem = unbound(out, edited)
     assert problem.startswith("disagrees with the run's history.csv: final_test_error 1.23"), problem
     assert issubclass(ReportInputError, ValueError)

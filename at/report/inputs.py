@@ -225,13 +225,13 @@ def read_metrics(run: dict, needed: set[str], context: Context) -> dict | None:
     if not 1 <= metrics["final_epoch"] <= metrics["epochs"]:
         raise refuse(f"final_epoch {metrics['final_epoch']} is not between 1 and epochs "
                      f"({metrics['epochs']})")
-    problem = _unbound(path.parent, metrics)
+    problem = unbound(path.parent, metrics)
     if problem:
         raise refuse(problem)
     return metrics
 
 
-def _unbound(folder: Path, metrics: dict) -> str | None:
+def unbound(folder: Path, metrics: dict) -> str | None:
     """Why a run's metrics.json is not the one its run wrote (None when it is, as far as the
     folder can tell): its bytes against the digests in the run's checkpoint.pt, and its numbers
     against the run's history.csv. A record without them (hand-made inputs, records committed
