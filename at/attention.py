@@ -23,11 +23,17 @@ import contextlib
 import inspect
 from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING
 
+from at import lazy
 from at.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# the mappings' registry is read by the grid without torch (at.lazy)
+torch = lazy.module("torch")
+F = lazy.module("torch.nn.functional")
 
 FORMS = ("code", "paper")
 
@@ -81,7 +87,7 @@ def abs_pow(a: Tensor, p: float) -> Tensor:
 # Mappings: name -> F(activation, p), (B, C, H, W) -> (B, H, W), before normalisation. They get
 # the activation in at least float32 with autocast off.
 
-Mapping = Callable[[Tensor, float], Tensor]
+Mapping = Callable[["Tensor", float], "Tensor"]
 
 
 def _check_mapping_entry(name: str, function: object) -> None:

@@ -11,10 +11,10 @@ import pickle
 import zipfile
 from pathlib import Path
 
-import torch
-
-from at import atomic, models
+from at import atomic, lazy, models
 from at.spec import RunSpec
+
+torch = lazy.module("torch")   # at.lazy: the report reads records and digests without torch
 
 FORMAT = "at-checkpoint"
 VERSION = 1

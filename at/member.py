@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from at import atomic, checkpoint, models, precision
-from at.method import Objective
+from at.objective import Objective
 from at.precision import Arithmetic
 from at.rng import rng_state
 from at.spec import Protocol, RunSpec

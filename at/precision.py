@@ -18,7 +18,9 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from at import lazy
+
+torch = lazy.module("torch")   # at.lazy: the schema reads PRECISIONS without torch
 
 PRECISIONS = ("auto", "float32", "bf16")
 # CPU flags (Linux /proc/cpuinfo) of instructions that compute bf16 natively

@@ -24,7 +24,7 @@ import jsonschema
 from at.data.augment import AUGMENTATIONS
 from at.errors import ParamsError
 from at.names import NAME_PATTERN, NAME_RULE
-from at.models.wrn import BN_WEIGHT_INITS
+from at.models.catalog import BN_WEIGHT_INITS
 from at.precision import PRECISIONS
 
 

@@ -24,9 +24,12 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from torch import Tensor, nn
+from typing import TYPE_CHECKING
 
 from at.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 REQUIRED = object()  # the default of a key without default: the spec must give it
 

@@ -7,9 +7,9 @@ the "code" form). factt: beta=1000 because our F-ActT is normalised to the same 
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import Tensor, nn
+from typing import TYPE_CHECKING
 
+from at import lazy
 from at.attention import (
     FORMS,
     MAPPINGS,
@@ -19,7 +19,6 @@ from at.attention import (
     min_l2_loss,
     symmetry_loss,
 )
-from at.distill import ActivationProjection, factt_loss, kd_loss
 from at.term_type import (
     REQUIRED,
     BoundTerm,
@@ -32,6 +31,14 @@ from at.term_type import (
     unit_interval,
 )
 
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+# imported when a term computes, not when a grid reads the term types (at.lazy)
+F = lazy.module("torch.nn.functional")
+torch_nn = lazy.module("torch.nn")
+distill = lazy.module("at.distill")
+
 
 def _ce(step: StepInputs, term: BoundTerm) -> Tensor:
     return F.cross_entropy(at_least_float32(step.student_logits), step.labels)
@@ -39,7 +46,7 @@ def _ce(step: StepInputs, term: BoundTerm) -> Tensor:
 
 def _kd(step: StepInputs, term: BoundTerm) -> Tensor:
     o = term.options
-    return kd_loss(step.student_logits, step.teacher_logits, step.labels, T=o["T"], alpha=o["alpha"])
+    return distill.kd_loss(step.student_logits, step.teacher_logits, step.labels, T=o["T"], alpha=o["alpha"])
 
 
 def _at(step: StepInputs, term: BoundTerm) -> Tensor:
@@ -52,12 +59,12 @@ def _at(step: StepInputs, term: BoundTerm) -> Tensor:
 
 def _factt_projections(pairs) -> nn.Module:
     # keyed by tap index; the learned projection of the student's tap to the teacher's channels
-    return nn.ModuleDict({str(i): ActivationProjection(s[0], t[0]) for i, s, t in pairs})
+    return torch_nn.ModuleDict({str(i): distill.ActivationProjection(s[0], t[0]) for i, s, t in pairs})
 
 
 def _factt(step: StepInputs, term: BoundTerm) -> Tensor:
     return sum(
-        factt_loss(term.state[str(i)](step.student_taps[i]), step.teacher_taps[i]) for i in term.layers
+        distill.factt_loss(term.state[str(i)](step.student_taps[i]), step.teacher_taps[i]) for i in term.layers
     )
 
 
@@ -93,3 +100,6 @@ SYMMETRY = register_term(TermType(
     "symmetry", _symmetry, beta=REQUIRED, input_gradients=frozenset({"student", "student_flipped"}),
 ))
 MIN_L2 = register_term(TermType("min_l2", _min_l2, beta=REQUIRED, input_gradients=frozenset({"student"})))
+
+# the types registered here (their names are free as ModuleDict keys: at.method checks the others)
+BUILT_IN_TERM_TYPES = frozenset(t.name for t in (CE, KD, AT, FACTT, GRAD_AT, SYMMETRY, MIN_L2))

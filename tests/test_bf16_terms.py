@@ -24,7 +24,8 @@ from torch import nn
 
 from at.attention import MAPPINGS, at_loss
 from at.distill import ActivationProjection, factt_loss, kd_loss
-from at.method import Objective, Progress
+from at.method import Progress
+from at.objective import Objective
 
 RTOL = 1e-5
 BF16_MISS = 1e-3

@@ -80,3 +80,40 @@ def test_the_package_has_no_import_cycle():
     assert graph["at.train"], "the import graph is empty: the walker reads nothing"
     cycles = find_cycles(graph)
     assert cycles == [], "import cycles in at/: " + "; ".join(" -> ".join(c + [c[0]]) for c in cycles)
+
+
+# What the grid side imports: Snakemake's parse of the Snakefile, `python -m at runs | dvc |
+# download | tracking-init | report`. None of it trains, and torch's import costs seconds of CPU
+# in each of those processes (at.lazy).
+GRID_SIDE = ["at.__main__", "at.params", "at.grid", "at.dvc_pipeline", "at.data.download", "at.records",
+             "at.provenance", "at.report", "at.references"]
+
+
+def test_the_grid_side_does_not_import_torch():
+    import subprocess
+    import sys
+
+    # a fresh interpreter: this one has torch already
+    probe = ("import importlib, sys\n"
+             f"for name in {GRID_SIDE!r}:\n"
+             "    importlib.import_module(name)\n"
+             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=PACKAGE.parent, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"the grid side imports torch: {done.stdout.strip()[:300]}"
+
+
+def test_a_lazy_module_is_imported_at_its_first_use():
+    import subprocess
+    import sys
+
+    probe = ("import sys\n"
+             "from at import lazy\n"
+             "decimal = lazy.module('decimal')\n"
+             "assert 'decimal' not in sys.modules, 'imported when named'\n"
+             "assert decimal.Decimal('1.5') * 2 == decimal.Decimal('3.0')\n"
+             "assert 'decimal' in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=PACKAGE.parent, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr

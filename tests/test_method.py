@@ -17,13 +17,13 @@ from at.attention import (
 )
 from at.distill import factt_loss, kd_loss
 from at.method import (
-    Objective,
     Progress,
     requires_teacher,
     resolve_method,
     schedule_factor,
     validate_method,
 )
+from at.objective import Objective
 
 INPUT_SHAPE = (3, 8, 8)
 
@@ -364,6 +364,15 @@ def test_validate_method_rejects_bad_specs(spec, needle):
     with pytest.raises(ValueError) as err:
         validate_method(spec)
     assert needle in str(err.value)
+
+
+def test_the_built_in_term_names_are_free_module_dict_keys():
+    # at.method asks torch only about other names (at.lazy: the grid checks built-in terms
+    # without torch), so the built-in ones must never collide with ModuleDict's attributes
+    from at.terms import BUILT_IN_TERM_TYPES
+
+    assert BUILT_IN_TERM_TYPES == {"ce", "kd", "at", "factt", "grad_at", "symmetry", "min_l2"}
+    assert not [name for name in BUILT_IN_TERM_TYPES if hasattr(nn.ModuleDict(), name)]
 
 
 def test_validate_method_names_the_term_index():

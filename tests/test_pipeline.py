@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from in_process import run_cli
 from pipeline_repo import CIFAR_MINI, CIFAR_MINI_MD5, REPO, _env, _git_commit_all, _sh, copy_repository, parse_dry_run
 
 
@@ -42,8 +43,12 @@ def ci_run(tmp_path_factory) -> Path:
     return root
 
 
-def _ci_runs(root: Path) -> list[dict]:
-    return json.loads(_sh([sys.executable, "-m", "at", "runs", "--profile", "ci", "--json"], root).stdout)
+def _ci_runs(root: Path, *flags: str) -> list[dict]:
+    """`python -m at runs --profile ci --json` in root, in this process (what it lists is
+    tested in test_grid.py; a process per call cost seconds of torch's import each)."""
+    done = run_cli(["runs", "--profile", "ci", "--json", *flags], root)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 @pytest.mark.slow
@@ -99,8 +104,7 @@ def test_one_methods_change_makes_both_tools_plan_exactly_its_cohort(ci_run, tmp
     original = changed.read_text()
     try:
         changed.write_text(yaml.safe_dump(params, sort_keys=False))
-        [cohort] = [c for c in json.loads(_sh([sys.executable, "-m", "at", "runs", "--profile", "ci", "--cohorts",
-                                                "--json"], ci_run).stdout)
+        [cohort] = [c for c in _ci_runs(ci_run, "--cohorts")
                     if any("/at-sum-p4/" in r for r in c["runs"])]
         planned = _snakemake_plans(ci_run)
         assert sorted(j["rule"] for j in planned if j["rule"] != "all") == sorted(
@@ -349,7 +353,7 @@ def test_switching_the_archive_is_seen_by_snakemake_and_dvc(ci_run, tmp_path):
     planned = parse_dry_run(done.stdout)
     rules = sorted(j["rule"] for j in planned)
     assert "download" in rules and sum(r.startswith("train_") for r in rules) == len(
-        json.loads(_sh([sys.executable, "-m", "at", "runs", "--profile", "ci", "--cohorts", "--json"], ci_run).stdout))
+        _ci_runs(ci_run, "--cohorts"))
     _sh([*SNAKEMAKE_CI, "--cores", "1", "data/cifar10"], ci_run, env=switched, timeout=300)
     status = _sh(["dvc", "status", CI_PIPELINE], ci_run, env=switched).stdout
     assert status.count("data/cifar10/source.json:") == sum(r.startswith("train_") for r in rules), status

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from at import dvc_pipeline, grid, references, report, tracking
-from at.method import Objective, Progress, resolve_method
+from at.method import Progress, resolve_method
+from at.objective import Objective
 from at.report import cells, figures, inputs
 from at.report.layout import grid_tables
 from test_grid import _assert_names, _error

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import at.terms
 from at.attention import MAPPINGS, register_mapping
-from at.method import Objective, Progress, requires_teacher, validate_method
+from at.method import Progress, requires_teacher, validate_method
+from at.objective import Objective
 from at.registry import Registry
 from at.term_type import (
     GRADIENT_SOURCES,

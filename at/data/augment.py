@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
+from at import lazy
+
+torch = lazy.module("torch")   # at.lazy: the grid reads AUGMENTATIONS without torch
 
 __all__ = [
     "AUGMENTATIONS",

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-
+from at import lazy
 from at.data.download import Remote, prepare_archive
+
+torch = lazy.module("torch")   # at.lazy: the grid reads the data sets' records without torch
 
 __all__ = [
     "BATCH_FOLDER",

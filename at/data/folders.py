@@ -330,3 +330,20 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self._labels[index])
+
+
+class SeededImages(torch.utils.data.Dataset):
+    """An image data set read by ``(index, seed)``: the image's random augmentation draws from
+    ``seed`` alone (torch's global generator of the worker, forked so the caller's is kept)."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.images[index]

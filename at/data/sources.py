@@ -23,10 +23,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
+from at import lazy
 from at.data import augment, download
-from at.distributed import bounds
+
+torch = lazy.module("torch")   # at.lazy: the grid reads the data sets' records without torch
 
 USER_FOLDER = "user-folder"  # the md5 of a data set supplied as a folder (nothing to hash)
 
@@ -108,6 +108,8 @@ class TensorData:
 
     def train_batches(self, perm: torch.Tensor, start_step: int, batch_size: int, generator: torch.Generator,
                       part: tuple[int, int] | None = None):
+        from at.distributed import bounds   # imports torch: here, not where the grid reads this module
+
         for start in range(start_step * batch_size, len(perm), batch_size):
             idx = perm[start:start + batch_size]
             if part is None:
@@ -122,23 +124,6 @@ class TensorData:
 
 
 IMAGE_SIZE = 224
-
-
-class SeededImages(torch.utils.data.Dataset):
-    """An image data set read by ``(index, seed)``: the image's random augmentation draws from
-    ``seed`` alone (torch's global generator of the worker, forked so the caller's is kept)."""
-
-    def __init__(self, images):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, key: tuple[int, int]):
-        index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.images[index]
 
 
 class FolderData:
@@ -189,6 +174,9 @@ class FolderData:
         # The epoch's seed comes from a copy of the generator, which itself does not advance: a
         # state saved mid-epoch (the generator after the epoch's order) gives the same seed again
         # on resume, so an image-folder run resumes exactly too.
+        from at.data import folders
+        from at.distributed import bounds
+
         copy = torch.Generator(device=generator.device)
         copy.set_state(generator.get_state())
         epoch_seed = int(torch.randint(0, 2**62, (1,), generator=copy, device=generator.device))
@@ -199,7 +187,7 @@ class FolderData:
             lo, hi = (0, n) if part is None else bounds(n, *part)
             batches.append([(order[start + i], epoch_seed + start + i) for i in range(lo, hi)])
         loader = torch.utils.data.DataLoader(
-            SeededImages(self.train_set), batch_sampler=batches, num_workers=self.workers,
+            folders.SeededImages(self.train_set), batch_sampler=batches, num_workers=self.workers,
             pin_memory=self.device.type == "cuda", persistent_workers=False)
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

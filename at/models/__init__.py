@@ -17,16 +17,20 @@ that a model has exactly one spelling in run ids.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from torch import nn
+from typing import TYPE_CHECKING
 
-from at.models.nin import NIN
-from at.models.resnet import RESNETS, WEIGHTS, build_resnet
-from at.models.wrn import WideResNet
+from at.models.catalog import BN_WEIGHT_INITS, RESNET_WEIGHTS, RESNETS, parse_wrn
 from at.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# The builders import their module (and torch) when they build: the grid side reads this
+# registry's names without torch (at.lazy says why).
+
 
 
 @dataclass(frozen=True)
@@ -140,28 +144,25 @@ def parameter_count(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------
 # The built-in architectures
 
-_WRN = re.compile(r"wrn-([0-9]+)-([0-9]+)")
-
-
-def parse_wrn(name: str) -> tuple[int, int]:
-    """(depth, width) of a canonical ``wrn-D-K`` name, or a ValueError saying what is wrong."""
-    match = _WRN.fullmatch(name)
-    if match is None:
-        raise ValueError("not of the form wrn-D-K")
-    depth_text, width_text = match.groups()
-    if depth_text != str(int(depth_text)) or width_text != str(int(width_text)):
-        raise ValueError("write D and K without leading zeros")
-    depth, width = int(depth_text), int(width_text)
-    if depth < 10 or (depth - 4) % 6:
-        raise ValueError(f"depth D={depth} is not 6n+4 with n >= 1")
-    if width < 1:
-        raise ValueError(f"width K={width} is not >= 1")
-    return depth, width
-
-
 def _build_wrn(name, num_classes, weights, bn_weight_init):
+    from at.models.wrn import WideResNet
+
     depth, width = parse_wrn(name)
     return WideResNet(depth, width, num_classes, bn_weight_init=bn_weight_init)
+
+
+def _build_nin(layout: str, batch_norm: bool):
+    def build(name, num_classes, weights, bn_weight_init):
+        from at.models.nin import NIN
+
+        return NIN(layout, num_classes, batch_norm=batch_norm)
+    return build
+
+
+def _build_resnet(name, num_classes, weights, bn_weight_init):
+    from at.models.resnet import build_resnet
+
+    return build_resnet(name, num_classes, weights)
 
 
 register_model(Architecture(
@@ -171,15 +172,11 @@ register_model(Architecture(
 
 for _name, (_layout, _batch_norm) in {"nin-thin": ("thin", True), "nin-wide": ("wide", True),
                                       "nin-thin-nobn": ("thin", False), "nin-wide-nobn": ("wide", False)}.items():
-    register_model(Architecture(
-        _name, lambda name, num_classes, weights, bn_weight_init, layout=_layout, batch_norm=_batch_norm:
-        NIN(layout, num_classes, batch_norm=batch_norm)))
+    register_model(Architecture(_name, _build_nin(_layout, _batch_norm)))
 
 for _name in RESNETS:
-    register_model(Architecture(
-        _name, lambda name, num_classes, weights, bn_weight_init: build_resnet(name, num_classes, weights),
-        weights=WEIGHTS))
+    register_model(Architecture(_name, _build_resnet, weights=RESNET_WEIGHTS))
 
 
-__all__ = ["MODELS", "Architecture", "allowed_forms", "architecture", "build", "check", "is_known",
+__all__ = ["BN_WEIGHT_INITS", "MODELS", "RESNETS", "RESNET_WEIGHTS", "Architecture", "allowed_forms", "architecture", "build", "check", "is_known",
            "parameter_count", "register_model"]

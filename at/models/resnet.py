@@ -17,13 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# name -> (torchvision builder, ImageNet weights enum class); torchvision is imported only when
-# a ResNet is built: importing it costs seconds in every CIFAR job that never needs it.
-RESNETS = {
-    "resnet18": ("resnet18", "ResNet18_Weights"),
-    "resnet34": ("resnet34", "ResNet34_Weights"),
-}
-WEIGHTS = (None, "imagenet")
+from at.models.catalog import RESNET_WEIGHTS as WEIGHTS
+from at.models.catalog import RESNETS
+
+# torchvision is imported only when a ResNet is built: importing it costs seconds in every CIFAR
+# job that never needs it.
 
 _CHILDREN = (
     "conv1",

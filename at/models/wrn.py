@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BN_WEIGHT_INITS = ("uniform", "ones")
+from at.models.catalog import BN_WEIGHT_INITS
 
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: int) -> nn.Conv2d:
