@@ -288,6 +288,9 @@ def cmd_ui(args) -> int:
         return 0   # a tracking server already serves its UI
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
                "--port", str(args.port)]
+    # MLflow's job runner (its GenAI jobs) is a second full MLflow process that browsing runs never
+    # uses: off unless the user turned it on
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(sys.executable, command)
 
 
