@@ -21,8 +21,12 @@ class _LazyModule:
         self.__dict__["_name"] = name
 
     def __getattr__(self, attribute: str):
-        # only reached for names not in __dict__: every read of the module's contents
-        return getattr(importlib.import_module(self.__dict__["_name"]), attribute)
+        # only reached for names not in __dict__: every read of the module's contents (in a
+        # training step, a dict lookup more than a plain module's)
+        module = self.__dict__.get("_module")
+        if module is None:
+            module = self.__dict__["_module"] = importlib.import_module(self.__dict__["_name"])
+        return getattr(module, attribute)
 
     def __repr__(self) -> str:
         return f"<lazy module {self.__dict__['_name']!r}>"
