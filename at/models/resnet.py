@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from at.models.catalog import RESNET_WEIGHTS as WEIGHTS
-from at.models.catalog import RESNETS
+from at.models.catalog import RESNET_WEIGHTS as WEIGHTS, RESNETS
 
 # torchvision is imported only when a ResNet is built: importing it costs seconds in every CIFAR
 # job that never needs it.
