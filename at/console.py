@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import TextIO
 
 _echo: TextIO | None = None   # the terminal, while the process's own output goes to a log file
@@ -27,8 +28,10 @@ def say(text: str) -> None:
 def log_to(path: str | os.PathLike) -> None:
     """Redirect this process's stdout and stderr (file descriptors 1 and 2, so that what C
     libraries and child processes write goes there too) to ``path``, truncated; :func:`say`
-    keeps writing to the terminal they were."""
+    keeps writing to the terminal they were. Missing folders of ``path`` are created, as
+    Snakemake does for a rule's log."""
     global _echo
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
