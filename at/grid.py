@@ -476,6 +476,31 @@ def outputs(run: dict) -> dict[str, str]:
             "history": str(out / "history.csv")}
 
 
+def seed_selection(params: dict, profile: str, asked) -> list[int] | None:
+    """The seeds a partial run of the profile trains (Snakemake's ``--config seeds=1`` or
+    ``seeds=0,2``, the main command's ``AT_SEEDS``), or None for all of them. A profile too long
+    for one sitting is run seed by seed: each seed is a teacher with all of its students, the
+    pairs a paired difference needs, so every part adds whole pairs to the report."""
+    if asked is None or asked == "":
+        return None
+    items = asked if isinstance(asked, (list, tuple)) else str(asked).replace(" ", "").split(",")
+    try:
+        chosen = sorted({int(item) for item in items})
+    except (TypeError, ValueError):
+        raise ParamsError(f"seeds: expected seed numbers such as 1 or 0,2, got {asked!r}") from None
+    available = sorted({cohort["seed"] for cohort in cohorts(params, profile)})
+    unknown = [seed for seed in chosen if seed not in available]
+    if unknown:
+        raise ParamsError(f"seeds: profile {profile!r} has no seed {', '.join(map(str, unknown))}; "
+                          f"its seeds: {', '.join(map(str, available))}")
+    return chosen
+
+
+def seed_outputs(params: dict, profile: str, seeds: list[int]) -> list[str]:
+    """Every file the runs of these seeds write: a partial run's Snakemake targets."""
+    return sorted(path for run in runs(params, profile) if run["seed"] in seeds for path in outputs(run).values())
+
+
 def report_inputs(params: dict, profile: str) -> list[str]:
     """What `python -m at report` reads: every run's files and the data (provenance, attention maps).
 

@@ -84,6 +84,27 @@ def test_a_name_that_dvc_would_split_is_refused(params, section):
     _assert_names(_error(params), section, "no dot", "DVC")
 
 
+@pytest.mark.parametrize("asked, chosen", [(None, None), ("", None), (1, [1]), ("0,2", [0, 2]), (" 2 , 0", [0, 2]),
+                                            ([2, 0, 2], [0, 2])])
+def test_a_seed_selection_is_read_as_snakemake_and_the_main_command_pass_it(params, asked, chosen):
+    assert grid.seed_selection(params, "paper", asked) == chosen
+
+
+@pytest.mark.parametrize("asked, fragments", [(7, ["no seed 7", "its seeds: 0, 1, 2"]),
+                                              ("0,x", ["seed numbers", "'0,x'"])])
+def test_a_bad_seed_selection_names_what_is_wrong(params, asked, fragments):
+    with pytest.raises(ParamsError) as info:
+        grid.seed_selection(params, "paper", asked)
+    _assert_names(str(info.value), *fragments)
+
+
+def test_a_seeds_outputs_are_every_file_of_its_runs_and_no_other(params):
+    runs = grid.runs(params, "paper")
+    wanted = grid.seed_outputs(params, "paper", [1])
+    assert wanted == sorted(p for r in runs if r["seed"] == 1 for p in grid.outputs(r).values())
+    assert wanted and all("/seed1/" in path for path in wanted)
+
+
 def test_unknown_table_in_a_profile_is_refused(params):
     params["profiles"]["smoke"]["tables"].append("table9")
     _assert_names(_error(params), "profiles.smoke.tables", "'table9'", "allowed:", "table1", "table3")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from at import dvc_pipeline
 from in_process import run_cli
 from pipeline_repo import (REPO, _argv, _env, _option, _sh, _train_jobs, _without, copy_repository, dvc_stages,
                            parse_dry_run)
@@ -119,6 +121,20 @@ def test_dvc_stages_are_the_snakemake_jobs(paper_copy, snakemake_paper_jobs, gri
     assert report_job["output"] == report_stage["outs"] == ["results/paper"]
     assert sorted(report_job["input"]) == report_stage["deps"]
     assert len(stages) == len(train_stages) + len(download_stages) + 1
+
+
+def test_one_seed_of_a_profile_is_the_same_part_for_snakemake_and_dvc(paper_copy, grid_paper_cohorts):
+    """A long profile run in parts, seed by seed (README, "A long profile in parts"): Snakemake's
+    `--config seeds=1` and DVC's stage glob plan exactly that seed's cohorts, and no report."""
+    seed1 = sorted(c["id"] for c in grid_paper_cohorts if c["seed"] == 1)
+    done = _sh(["snakemake", "--snakefile", "workflow/Snakefile", "--config", "profile=paper", "seeds=1",
+                "--dry-run", "--printshellcmds", "--forceall", "--nolock"], paper_copy, timeout=300)
+    jobs = parse_dry_run(done.stdout)
+    assert sorted(_train_jobs(jobs)) == seed1
+    assert not [j for j in jobs if j["rule"] == "report"]
+    done = _sh(["dvc", "repro", "--dry", "--force", "--glob", "pipelines/paper/dvc.yaml:train-*--seed1--*"], paper_copy)
+    stages = set(re.findall(r"Running stage 'pipelines/paper/dvc\.yaml:([^']+)'", done.stdout))
+    assert sorted(stages) == sorted(dvc_pipeline.stage_name(c) for c in seed1)
 
 
 def test_dvc_params_deps_exist_in_params_yaml():
