@@ -156,7 +156,7 @@ def test_run_ids_and_folders_read_as_documented(params):
         "history": "runs/paper/cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed0/history.csv",
     }
     # Table 3's protocol differs from CIFAR's usual one: it is part of the id
-    assert "cifar10-cifar_flip/nin-thin-nobn_from_nin-wide-nobn/grad-at/seed2" in by_id
+    assert "cifar10-cifar_flip/nin-thin-nobn_from_nin-wide/grad-at/seed2" in by_id
     # Table 4 fine-tunes ImageNet-pretrained models
     assert "cub/resnet18-pretrained_from_resnet34-pretrained/at-sum-p2/seed1" in by_id
 
