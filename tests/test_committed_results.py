@@ -14,11 +14,9 @@ from in_process import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Rendered before runs kept records; the numbers cannot be re-rendered or audited, only read.
-WITHOUT_RECORDS = {
-    "mini": "trained in bf16 on a 2-core Xeon before records existed (commit 1f48932); its "
-            "float32 successor is the sensitivity profile, whose Table 2 cells it shares",
-}
+# Committed results that have no records (rendered before runs kept them), each with the
+# reason. None today: every committed profile renders from its records.
+WITHOUT_RECORDS: dict[str, str] = {}
 
 
 def _tracked(prefix: str) -> list[str]:
