@@ -209,6 +209,8 @@ def cmd_report(args) -> int:
     from at import tracking
 
     params, profile = _validated(args)
+    out = Path(args.out or grid.report_dir(profile))
+    report.check_replaceable(out)   # before records or MLflow are touched: a wrong --out changes nothing
     if not args.records_only:
         tracking.check_store()   # before results/ is rewritten: a store that fails leaves it as it was
         exported = records.export(params, profile, attention_run=_attention_run(params, profile))
@@ -224,7 +226,6 @@ def cmd_report(args) -> int:
                "data_md5": provenance.data_md5(runs)}
     # each run with its protocol's planned epochs: the report refuses a metrics.json that differs
     planned = [{**run, "epochs": grid.protocol_of(params, run).epochs} for run in runs]
-    out = args.out or grid.report_dir(profile)
     written = report.render(planned, out, context)
     print(f"report: {len(written)} files in {out}")
     if args.records_only:
@@ -396,7 +397,8 @@ def main(argv=None) -> int:
     p.add_argument("--records-only", action="store_true",
                    help="render from the committed records (results/runs/<profile>) alone: no export "
                         "from runs/, no MLflow (what a clone without checkpoints can do)")
-    p.add_argument("--out", help="render into this folder instead of results/<profile>")
+    p.add_argument("--out", help="render into this folder instead of results/<profile>: it must be empty, new "
+                                 "or a report folder written before (the report replaces it whole)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("dvc", help="write the DVC pipelines, pipelines/<profile>/dvc.yaml (the same DAG as the Snakefile)")

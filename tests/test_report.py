@@ -17,7 +17,7 @@ import yaml
 from at import grid as grid_mod
 from at import params as params_io
 from at import references, report
-from at.report import attention_maps, cells, figures, inputs, tables
+from at.report import attention_maps, cells, driver, figures, inputs, tables
 from at.report.layout import grid_tables
 from in_process import run_cli
 
@@ -626,6 +626,12 @@ def test_only_run_tables_get_files_and_a_rerender_leaves_no_stale_file(grid, tmp
     report.render(runs, out, context)
     assert (out / "table3.md").is_file() and (out / f"{figures.FIG_CURVES.format(table='table3')}.png").is_file()
     (out / "notes.txt").write_text("a file of no render")
+    # a file the report did not write: the folder is not the report's to replace, so the render is
+    # refused and the folder left as it was (tests/test_report_out.py has the CLI's cases)
+    with pytest.raises(report.ReportInputError, match=r"holds what the report did not write \(notes.txt\)"):
+        report.render(runs, out, context)
+    assert (out / "notes.txt").read_text() == "a file of no render" and (out / "table3.md").is_file()
+    (out / "notes.txt").unlink()
     # a tool's hidden marker (Snakemake's, in a directory output) is not the report's: it stays
     (out / ".snakemake_timestamp").write_bytes(b"")
     os.utime(out / ".snakemake_timestamp", (1_000_000_000, 1_000_000_000))
@@ -636,17 +642,18 @@ def test_only_run_tables_get_files_and_a_rerender_leaves_no_stale_file(grid, tmp
     kept = [r for r in runs if not any(c["table"] in ("table3", "imagenet") for c in r["cells"])]
     not_run = dict(context["not_run"], table3="dropped from this profile", imagenet="no ImageNet folder")
     written = report.render(kept, out, dict(context, not_run=not_run))
-    names = sorted(p.name for p in out.iterdir() if p.name != ".snakemake_timestamp")
+    names = sorted(p.name for p in out.iterdir() if p.name not in (".snakemake_timestamp", driver.MARKER))
     assert names == sorted(p.name for p in written)
+    assert json.loads((out / driver.MARKER).read_text())["files"] == names
     assert (out / ".snakemake_timestamp").stat().st_mtime == 1_000_000_000
     assert not [n for n in names if n.startswith(("table3.", "imagenet.", "table4.", "fig_curves_table3",
-                                                  "fig_curves_imagenet", "notes"))]
+                                                  "fig_curves_imagenet"))]
     readme = (out / "README.md").read_text()
     assert readme.count("Table 3: gradient-based attention transfer") == 1
     assert "- Table 3: gradient-based attention transfer: not run: dropped from this profile\n" in readme
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "runs"]   # nothing left beside it
     # a folder that holds folders is not the report's: refused, never emptied
-    with pytest.raises(report.ReportInputError, match=r"holds folders \(out, runs\)"):
+    with pytest.raises(report.ReportInputError, match=r"holds what the report did not write \(out, runs\)"):
         report.render(kept, tmp_path, context)
     assert (out / "README.md").is_file()
 

@@ -25,7 +25,9 @@ Honest reporting (docs/interfaces.md, section at.report):
 
 Outputs are a pure function of the inputs: everything is sorted, numbers have a fixed format,
 there are no timestamps, figures are saved without creation dates; the folder is rendered beside
-its destination and put in its place as a whole, so no file of an earlier render survives.
+its destination and put in its place as a whole, so no file of an earlier render survives. It
+replaces only an empty folder or one it wrote (its mark, driver.MARKER, names its files): any
+other folder is refused, nothing in it deleted.
 
 Modules, one concept each:
     inputs          the run list and context, checked; what each run folder holds
@@ -39,7 +41,7 @@ Modules, one concept each:
     driver          render(): all of the above into one folder, with a README
 """
 
-from at.report.driver import render
+from at.report.driver import check_replaceable, render
 from at.report.inputs import ReportInputError
 
-__all__ = ["render", "ReportInputError"]
+__all__ = ["check_replaceable", "render", "ReportInputError"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -173,35 +174,64 @@ def _figures(summaries, context: Context, out: Path, written: list, drawn: list,
         _attention_figure(summaries, context, out, written, drawn, skipped)
 
 
+# The report's own mark in its folder: the names of the files it wrote there. A folder is the
+# report's to replace only when it is empty or every file in it is one that this mark names, so
+# that `--out` pointed at anything else (notes, a tracked config folder, a run record) is refused
+# and nothing in it is lost.
+MARKER = ".at-report"
+
+
+def _marker_text(written: Sequence[Path]) -> str:
+    return json.dumps({"written_by": "python -m at report", "files": sorted(p.name for p in written)},
+                      indent=1) + "\n"
+
+
+def _marked_files(out: Path) -> set[str] | None:
+    """The files the report says it wrote in `out`; None when it holds no readable mark."""
+    try:
+        mark = json.loads((out / MARKER).read_text(encoding="utf-8"))
+        return set(mark["files"]) if mark.get("written_by") == "python -m at report" else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def _replace_folder(new: Path, out: Path) -> None:
     """Put the freshly rendered folder `new` in the place of `out`: a file of an earlier render
     (a table the profile no longer runs, a figure no longer drawn) cannot survive. The old folder
     is renamed aside first, then removed, so a reader sees the old report or the new one.
 
-    The report writes no hidden file: those in `out` are the tools' and move over unchanged
+    Hidden files other than the report's mark are the tools' and move over unchanged
     (Snakemake's .snakemake_timestamp of a directory output: without it a re-render would change
     what DVC recorded of the folder, and Snakemake's idea of its age)."""
     old = out.with_name(f".{out.name}.old")
     shutil.rmtree(old, ignore_errors=True)   # left by a render killed between the renames
     if out.exists():
         for marker in sorted(out.iterdir()):
-            if marker.name.startswith(".") and marker.is_file():
+            if marker.name.startswith(".") and marker.name != MARKER and marker.is_file():
                 marker.rename(new / marker.name)   # a rename keeps its bytes and its mtime
         out.rename(old)
     new.rename(out)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_replaceable(out: Path) -> None:
-    """The report replaces its folder as a whole, so the folder must be one it wrote: plain
-    files only. A folder with folders in it (runs/, a repository) is refused, never emptied."""
+def check_replaceable(out: Path) -> None:
+    """The report replaces its folder as a whole, so the folder must be empty or one it wrote:
+    every file in it named by its mark (hidden files are the tools': they stay). Anything else
+    is refused, never emptied."""
     if out.exists() and not out.is_dir():
         raise ReportInputError(f"{out} is not a folder: the report writes a folder of tables and figures")
-    inner = sorted(p.name for p in out.iterdir() if p.is_dir()) if out.is_dir() else []
-    if inner:
-        raise ReportInputError(f"{out} holds folders ({', '.join(inner)}): it is not a report folder, "
-                               "and the report replaces its folder as a whole; choose an empty or "
-                               "report folder")
+    if not out.is_dir():
+        return
+    present = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if not present:
+        return
+    foreign = [name for name in present if name not in (_marked_files(out) or set())
+               or not (out / name).is_file()]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ReportInputError(f"{out} holds what the report did not write ({shown}): it replaces its "
+                               "folder as a whole, so it writes only into an empty folder or one it "
+                               "wrote; choose another --out")
 
 
 def render(runs: Sequence[dict], out_dir, context: dict) -> list[Path]:
@@ -225,7 +255,7 @@ def render(runs: Sequence[dict], out_dir, context: dict) -> list[Path]:
     results = load_runs(validate_runs(runs, checked), checked)
     summaries = summarize(results, checked)
     out = Path(out_dir)
-    _check_replaceable(out)
+    check_replaceable(out)
     # beside its destination (same file system: the renames are atomic); a fixed name, so that
     # what a killed render left is cleared by the next one
     staging = out.with_name(f".{out.name}.render")
@@ -243,6 +273,7 @@ def render(runs: Sequence[dict], out_dir, context: dict) -> list[Path]:
         _figures(summaries, checked, staging, written, drawn, skipped)
         written.append(_write_atomic(staging / "README.md",
                                      _readme(summaries, results, checked, drawn, skipped)))
+        _write_atomic(staging / MARKER, _marker_text(written))
         _replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
