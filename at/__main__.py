@@ -151,18 +151,22 @@ def _download(args) -> int:
     from at import grid
     from at.data import datasets
 
+    from at.data.download import remember_source
+
     params = params_mod.load(args.params)
     dataset = datasets.get(args.dataset)
-    source = params_mod.data_source(params, args.dataset)
-    datasets.check_source(args.dataset, source)
     if not grid.needs_download(params, args.dataset):
+        source = params_mod.data_source(params, args.dataset)
         raise params_mod.ParamsError(
             f"{dataset.title} is not downloaded: it is read from the folder set in data.{args.dataset}.folder "
             f"({source.get('folder') or 'not set'}); downloadable: "
             f"{', '.join(n for n, d in sorted(datasets.DATASETS.items()) if not d.user_folder)}")
     root = Path(args.root or grid.data_dir(args.dataset, params))
+    source = params_mod.data_source(params, args.dataset, root)
+    datasets.check_source(args.dataset, source)
     # a progress bar only for a person watching: in a log it is a screen of carriage returns
     where = dataset.prepare(root, source, sys.stderr.isatty())
+    remember_source(root, params_mod.configured_source(params, args.dataset))
     print(f"{args.dataset} ready in {where}")
     return 0
 

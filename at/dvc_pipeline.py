@@ -107,7 +107,9 @@ def data_stages(params: dict) -> dict:
         "cmd": download_command(dataset),
         "wdir": WDIR,
         "params": download_params(params, dataset),
-        "outs": [grid.data_dir(dataset)],
+        # persist: DVC does not delete the data before the stage runs; the download replaces it
+        # only once the new data is fetched and checked, so a failed one leaves it as it was
+        "outs": [{grid.data_dir(dataset): {"persist": True}}],
     } for dataset in downloaded(params)}
 
 

@@ -39,22 +39,46 @@ def load(path: Path | str = DEFAULT_PATH) -> dict:
     return params
 
 
-def data_source(params: dict, dataset: str) -> dict:
+def override_variables(dataset: str) -> dict[str, str]:
+    """The environment variables that override a data set's source: {"url": "AT_CIFAR10_URL", ...}."""
+    prefix = f"AT_{dataset.upper().replace('-', '_')}_"
+    return {key: prefix + key.upper() for key in ("url", "md5")}
+
+
+def data_source(params: dict, dataset: str, root: str | os.PathLike | None = None) -> dict:
     """The source of ``dataset`` (url, md5, ...), with the documented environment overrides.
 
     ``AT_<DATASET>_URL`` and ``AT_<DATASET>_MD5`` (e.g. AT_CIFAR10_URL) replace the url and the
     checksum, so a machine without access to the official host can use a local copy (a path or
-    file:// URL) through the same download-and-verify code.
+    file:// URL) through the same download-and-verify code. With neither set and ``root`` (the
+    data folder) given, the data already there stays the source while params.yaml names the
+    source it was fetched for (its source.json's ``configured``): a shell without the variables
+    does not switch (and re-download) the data that an override brought.
     """
     sources = params.get("data", {})
     if dataset not in sources:
         raise ParamsError(f"data.{dataset}: unknown data set; defined: {', '.join(sorted(sources))}")
     source = dict(sources[dataset])
-    prefix = f"AT_{dataset.upper().replace('-', '_')}_"
-    for key in ("url", "md5"):
-        if os.environ.get(prefix + key.upper()):
-            source[key] = os.environ[prefix + key.upper()]
+    variables = override_variables(dataset)
+    overridden = {key: os.environ[name] for key, name in variables.items() if os.environ.get(name)}
+    if overridden:
+        return {**source, **overridden}
+    if root is not None:
+        from at.data.download import read_source_record   # at.data imports this module
+
+        try:
+            record = read_source_record(root)
+        except ValueError:   # an unreadable record: the download says so, with what to do
+            record = {}
+        if record.get("configured") == configured_source(params, dataset) and "url" in record:
+            return {**source, "url": record["url"], "md5": record.get("md5")}
     return source
+
+
+def configured_source(params: dict, dataset: str) -> dict:
+    """The url and md5 that params.yaml itself names for ``dataset`` (no override)."""
+    entry = (params.get("data") or {}).get(dataset) or {}
+    return {"url": entry.get("url"), "md5": entry.get("md5")}
 
 
 def method(params: dict, name: str) -> dict:

@@ -176,6 +176,7 @@ def dvc_stages(root: Path, profile: str) -> list[dict]:
                 "metrics": sorted(o.def_path for o in outs if o.metric),
                 "plots": sorted(o.def_path for o in outs if o.plot),
                 "cached": sorted(o.def_path for o in outs if o.use_cache),
+                "persist": sorted(o.def_path for o in outs if o.persist),
             })
     return stages
 

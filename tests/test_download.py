@@ -496,3 +496,37 @@ def test_prepared_folder_has_umask_permissions_not_mkdtemps(cifar_site):
     umask = os.umask(0)
     os.umask(umask)
     assert root.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_a_redownload_that_cannot_start_is_refused_and_an_unset_override_keeps_the_data(tmp_path, monkeypatch):
+    """at.data.download.check_redownload (the Snakefile's guard) and at.params.data_source: the
+    data an override brought stays the source once the variables are unset; another source is
+    probed first (missing file, wrong md5, refused connection), each refusal one line."""
+    from cifar_archives import make_cifar10, md5
+
+    from at import params as params_io
+    from at.data import cifar
+    from at.data.download import DownloadError, check_redownload, remember_source
+
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    make_cifar10(archive, seed=1)
+    archive_md5 = md5(archive)
+    root = tmp_path / "data" / "cifar10"
+    cifar.prepare(root, str(archive), archive_md5, progress=False)
+    params = {"data": {"cifar10": {"url": "https://example.invalid/cifar-10-python.tar.gz",
+                                   "md5": "c58f30108f718f92721af3b95e74349a", "num_classes": 10}}}
+    remember_source(root, params_io.configured_source(params, "cifar10"))
+    for name in ("AT_CIFAR10_URL", "AT_CIFAR10_MD5"):
+        monkeypatch.delenv(name, raising=False)
+    kept = params_io.data_source(params, "cifar10", root)
+    assert (kept["url"], kept["md5"]) == (str(archive), archive_md5)
+    check_redownload(root, kept, "AT_CIFAR10_URL")   # the same source: nothing to check
+    # params.yaml names another source: the memory no longer applies
+    other = {"data": {"cifar10": dict(params["data"]["cifar10"], md5="0" * 32)}}
+    assert params_io.data_source(other, "cifar10", root)["md5"] == "0" * 32
+    for url, md5, said in [(str(tmp_path / "typo.tar.gz"), archive_md5, "does not exist"),
+                           (str(archive), "f" * 32, f"has md5 {archive_md5}"),
+                           ("http://127.0.0.1:9/cifar-10-python.tar.gz", None, "could not open")]:
+        with pytest.raises(DownloadError, match=said) as refused:
+            check_redownload(root, {"url": url, "md5": md5}, "AT_CIFAR10_URL")
+        assert "\n" not in str(refused.value) and "the data is left as it is" in str(refused.value)

@@ -339,6 +339,68 @@ def test_mlflow_ui_in_a_real_browser(ci_run, tmp_path):
     assert all(p.stat().st_size > 20_000 for p in shots)
 
 
+def _tree(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.slow
+def test_a_shell_without_the_override_keeps_the_data_it_brought(ci_run):
+    """The README's commands in a shell without AT_CIFAR10_URL/_MD5: the data that the override
+    brought stays the source (its source.json says which params.yaml source it stands in for),
+    so Snakemake plans nothing, DVC agrees, and the download command fetches nothing."""
+    unset = {"AT_CIFAR10_URL": "", "AT_CIFAR10_MD5": ""}
+    before = _tree(ci_run / "data" / "cifar10")
+    assert json.loads((ci_run / "data/cifar10/source.json").read_text())["configured"] == {
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "md5": "c58f30108f718f92721af3b95e74349a"}
+    done = _sh([*SNAKEMAKE_CI, "--dry-run"], ci_run, env=unset, timeout=300)
+    assert "Nothing to be done" in done.stdout + done.stderr, done.stdout
+    _dvc_clean(ci_run)
+    done = _sh([sys.executable, "-m", "at", "download", "cifar10"], ci_run, env=unset)
+    assert done.stdout.strip() == "cifar10 ready in data/cifar10/cifar-10-batches-py"
+    assert _tree(ci_run / "data" / "cifar10") == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["mistyped path", "unreachable host"])
+def test_a_download_that_cannot_start_is_refused_before_snakemake_deletes_the_data(ci_run, where):
+    """Snakemake deletes a job's outputs before the job starts: a switch of source that cannot
+    be fetched is refused when Snakemake reads the workflow, in one line, the data untouched."""
+    import socket
+
+    if where == "mistyped path":
+        url = str(ci_run / "no-such-dir" / "cifar-10-python.tar.gz")
+    else:
+        with socket.socket() as s:   # a port nobody listens on: the connection is refused at once
+            s.bind(("127.0.0.1", 0))
+            url = f"http://127.0.0.1:{s.getsockname()[1]}/cifar-10-python.tar.gz"
+    before = _tree(ci_run / "data" / "cifar10")
+    done = _sh([*SNAKEMAKE_CI, "--cores", "1"], ci_run, env={"AT_CIFAR10_URL": url}, check=False, timeout=300)
+    assert done.returncode != 0
+    said = [line for line in (done.stdout + done.stderr).splitlines() if "cannot start" in line]
+    assert len(said) == 1 and "the data is left as it is: fix or unset AT_CIFAR10_URL" in said[0], done.stderr
+    assert _tree(ci_run / "data" / "cifar10") == before
+
+
+@pytest.mark.slow
+def test_a_failed_download_through_dvc_keeps_the_data(ci_run, tmp_path):
+    """params.yaml names another source that cannot be fetched: `dvc repro` of the download stage
+    fails and the data stays (the stage's output persists; the download replaces it only when
+    the new data is checked)."""
+    before = _tree(ci_run / "data" / "cifar10")
+    params = ci_run / "params.yaml"
+    original = params.read_text()
+    missing = tmp_path / "gone" / "cifar-10-python.tar.gz"
+    try:
+        params.write_text(original.replace("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", str(missing)))
+        done = _sh(["dvc", "repro", "pipelines/data/dvc.yaml:download-cifar10"], ci_run,
+                   env={"AT_CIFAR10_URL": "", "AT_CIFAR10_MD5": ""}, check=False, timeout=300)
+        assert done.returncode != 0
+        assert f"error: could not open {missing}" in done.stderr
+        assert _tree(ci_run / "data" / "cifar10") == before
+    finally:
+        params.write_text(original)
+
+
 @pytest.mark.slow
 def test_switching_the_archive_is_seen_by_snakemake_and_dvc(ci_run, tmp_path):
     """Another archive through the same override: Snakemake plans the download and every job

@@ -114,6 +114,8 @@ def test_dvc_stages_are_the_snakemake_jobs(paper_copy, snakemake_paper_jobs, gri
     assert sorted(downloads) == sorted(download_stages)
     for outs, stage in download_stages.items():
         assert _argv(downloads[outs]["shell"]) == shlex.split(stage["cmd"])
+        # DVC keeps the data while its download runs: a failed one leaves it as it was
+        assert stage["persist"] == list(outs)
 
     [report_job] = [j for j in snakemake_paper_jobs if j["rule"] == "report"]
     [report_stage] = [s for s in stages if s["name"].startswith("report-")]

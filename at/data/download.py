@@ -44,6 +44,9 @@ __all__ = [
     "file_md5",
     "prepare_archive",
     "read_source_record",
+    "check_reachable",
+    "check_redownload",
+    "remember_source",
     "write_source_record",
 ]
 
@@ -457,6 +460,61 @@ def write_source_record(root: str | os.PathLike, record: Mapping) -> Path:
     """Writes ``root/source.json`` atomically (temp file, then rename)."""
     path = Path(root) / SOURCE_RECORD
     return atomic.write_text(path, json.dumps(dict(record), indent=2, sort_keys=True) + "\n")
+
+
+# A re-download's first check answers within this: a host that is down or unreachable is seen
+# before any tool deletes the data it would replace.
+PROBE_TIMEOUT_S = 5.0
+
+
+def check_reachable(url: str | os.PathLike, md5: str | None) -> None:
+    """Raises DownloadError or ChecksumError (one line) when ``url`` cannot be fetched now: a
+    local file that is missing or has another md5, a host that does not answer its first byte
+    within PROBE_TIMEOUT_S. Cheap: a local file is read once, a remote one asked for one byte."""
+    full = _as_url(url)
+    local = _local_path(full)
+    if local is not None:
+        if not local.is_file():
+            raise DownloadError(f"{os.fspath(url)} does not exist")
+        if md5 is not None and file_md5(local) != _check_md5(md5):
+            raise ChecksumError(f"{os.fspath(url)} has md5 {file_md5(local)}, not the {md5} asked for")
+        return
+    request = urllib.request.Request(full, headers={"User-Agent": "at-data/1", "Range": "bytes=0-0"})
+    try:
+        with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError as e:
+        raise DownloadError(f"could not download {full}: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise DownloadError(f"could not open {full}: {e.reason}") from None
+    except OSError as e:   # a timeout
+        raise DownloadError(f"could not open {full}: {e}") from None
+
+
+def check_redownload(root: str | os.PathLike, source: Mapping, override_variable: str) -> None:
+    """Before a tool that deletes a data folder ahead of its download job (Snakemake removes a
+    job's outputs before it starts) re-downloads it from another source: refuse in one line,
+    keeping the data, when that source cannot be fetched now."""
+    record = read_source_record(root)
+    if not record or not Path(root).is_dir():
+        return
+    if (record.get("url"), record.get("md5")) == (os.fspath(source["url"]), _check_md5(source.get("md5"))):
+        return
+    try:
+        check_reachable(source["url"], source.get("md5"))
+    except (DownloadError, ChecksumError, ValueError) as e:
+        raise DownloadError(f"{root} holds the data of {record.get('url')}; a download from {source['url']} "
+                            f"cannot start ({e}), so the data is left as it is: fix or unset "
+                            f"{override_variable} to keep using it") from None
+
+
+def remember_source(root: str | os.PathLike, configured: Mapping) -> None:
+    """Records in ``root/source.json`` which source params.yaml named when the data was fetched
+    (``configured``: its url and md5), so that with no override set the data fetched through one
+    stays the data in use (at.params.data_source) until params.yaml names another source."""
+    record = read_source_record(root)
+    if record and record.get("configured") != dict(configured):
+        write_source_record(root, {**record, "configured": dict(configured)})
 
 
 @dataclass(frozen=True)
