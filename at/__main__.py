@@ -132,8 +132,10 @@ def _start_processes(specs: list, args) -> None:
     processes = specs[0].protocol.processes if specs else 1
     if processes == 1 or args.argv is None or distributed.from_environment().enabled:
         return
-    command = distributed.launch_command(processes, args.argv)
-    print(f"{specs[0].id}: {processes} processes: {' '.join(command)}", flush=True)
+    command, passed = distributed.launch_command(processes, args.argv)
+    print(f"{specs[0].id}: {processes} processes: {' '.join(command)} (each: python -m at {' '.join(args.argv)})",
+          flush=True)
+    os.environ.update(passed)
     os.execvp(command[0], command)
 
 

@@ -306,18 +306,28 @@ def wrap(student: torch.nn.Module, objective: torch.nn.Module, device: torch.dev
     return DistributedDataParallel(trainee, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+# The command's own arguments reach each rank through this variable, never on the launcher's
+# command line: torchrun's parser reads every `--x` after the module as a possible abbreviation of
+# its own options (`--run` of --run-path, `--log` of --log-dir) and refuses or takes them.
+RANK_ARGV = "AT_RANK_ARGV"
+
+
 def launch_command(processes: int, argv: list[str], env: Mapping[str, str] | None = None,
-                   python: str | None = None) -> list[str]:
+                   python: str | None = None) -> tuple[list[str], dict[str, str]]:
     """The command that starts ``python -m at ARGV`` as ``processes`` ranks, for a run asked of
-    `python -m at train` in one process: ``srun`` inside a SLURM job (its tasks are the ranks;
-    the job asked for them: at.grid.job_resources), ``torchrun`` on one machine elsewhere
-    (``--standalone``: a free rendezvous port of its own, so runs on one machine do not meet)."""
+    `python -m at train` in one process, and what it adds to the environment: ``srun`` inside a
+    SLURM job (its tasks are the ranks; the job asked for them: at.grid.job_resources),
+    ``torchrun`` on one machine elsewhere (``--standalone``: a free rendezvous port of its own,
+    so runs on one machine do not meet). Each rank runs ``python -m at.rank``, which reads ARGV
+    from :data:`RANK_ARGV`."""
+    import json
     import sys
 
     env = os.environ if env is None else env
     python = python or sys.executable
+    passed = {RANK_ARGV: json.dumps(list(argv))}
     if env.get("SLURM_JOB_ID"):
         # --kill-on-bad-exit: a rank that dies ends the others, which would wait for it forever
-        return ["srun", f"--ntasks={processes}", "--kill-on-bad-exit=1", python, "-m", "at", *argv]
+        return ["srun", f"--ntasks={processes}", "--kill-on-bad-exit=1", python, "-m", "at.rank"], passed
     return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-            "-m", "at", *argv]
+            "-m", "at.rank"], passed

@@ -5,6 +5,8 @@ real processes (torchrun, gloo) are in tests/test_distributed_processes.py."""
 
 from __future__ import annotations
 
+import json
+
 import copy
 import shutil
 from pathlib import Path
@@ -161,11 +163,21 @@ def test_first_host_of_a_slurm_node_list(nodelist, first):
 
 
 def test_a_run_on_n_processes_starts_them_with_srun_in_a_job_and_torchrun_elsewhere():
-    argv = ["train", "--cohort", "c0"]
-    srun = distributed.launch_command(8, argv, {"SLURM_JOB_ID": "7"}, python="py")
-    assert srun == ["srun", "--ntasks=8", "--kill-on-bad-exit=1", "py", "-m", "at", *argv]
-    local = distributed.launch_command(2, argv, {}, python="py")
-    assert local == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "at", *argv]
+    # the command's arguments travel in the environment: torchrun's parser would take --run and
+    # --log for abbreviations of its --run-path and --log-dir (tests/test_distributed_processes.py
+    # starts real ranks with them)
+    argv = ["train", "--run", "r/seed0", "--log", "logs/x.log"]
+    srun, passed = distributed.launch_command(8, argv, {"SLURM_JOB_ID": "7"}, python="py")
+    assert srun == ["srun", "--ntasks=8", "--kill-on-bad-exit=1", "py", "-m", "at.rank"]
+    assert json.loads(passed[distributed.RANK_ARGV]) == argv
+    local, passed = distributed.launch_command(2, argv, {}, python="py")
+    assert local == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "at.rank"]
+    assert json.loads(passed[distributed.RANK_ARGV]) == argv
+    # what torchrun's own parser makes of that command: nothing of ours
+    from torch.distributed.run import get_args_parser
+
+    parsed = get_args_parser().parse_args(local[3:])
+    assert (parsed.module, parsed.training_script, parsed.training_script_args) == (True, "at.rank", [])
 
 
 @pytest.mark.parametrize("n, world, slices", [

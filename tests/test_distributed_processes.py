@@ -225,3 +225,31 @@ def test_sigterm_on_one_rank_and_sigkill_of_the_job_resume_bit_identical(uninter
         assert client.get_run(run_id).info.status == "FINISHED"
         assert sorted(m.step for m in client.get_metric_history(run_id, "test_error")) == [1, 2], \
             "one MLflow run, each epoch logged once"
+
+
+def test_a_grid_run_on_two_processes_starts_with_run_and_log(root, cifar_mini_dir):
+    """The way the README and the Snakefile start a run of the grid, `python -m at train --run ID
+    --profile P --log FILE`, for a protocol of two processes: the command launches its ranks
+    (torchrun here), whose parser never sees --run or --log (at.distributed.RANK_ARGV)."""
+    import yaml
+
+    work = root / "grid"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "cifar10").symlink_to(cifar_mini_dir)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profiles"]["ddp"] = {
+        "tables": ["table2"], "rows": {"table2": ["none"]}, "seeds": [0],
+        "protocol": {"epochs": 1, "lr_drops": [], "batch_size": 16, "train_subset": 32, "test_subset": 32,
+                     "processes": 2, "precision": "float32"},
+        "not_run": {name: "not in this test" for name in params["tables"] if name != "table2"}}
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_id = "cifar10/wrn-16-1/baseline/seed0"
+    done = subprocess.run([sys.executable, "-m", "at", "train", "--run", run_id, "--profile", "ddp",
+                           "--log", "logs/ddp.log", "--threads", "1", "--device", "cpu", "--no-progress"],
+                          env=_env(root), cwd=work, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ambiguous option" not in done.stderr
+    log = (work / "logs" / "ddp.log").read_text()
+    assert f"{run_id}: 2 processes: " in log and "-m at.rank" in log, log[-3000:]
+    metrics = json.loads((work / "runs" / "ddp" / run_id / "metrics.json").read_text())
+    assert metrics["final_epoch"] == 1 and metrics["train_size"] == 32
