@@ -138,6 +138,8 @@ class Member:
             "rng": {**self.rng, "data": stream_state["data"]},
             "perm": stream_state["perm"] if self.step > 0 else None,
             "history": self.history, "elapsed_s": self.elapsed_s, "mlflow_run_id": self.mlflow_run_id,
+            # the code that trained it: outputs written again from a final state keep it
+            "code_version": self.code_version,
             # a run resumes in the arithmetic it started in (at.resume.started_precision)
             "precision": self.arithmetic.precision,
         }
@@ -158,6 +160,10 @@ class Member:
         self.epoch, self.step = saved["epoch"], saved["step"]
         self.history, self.elapsed_s = saved["history"], saved["elapsed_s"]
         self.mlflow_run_id = saved["mlflow_run_id"]
+        if self.epoch >= self.protocol.epochs:
+            # nothing left to train: the outputs written from this state are the ones it trained
+            # to, with the commit that trained it (not a checkout edited since, `-dirty`)
+            self.code_version = saved.get("code_version", self.code_version)
         self.stream_state = {"data": saved["rng"]["data"], "perm": saved.get("perm")}
         partial = saved.get("partial")
         if partial is not None and self.step > 0:
@@ -213,4 +219,38 @@ class Member:
                         self.out / "checkpoint.pt")
         for name, data_bytes in texts.items():
             atomic.write_bytes(self.out / name, data_bytes)
+        self._keep_outputs()
         return metrics
+
+    # Snakemake and DVC delete a job's outputs before it runs, so the members of a cohort that had
+    # finished write theirs again. A second torch.save of the same state is not the same bytes
+    # (torch writes a new serialization id each time), and `dvc status` would call the run
+    # modified: a hard link of each output (no second copy on disk) is kept, and put back.
+    KEPT = ".outputs"
+    OUTPUTS = ("checkpoint.pt", "history.csv", "metrics.json")
+
+    def _keep_outputs(self) -> None:
+        kept = self.out / self.KEPT
+        kept.mkdir(exist_ok=True)
+        for name in self.OUTPUTS:
+            atomic.link_or_copy(self.out / name, kept / name)
+
+    def restore_outputs(self) -> bool:
+        """Put back the outputs this run wrote when it finished, byte for byte, if they are kept
+        and are this spec's (its checkpoint's spec and teacher, its digests of the texts);
+        returns whether it did (False: write them again from the final state)."""
+        kept = self.out / self.KEPT
+        if not all((kept / name).is_file() for name in self.OUTPUTS):
+            return False
+        try:
+            final = checkpoint.load(kept / "checkpoint.pt")
+        except checkpoint.CheckpointError:
+            return False
+        digests = final.get(checkpoint.OUTPUT_DIGESTS) or {}
+        if not (self.spec.same_as(final.get("spec")) and final.get("teacher_sha256") == self.teacher_sha256
+                and all(digests.get(n) == checkpoint.digest((kept / n).read_bytes())
+                        for n in ("history.csv", "metrics.json"))):
+            return False
+        for name in self.OUTPUTS:
+            atomic.link_or_copy(kept / name, self.out / name)
+        return True

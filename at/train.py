@@ -463,6 +463,10 @@ def _train_locked(specs: list[RunSpec], options: Options, force: bool, sigterm, 
             member.resume_path.unlink(missing_ok=True)
             member.previous_path.unlink(missing_ok=True)
         if situation == "final":
+            if main and member.restore_outputs():
+                console.say(f"[{member.id}] finished earlier; its outputs put back as they were written")
+                results[member.id] = _finish(member, cohort.data, tracking, force, write=False)
+                continue
             console.say(f"[{member.id}] finished earlier; writing its outputs again from {found.state_path}")
             if main:
                 results[member.id] = _finish(member, cohort.data, tracking, force)

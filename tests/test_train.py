@@ -179,3 +179,22 @@ def test_an_output_folder_that_cannot_be_written_is_one_clear_line(tmp_path, cif
     err = capsys.readouterr().err
     assert expected in err and str(out) in err and err.count("\n") == 1
     assert not (tmp_path / "mlruns.db").exists() or not _mlflow_runs(uri)[1], "no MLflow run may be left RUNNING"
+
+
+def test_outputs_written_again_from_the_final_state_are_the_same_bytes(cifar_mini_dir, tmp_path, monkeypatch):
+    """Snakemake and DVC delete a job's outputs before it runs: the members of a cohort that had
+    finished are written again from their final state. Those outputs must be the bytes they were
+    (so `dvc status` lists only what retrained), the commit they trained with included, even when
+    the checkout is dirty now (an edit of params.yaml for another member)."""
+    from at import member as member_mod
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(member_mod, "git_commit", lambda: "1111111")
+    assert _train(out, cifar_mini_dir, "--student", "wrn-10-1", "--epochs", "1") == 0
+    first = {name: (out / name).read_bytes() for name in ("checkpoint.pt", "metrics.json", "history.csv")}
+    for name in first:
+        (out / name).unlink()
+    monkeypatch.setattr(member_mod, "git_commit", lambda: "2222222-dirty")
+    assert _train(out, cifar_mini_dir, "--student", "wrn-10-1", "--epochs", "1") == 0
+    again = {name: (out / name).read_bytes() for name in first}
+    assert [name for name in first if first[name] != again[name]] == []
