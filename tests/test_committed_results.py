@@ -1,15 +1,18 @@
 """The committed results are what their committed records render (at.records): `python -m at
 report --records-only` on this checkout, which has no runs/, reproduces every file of
 results/<profile>/ byte for byte. A committed results folder without records must be named
-here, with the reason, and nothing else may lack them."""
+here, with the reason, and nothing else may lack them. Each profile's committed manifest
+(results/runs/<profile>/SHA256SUMS) names every committed file of its records, with its sha256."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from at import checkpoint, records
 from in_process import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,3 +60,21 @@ def test_the_committed_results_render_from_their_records_byte_for_byte(profile, 
     differing = [name for name in sorted(committed) if (out / name).read_bytes() != (REPO / "results" / profile / name).read_bytes()]
     assert not differing, (f"{differing} differ from what the records render: re-render with "
                            f"`python -m at report --profile {profile} --records-only` and commit")
+
+
+@pytest.mark.parametrize("profile", RECORDED)
+def test_the_manifest_names_every_committed_record_file(profile, monkeypatch):
+    monkeypatch.chdir(REPO)   # records' paths are relative to the project root
+    manifest = f"results/runs/{profile}/{records.MANIFEST}"
+    tracked = set(_tracked(f"results/runs/{profile}"))
+    assert manifest in tracked, f"{manifest} is not committed: export the records (`python -m at report`)"
+    listed = {f"results/runs/{profile}/{run_id}/{name}": digest
+              for run_id, files in (records.read_manifest(profile) or {}).items() for name, digest in files.items()}
+    assert set(listed) == tracked - {manifest}, (
+        f"only listed: {sorted(set(listed) - tracked)}, only committed: {sorted(tracked - {manifest} - set(listed))}")
+    assert not [path for path, digest in listed.items() if checkpoint.digest((REPO / path).read_bytes()) != digest]
+    # the format is sha256sum's: a reader checks the records without this code
+    if shutil.which("sha256sum"):
+        done = subprocess.run(["sha256sum", "--check", "--quiet", records.MANIFEST], cwd=REPO / "results" / "runs" / profile,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr

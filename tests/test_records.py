@@ -98,6 +98,22 @@ def test_a_record_is_the_runs_spec_and_the_bytes_it_wrote(trained):
     assert not list((trained / "results" / "runs").rglob("*.pt"))
 
 
+def test_the_manifest_holds_the_digests_the_checkpoints_name(trained, monkeypatch):
+    """SHA256SUMS: every file of every record, and for metrics.json and history.csv the very
+    sha256 the run's checkpoint names."""
+    from at import checkpoint
+
+    monkeypatch.chdir(trained)
+    params = yaml.safe_load((trained / "params.yaml").read_text())
+    listed = records.read_manifest(PROFILE)
+    assert sorted(listed) == sorted(run["id"] for run in grid.runs(params, PROFILE))
+    for run in grid.runs(params, PROFILE):
+        record = Path("results") / "runs" / PROFILE / run["id"]
+        assert listed[run["id"]] == {p.name: checkpoint.digest(p.read_bytes()) for p in record.iterdir()}
+        saved = checkpoint.load(Path(run["out_dir"]) / "checkpoint.pt", required=(), mmap=True)
+        assert {k: listed[run["id"]][k] for k in records.COPIED} == saved[checkpoint.OUTPUT_DIGESTS]
+
+
 def test_the_attention_record_holds_the_maps_of_the_checkpoints(trained):
     """attention.json against an independent computation from the two checkpoints."""
     import torch
@@ -144,10 +160,44 @@ def test_records_of_runs_not_finished_here_are_kept_and_stale_ones_removed(proje
     stale = project / "results" / "runs" / PROFILE / "cifar10" / "wrn-16-1" / "gone" / "seed0"
     stale.mkdir(parents=True)
     (stale / "spec.json").write_text("{}\n")
+    manifest = project / "results" / "runs" / PROFILE / "SHA256SUMS"
+    lines = manifest.read_text()
     done = _cli(project, "report", "--profile", PROFILE)
     assert done.returncode == 0, done.stderr
     assert "records: 0 written, 1 kept from earlier, 1 removed" in done.stdout
     assert _files(kept) == before and not stale.exists()
+    assert manifest.read_text() == lines   # the kept record's lines stay
+
+
+def test_exporting_again_restores_an_edited_record_and_its_lines(project):
+    """What the manifest cannot stop, an edit of a record together with its line, the export
+    of a run finished here undoes: the bytes come from the run's folder, checked against its
+    checkpoint."""
+    from at import checkpoint
+
+    record = project / "results" / "runs" / PROFILE / AT_RUN
+    manifest = project / "results" / "runs" / PROFILE / "SHA256SUMS"
+    before = _files(project / "results")
+    metrics = json.loads((record / "metrics.json").read_text())
+    metrics["machine"] = "NVIDIA H100 80GB HBM3"
+    edited = (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode()
+    (record / "metrics.json").write_bytes(edited)
+    old = checkpoint.digest((project / "runs" / PROFILE / AT_RUN / "metrics.json").read_bytes())
+    manifest.write_text(manifest.read_text().replace(old, checkpoint.digest(edited)))
+    done = _cli(project, "report", "--profile", PROFILE)
+    assert done.returncode == 0, done.stderr
+    assert "records: 1 written" in done.stdout
+    assert _files(project / "results") == before
+
+
+def test_a_run_folder_without_its_checkpoint_is_not_exported(project):
+    (project / "runs" / PROFILE / AT_RUN / "checkpoint.pt").unlink()
+    before = _files(project / "results")
+    done = _cli(project, "report", "--profile", PROFILE)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert (f"run {AT_RUN}: runs/{PROFILE}/{AT_RUN}/metrics.json has no checkpoint.pt beside it"
+            in done.stderr), done.stderr
+    assert _files(project / "results") == before
 
 
 def test_a_record_of_another_spec_is_refused_not_rendered(project):

@@ -839,9 +839,11 @@ def test_expected_data_md5_follows_the_trainers_rule(tmp_path):
 
 def test_cli_report_checks_every_file_against_the_grid(tmp_path, monkeypatch):
     """`python -m at report` in a folder with params.yaml, references.yaml, a data record and
-    the ci profile's run folders: renders; then one copied metrics.json makes it refuse."""
+    the ci profile's run folders (each with the checkpoint that names its metrics.json's sha256,
+    as a finished run's): renders; then one copied metrics.json makes it refuse."""
     import shutil
 
+    from at import checkpoint
     from at.data.download import write_source_record
 
     shutil.copy2(REPO / "references.yaml", tmp_path / "references.yaml")
@@ -858,7 +860,11 @@ def test_cli_report_checks_every_file_against_the_grid(tmp_path, monkeypatch):
         (tmp_path / run["out_dir"]).mkdir(parents=True)
         metrics = {"run_id": run["id"], "profile": "ci", "data_md5": CIFAR_MD5, "epochs": epochs,
                    "final_epoch": epochs, "final_test_error": 80.0 - i, "final_test_error_top5": 40.0}
-        (tmp_path / run["out_dir"] / "metrics.json").write_text(json.dumps(metrics))
+        text = json.dumps(metrics).encode()
+        (tmp_path / run["out_dir"] / "metrics.json").write_bytes(text)
+        checkpoint.save({"spec": grid_mod.run_spec(params, run).to_dict(),
+                         checkpoint.OUTPUT_DIGESTS: {"metrics.json": checkpoint.digest(text)}},
+                        tmp_path / run["out_dir"] / "checkpoint.pt")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)   # the store beside params.yaml, as for a user
     cli = ["report", "--profile", "ci"]
     done = run_cli(cli, cwd=tmp_path)
