@@ -31,7 +31,7 @@ from at import atomic, checkpoint, models, precision
 from at.objective import Objective
 from at.precision import Arithmetic
 from at.rng import rng_state
-from at.spec import Protocol, RunSpec
+from at.spec import SPEC_FILE, Protocol, RunSpec, spec_text
 from at.tracking import git_commit
 
 
@@ -219,6 +219,8 @@ class Member:
                         self.out / "checkpoint.pt")
         for name, data_bytes in texts.items():
             atomic.write_bytes(self.out / name, data_bytes)
+        # what the outputs are for, readable without torch (at.outdated: the run folder is the truth)
+        atomic.write_text(self.out / SPEC_FILE, spec_text(self.spec))
         self._keep_outputs()
         return metrics
 

@@ -48,13 +48,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from at import atomic, checkpoint, grid, names
-from at.spec import RunSpec
+from at.report.attention_maps import ATTENTION_FILE   # the maps of one run
+from at.spec import SPEC_FILE, RunSpec, spec_text
 
 RECORDS_ROOT = "results/runs"
-SPEC_FILE = "spec.json"
 COPIED = ("metrics.json", "history.csv")   # as the run wrote them
 FILES = (SPEC_FILE, *COPIED)
-ATTENTION_FILE = "attention.json"          # the maps of one run (at.report.attention_maps)
 READ = (*FILES, ATTENTION_FILE)            # what the report reads of a record
 MANIFEST = "SHA256SUMS"                    # per profile: the sha256 of every record file
 
@@ -105,9 +104,6 @@ def manifest_text(entries: dict[str, dict[str, str]]) -> str:
     return "".join(f"{digest}  {path}\n" for path, digest in sorted(
         (f"{run_id}/{file}", digest) for run_id, files in entries.items() for file, digest in files.items()))
 
-
-def spec_text(spec: RunSpec) -> str:
-    return json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ earlier code, with defaults left out, resolves to the same spec.
 
 from __future__ import annotations
 
+import json
+
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -202,6 +204,15 @@ class RunSpec:
             return RunSpec.resolve(saved) == self
         except (ParamsError, ValueError):
             return False
+
+
+# A run's resolved spec as a file: beside its outputs in the run folder (at.outdated) and in its
+# record (at.records), the same bytes in both.
+SPEC_FILE = "spec.json"
+
+
+def spec_text(spec: RunSpec) -> str:
+    return json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
 def default_data_dir(dataset: str) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from at import grid as grid_mod
 from in_process import run_cli
 from pipeline_repo import CIFAR_MINI, CIFAR_MINI_MD5, REPO, _env, _git_commit_all, _sh, copy_repository, parse_dry_run
 
@@ -337,6 +338,38 @@ def test_mlflow_ui_in_a_real_browser(ci_run, tmp_path):
     shots = [Path(line) for line in done.stdout.split()]
     assert [p.name for p in shots] == ["experiment.png", "cell.png", "run.png"]
     assert all(p.stat().st_size > 20_000 for p in shots)
+
+
+@pytest.mark.slow
+def test_a_result_another_tool_wrote_for_another_spec_is_stale_for_both(ci_run):
+    """The run folder is the truth (at.outdated): beta of at-sum-p4 1000 -> 300, `dvc repro`
+    retrains its cohort; Snakemake then plans nothing (the folders hold what params.yaml
+    defines). Beta put back: both tools plan exactly that cohort (and Snakemake the report);
+    Snakemake runs it, `dvc commit`, and both are clean with the table at beta = 1000 again."""
+    from at import dvc_pipeline
+
+    params_file = ci_run / "params.yaml"
+    original = params_file.read_text()
+    [cohort] = [c for c in _ci_runs(ci_run, "--cohorts") if any("/at-sum-p4/" in r for r in c["runs"])]
+    stage = dvc_pipeline.stage_name(cohort["id"])
+    table_before = (ci_run / "results/ci/table2.md").read_text()
+    try:
+        params_file.write_text(original.replace("{type: at, mapping: sum, p: 4, form: code, beta: 1000}",
+                                                "{type: at, mapping: sum, p: 4, form: code, beta: 300}"))
+        assert params_file.read_text() != original
+        _sh(["dvc", "repro", CI_PIPELINE], ci_run, timeout=900)
+        assert _snakemake_plans(ci_run) == []      # outputs DVC wrote for this spec are current
+    finally:
+        params_file.write_text(original)
+    planned = sorted(j["rule"] for j in _snakemake_plans(ci_run) if j["rule"] != "all")
+    assert planned == sorted([grid_mod.cohort_rule_name(cohort["id"]), "report"]), planned
+    status = _sh(["dvc", "status", CI_PIPELINE], ci_run).stdout
+    assert re.findall(r"^pipelines/ci/dvc\.yaml:(\S+):$", status, re.M) == [stage, "report-ci"], status
+    _sh([*SNAKEMAKE_CI, "--cores", "2"], ci_run, timeout=900)
+    _sh(["dvc", "commit", "-f", "-d", CI_PIPELINE], ci_run)
+    assert _snakemake_plans(ci_run) == []
+    _dvc_clean(ci_run)
+    assert (ci_run / "results/ci/table2.md").read_text() == table_before
 
 
 def _tree(folder: Path) -> dict[str, int]:

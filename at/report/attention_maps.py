@@ -9,7 +9,6 @@ from typing import Callable
 
 import numpy as np
 
-from at.records import ATTENTION_FILE   # the maps in the AT run's record, from which the figure is drawn
 from at.report import labels
 from at.report.figures import new_figure, set_footer, set_title
 
@@ -17,6 +16,8 @@ from at.report.figures import new_figure, set_footer, set_title
 ATTENTION_PAIR = "wrn-16-1_from_wrn-16-2"
 ATTENTION_METHOD = "at"
 ATTENTION_IMAGES = 4
+# the maps in the AT run's record (at.records), from which the figure is drawn
+ATTENTION_FILE = "attention.json"
 
 
 def compute_maps(teacher, student, inputs, attention_fn: Callable | None = None,
