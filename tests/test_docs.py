@@ -259,7 +259,8 @@ def _check_at(args: list[str], problems: list[str], where: str) -> None:
         problems.append(f"{where}: `python -m at {' '.join(args)}`: no such subcommand ({', '.join(subcommands)})")
         return
     text = _help("at", args[0])
-    problems += [f"{where}: `python -m at {args[0]}` has no {flag}" for flag in _flags(args[1:]) if not _has_flag(text, flag)]
+    problems += [f"{where}: `python -m at {args[0]}` has no {flag}" for flag in _flags(args[1:])
+                 if not _has_flag(text, flag)]
     for i, arg in enumerate(args[:-1]):
         if arg == "--profile" and args[i + 1] not in _profiles():
             problems.append(f"{where}: no profile {args[i + 1]!r} in params.yaml")
@@ -305,7 +306,8 @@ def _check_command(command: str, where: str, problems: list[str]) -> None:
             if done.returncode != 0:
                 problems.append(f"{where}: make has no target {target!r}: {done.stderr.strip()}")
     elif program == "snakemake":
-        problems += [f"{where}: snakemake has no {flag}" for flag in _flags(args) if not _has_flag(_help("snakemake"), flag)]
+        problems += [f"{where}: snakemake has no {flag}" for flag in _flags(args)
+                     if not _has_flag(_help("snakemake"), flag)]
         for i, arg in enumerate(args[:-1]):
             if arg == "--profile" and not (REPO / args[i + 1] / "config.yaml").is_file():
                 problems.append(f"{where}: no Snakemake profile {args[i + 1]}/config.yaml")
@@ -352,7 +354,8 @@ def test_the_command_check_catches_what_it_is_for():
     problems: list[str] = []
     for command in ["python -m at train --no-such-flag", "python -m at nope", "make no-such-target",
                     "snakemake --cores 8 --config profile=nope",
-                    "python -m at train --run cifar10/wrn-16-1/nope/seed0 --profile paper", "torchrun --nproc-per-node 2 -m at train --run x",
+                    "python -m at train --run cifar10/wrn-16-1/nope/seed0 --profile paper",
+                    "torchrun --nproc-per-node 2 -m at train --run x",
                     "dvc repro pipelines/nope/dvc.yaml", "python benchmarks/nope.py", "rm -rf /"]:
         before = len(problems)
         _check_command(command, "t", problems)
