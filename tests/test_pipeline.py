@@ -212,7 +212,7 @@ def pulled_clone(ci_run, tmp_path_factory) -> Path:
     # --local: the remote is this machine's, not the project's (.dvc/config.local is not committed)
     _sh(["dvc", "remote", "add", "--local", "-d", "store", str(remote)], ci_run)
     _sh(["dvc", "push", "--with-deps", CI_PIPELINE], ci_run)
-    # the dvc.lock files are committed with the results they record (README)
+    # the dvc.lock files are committed with the results they record (docs/running.md)
     _git_commit_all(ci_run, "ci results")
     clone = where / "clone"
     _sh(["git", "clone", "-q", str(ci_run), str(clone)], where)
