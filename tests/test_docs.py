@@ -230,7 +230,8 @@ def _help(*command: str) -> str:
         done = run_cli([*command[1:], "--help"])
         assert done.returncode == 0, (command, done.stderr)
         return done.stdout
-    tool = shutil.which(command[0]) or str(Path(sys.executable).parent / command[0])
+    beside = Path(sys.executable).parent / command[0]   # the project's environment first
+    tool = str(beside) if beside.is_file() else shutil.which(command[0]) or command[0]
     done = subprocess.run([tool, *command[1:], "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, (command, done.stderr[-2000:])
     return done.stdout
