@@ -4,7 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test pipeline benchmark gpu-check clean-runs
+.PHONY: help install test pipeline benchmark gpu-check clean-runs
+
+# `make` alone lists the targets; every target but help sets up .venv first.
+.DEFAULT_GOAL := help
 
 # Exact versions come from constraints.txt, so every machine resolves the same environment.
 $(STAMP): pyproject.toml constraints.txt
@@ -35,3 +38,13 @@ gpu-check: $(STAMP)
 
 clean-runs:
 	rm -rf runs results/smoke mlruns.db mlartifacts .snakemake
+
+# One line per target (tests/test_docs.py checks that every target of this file is listed).
+help:
+	@echo 'make pipeline    the whole pipeline, smoke profile, into results/smoke/ (AT_PROFILE=P, AT_SEEDS=0,2)'
+	@echo 'make test        the test suite (TEST_WORKERS=0: one process; PYTEST_ARGS=...: to pytest)'
+	@echo 'make benchmark   cohort vs solo throughput, JSON report in benchmarks/reports/ (BENCHMARK_ARGS=...)'
+	@echo 'make gpu-check   on a CUDA GPU: CUDA tests, GPU benchmark, short training, in gpu-check/<time>/'
+	@echo 'make clean-runs  delete runs/, results/smoke/, the MLflow store and .snakemake/'
+	@echo 'make install     only the set-up: .venv with constraints.txt (every target does it first)'
+	@echo 'make help        this list (README.md says more)'

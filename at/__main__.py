@@ -1,9 +1,16 @@
-"""Command line of attention-transfer: ``python -m at COMMAND``.
+"""Command line of attention-transfer: ``python -m at COMMAND``, run from the repository root.
 
-download (fetch, verify and unpack a data set), train (a cohort or run of the grid, a spec file,
-or one run from arguments), runs (list the grid's runs or cohorts), report (tables and figures
-into results/<profile>), dvc (write the DVC pipelines, pipelines/*/dvc.yaml), tracking-init
-(create the MLflow store and experiment), ui (MLflow's UI, opened on a profile's runs). `python -m at COMMAND --help` says more."""
+params.yaml defines the experiment; a profile of it (--profile P: paper, the full grid, by default;
+smoke, mini, ...) chooses the grid of runs. What the commands write:
+
+  data/<dataset>/             the prepared data, and source.json (where it came from)
+  runs/<P>/<run id>/          each run's checkpoints, metrics.json, history.csv
+  results/<P>/                tables and figures; results/runs/<P>/: the runs' records behind them
+  mlruns.db, mlartifacts/     the MLflow store (or MLFLOW_TRACKING_URI)
+  pipelines/<P>/dvc.yaml      the DVC pipelines
+
+The usual way to run a whole profile is Snakemake (`snakemake --cores 8 --config profile=P`) or
+`make pipeline` (README.md); `python -m at COMMAND --help` says what each command does."""
 
 from __future__ import annotations
 
@@ -343,34 +350,48 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m at", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="the experiment definition (default: params.yaml)")
+    parser.add_argument("--params", default="params.yaml",
+                        help="the experiment definition (default: params.yaml of the current folder)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("download", help="download, verify and extract a data set")
+    p = sub.add_parser("download", help="download, verify and extract a data set into data/<dataset>",
+                       description="Download a data set from params.yaml's source (or AT_<DATASET>_URL and "
+                                   "AT_<DATASET>_MD5: a URL, file:// URL or plain path), check its md5 and unpack "
+                                   "it into data/<dataset>/, recording the source in source.json. Data already "
+                                   "there from the same source is kept; so is data an override brought, in a "
+                                   "shell without the variables.")
     p.add_argument("dataset", help="a data set of params.yaml's data section, e.g. cifar10")
     p.add_argument("--root", help="target folder (default: data/<dataset>)")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("train", help="train (or resume) a cohort of runs, or one run")
+    p = sub.add_parser("train", help="train (or resume) a cohort of runs, or one run, into runs/<profile>/",
+                       description="Train runs, resume them where they stood, or leave them as they are if they "
+                                   "finished with the same spec. Each run writes its folder (runs/<profile>/<run "
+                                   "id>/ for --cohort and --run; --out for a run from arguments) and one MLflow "
+                                   "run. Exit status: 0 done, 2 bad input (one line), 3 a run's loss diverged, "
+                                   "143 stopped by SIGTERM with every position saved (run it again to resume). A "
+                                   "protocol with processes: N starts its N ranks itself (torchrun, or srun in a "
+                                   "SLURM job).")
     what = p.add_argument_group("what to train: --cohort, --run, --spec, or the arguments below")
     what.add_argument("--cohort", help="a cohort id of the grid (see `python -m at runs --cohorts`)")
     what.add_argument("--run", help="a run id of the grid (see `python -m at runs`), trained alone")
-    what.add_argument("--profile", default=None, help="grid profile for --cohort/--run (default: params.yaml's)")
+    what.add_argument("--profile", default=None,
+                      help="the profile of --cohort/--run (default: params.yaml's default_profile)")
     what.add_argument("--spec", help="a run spec file (JSON or YAML, docs/interfaces.md), or a list of "
                                      "specs sharing a data stream")
     what.add_argument("--student", help="model name, e.g. wrn-16-1")
     what.add_argument("--teacher-checkpoint", help="checkpoint.pt of a trained teacher run")
     what.add_argument("--method", help="a method of params.yaml (default: baseline)")
-    what.add_argument("--out", help="the run's folder")
+    what.add_argument("--out", help="the run's folder, e.g. runs/my-run (a run from arguments)")
     what.add_argument("--id", help="run id (default: the folder)")
     what.add_argument("--dataset", default="cifar10",
                       help="a data set of params.yaml's data section (default: cifar10)")
     what.add_argument("--data-dir", help="the prepared data folder (default: data/<dataset>)")
-    what.add_argument("--seed", type=int, default=0)
-    what.add_argument("--protocol", default="cifar", help="a protocol of params.yaml")
-    what.add_argument("--epochs", type=int)
-    what.add_argument("--batch-size", type=int)
-    what.add_argument("--lr", type=float)
+    what.add_argument("--seed", type=int, default=0, help="the run's seed (default: 0)")
+    what.add_argument("--protocol", default="cifar", help="a protocol of params.yaml (default: cifar)")
+    what.add_argument("--epochs", type=int, help="override the protocol's epochs")
+    what.add_argument("--batch-size", type=int, help="override the protocol's batch size")
+    what.add_argument("--lr", type=float, help="override the protocol's initial learning rate")
     what.add_argument("--lr-drops", help="comma-separated epochs, e.g. 60,120,160")
     what.add_argument("--train-subset", type=int, help="train on the first N training images")
     what.add_argument("--test-subset", type=int, help="test on the first N test images")
@@ -391,14 +412,22 @@ def main(argv=None) -> int:
                      help="write all output to FILE; the terminal gets one line per finished epoch of each run")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("runs", help="list the runs of the grid (what Snakemake and DVC run)")
-    p.add_argument("--profile", help="grid profile (default: params.yaml's default_profile)")
+    p = sub.add_parser("runs", help="list the runs of a profile's grid (what Snakemake and DVC run)",
+                       description="List a profile's runs (id, table cells, student, teacher, method, seed, "
+                                   "folder; tab-separated) or its cohorts (the training jobs). Checks params.yaml "
+                                   "first; writes nothing.")
+    p.add_argument("--profile", help="a profile of params.yaml (default: its default_profile)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--cohorts", action="store_true", help="list the cohorts (the training jobs) instead")
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("report", help="render the tables and figures of the grid into results/<profile>")
-    p.add_argument("--profile", help="grid profile (default: params.yaml's default_profile)")
+    p = sub.add_parser("report", help="render the tables and figures of a profile into results/<profile>",
+                       description="Copy every finished run's outputs from runs/<profile>/ into its record, "
+                                   "results/runs/<profile>/<run id>/, render the tables (Markdown, LaTeX, CSV), "
+                                   "figures and a README into results/<profile>/ from the records alone, and add a "
+                                   "run per table cell and the report to MLflow. --records-only renders from the "
+                                   "committed records without runs/ or MLflow (a clone).")
+    p.add_argument("--profile", help="a profile of params.yaml (default: its default_profile)")
     p.add_argument("--references", help="published numbers to compare with (default: references.yaml beside params.yaml)")
     p.add_argument("--records-only", action="store_true",
                    help="render from the committed records (results/runs/<profile>) alone: no export "
@@ -407,18 +436,28 @@ def main(argv=None) -> int:
                                  "or a report folder written before (the report replaces it whole)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("dvc", help="write the DVC pipelines, pipelines/<profile>/dvc.yaml (the same DAG as the Snakefile)")
+    p = sub.add_parser("dvc", help="write the DVC pipelines, pipelines/<profile>/dvc.yaml (the same DAG as the Snakefile)",
+                       description="Write pipelines/<profile>/dvc.yaml for each profile and pipelines/data/dvc.yaml "
+                                   "for the downloads, from params.yaml; a file that would not change is not "
+                                   "touched.")
     p.add_argument("--profile", help="only this profile's pipeline (and the downloads'; default: every profile)")
     p.add_argument("--check", action="store_true", help="fail if a file differs from what params.yaml defines")
     p.set_defaults(func=cmd_dvc)
 
-    p = sub.add_parser("ui", help="MLflow's UI on the runs store; prints the address of a profile's runs table")
-    p.add_argument("--profile", help="grid profile (default: params.yaml's default_profile)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
+    p = sub.add_parser("ui", help="MLflow's UI on the runs store; prints the address of a profile's runs table",
+                       description="Start `mlflow ui` on the project's store (mlruns.db of the current folder, or "
+                                   "MLFLOW_TRACKING_URI) and print the address of the profile's runs table, opened "
+                                   "on the view that shows the cells and their seeds. With a tracking server in "
+                                   "MLFLOW_TRACKING_URI it only prints the address.")
+    p.add_argument("--profile", help="a profile of params.yaml (default: its default_profile)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5000, help="port to serve on (default: 5000)")
     p.set_defaults(func=cmd_ui)
 
-    p = sub.add_parser("tracking-init", help="create the MLflow store and experiment before a fan-out")
+    p = sub.add_parser("tracking-init", help="create the MLflow store and experiment before a fan-out",
+                       description="Check the MLflow store (mlruns.db, or MLFLOW_TRACKING_URI) and create the "
+                                   "profile's experiment, attention-transfer/<profile>; Snakemake's onstart runs it "
+                                   "before the training jobs fan out.")
     p.add_argument("--profile", help="grid profile whose experiment to create (default: params.yaml's "
                                      "default_profile; `custom` for runs trained from arguments)")
     p.set_defaults(func=cmd_tracking_init)

@@ -1,6 +1,6 @@
 """A sweep: one key of one loss term of a cell's method, over a list of values.
 
-Declared on a table row of params.yaml (README, "The experiment: params.yaml")::
+Declared on a table row of params.yaml (docs/extending.md, "Sweeps")::
 
     sum-p4: {method: at-sum-p4, sweep: {beta: [100, 300, 1000, 3000]}}
 

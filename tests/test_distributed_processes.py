@@ -228,7 +228,7 @@ def test_sigterm_on_one_rank_and_sigkill_of_the_job_resume_bit_identical(uninter
 
 
 def test_a_grid_run_on_two_processes_starts_with_run_and_log(root, cifar_mini_dir):
-    """The way the README and the Snakefile start a run of the grid, `python -m at train --run ID
+    """The way docs/cluster.md and the Snakefile start a run of the grid, `python -m at train --run ID
     --profile P --log FILE`, for a protocol of two processes: the command launches its ranks
     (torchrun here), whose parser never sees --run or --log (at.distributed.RANK_ARGV)."""
     import yaml

@@ -1,4 +1,4 @@
-"""The four extension points, used the way the README tells a user to use them: a data set and a
+"""The four extension points, used the way docs/extending.md tells a user to use them: a data set and a
 model registered from the user's own module named in params.yaml's top-level `plugins`, a loss
 term and an attention mapping registered from a module named in a method's `plugins`; none of
 them in the package. The same params.yaml goes through `python -m at runs`, Snakemake's dry run,

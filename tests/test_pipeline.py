@@ -213,7 +213,7 @@ def pulled_clone(ci_run, tmp_path_factory) -> Path:
     # --local: the remote is this machine's, not the project's (.dvc/config.local is not committed)
     _sh(["dvc", "remote", "add", "--local", "-d", "store", str(remote)], ci_run)
     _sh(["dvc", "push", "--with-deps", CI_PIPELINE], ci_run)
-    # the dvc.lock files are committed with the results they record (README)
+    # the dvc.lock files are committed with the results they record (docs/running.md)
     _git_commit_all(ci_run, "ci results")
     clone = where / "clone"
     _sh(["git", "clone", "-q", str(ci_run), str(clone)], where)
@@ -268,13 +268,16 @@ def _readme_using_it_commands() -> list[str]:
 def test_the_readmes_commands_work_as_written(ci_run):
     """Each command of "Using it" that needs no cluster, run as written but on the ci profile
     (the smoke profile's grid at a sixth of the cost) in the trained ci copy; the activation is
-    the venv's bin first on PATH, which is what `source .venv/bin/activate` does."""
+    the venv's bin first on PATH, which is what `source .venv/bin/activate` does. (The SLURM
+    lines, and every command of docs/, are checked against the tools' --help by
+    tests/test_docs.py; tests/slurm runs the SLURM profile.)"""
     commands = _readme_using_it_commands()
     assert commands[0] == "source .venv/bin/activate", "the block starts by activating the environment"
-    ran = []
+    ran, skipped = [], []
     for command in commands[1:]:
         if "--profile slurm" in command:
-            continue   # needs a cluster: tests/slurm runs the SLURM profile
+            skipped.append(command)   # needs a cluster
+            continue
         command = command.replace("profile=smoke", "profile=ci").replace("--profile smoke", "--profile ci")
         command = command.replace("pipelines/smoke/", "pipelines/ci/")
         if " at ui " in f" {command} ":
@@ -283,8 +286,11 @@ def test_the_readmes_commands_work_as_written(ci_run):
             done = subprocess.run(["bash", "-c", command], cwd=ci_run, env=_env(ci_run), capture_output=True,
                                   text=True, timeout=600)
             assert done.returncode == 0, f"`{command}` exited {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
-        ran.append(command.split()[0:3])
-    assert len(ran) >= 8, ran
+        ran.append(command)
+    assert len(skipped) == 2 and len(ran) == len(commands) - 3, (ran, skipped)
+    for wanted in ("snakemake -n", "dvc repro", "--records-only", "snakemake --report", " at ui "):
+        assert any(wanted in f" {c}" for c in ran), wanted
+    assert (ci_run / "report.html").is_file()   # `snakemake --report report.html`
     # and the tools still agree afterwards
     assert _snakemake_plans(ci_run) == []
     _dvc_clean(ci_run)

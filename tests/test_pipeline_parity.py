@@ -129,7 +129,7 @@ def test_dvc_stages_are_the_snakemake_jobs(paper_copy, snakemake_paper_jobs, gri
 
 
 def test_one_seed_of_a_profile_is_the_same_part_for_snakemake_and_dvc(paper_copy, grid_paper_cohorts):
-    """A long profile run in parts, seed by seed (README, "A long profile in parts"): Snakemake's
+    """A long profile run in parts, seed by seed (docs/running.md, "A long profile in parts"): Snakemake's
     `--config seeds=1` and DVC's stage glob plan exactly that seed's cohorts, and no report."""
     seed1 = sorted(c["id"] for c in grid_paper_cohorts if c["seed"] == 1)
     done = _sh(["snakemake", "--snakefile", "workflow/Snakefile", "--config", "profile=paper", "seeds=1",
