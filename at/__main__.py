@@ -436,11 +436,11 @@ def main(argv=None) -> int:
                                  "or a report folder written before (the report replaces it whole)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("dvc", help="write the DVC pipelines, pipelines/<profile>/dvc.yaml (the same DAG as the Snakefile)",
-                       description="Write pipelines/<profile>/dvc.yaml for each profile and pipelines/data/dvc.yaml "
-                                   "for the downloads, from params.yaml; a file that would not change is not "
-                                   "touched.")
-    p.add_argument("--profile", help="only this profile's pipeline (and the downloads'; default: every profile)")
+    p = sub.add_parser("dvc", help="write the DVC pipelines, dvc.yaml and pipelines/<profile>/dvc.yaml (the same DAG as the Snakefile)",
+                       description="Write dvc.yaml at the root (the downloads and the default profile: what a bare "
+                                   "`dvc repro` runs) and pipelines/<profile>/dvc.yaml for every other profile, from "
+                                   "params.yaml; a file that would not change is not touched.")
+    p.add_argument("--profile", help="only this profile's pipeline (and the root file's; default: every profile)")
     p.add_argument("--check", action="store_true", help="fail if a file differs from what params.yaml defines")
     p.set_defaults(func=cmd_dvc)
 

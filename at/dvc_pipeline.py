@@ -3,11 +3,13 @@
 dvc.yaml cannot run Python to expand a grid, so the files are generated from params.yaml by
 ``python -m at dvc`` and committed; a test fails when a committed file is stale. Layout:
 
-- ``pipelines/data/dvc.yaml``: one download stage per data set that any profile reads. Every
-  profile depends on these outputs, and DVC refuses two stages with the same output, so they
-  live in one file of their own;
-- ``pipelines/<profile>/dvc.yaml``: that profile's training stages (one per cohort, as one
-  Snakemake job) and its report stage. Generating or running one profile never rewrites
+- ``dvc.yaml`` at the root: one download stage per data set that any profile reads, and the
+  trainings and report of params.yaml's ``default_profile`` (the profile a bare ``snakemake``
+  runs), so that ``dvc repro`` and ``dvc status dvc.yaml`` as typed mean what a bare
+  ``snakemake`` means. Every profile depends on the downloads' outputs, and DVC refuses two
+  stages with the same output, so they are defined here once;
+- ``pipelines/<profile>/dvc.yaml``: every other profile's training stages (one per cohort, as
+  one Snakemake job) and its report stage. Generating or running one profile never rewrites
   another's file; each file's ``dvc.lock`` is written beside it by DVC (commit it with the
   results it records).
 
@@ -29,11 +31,10 @@ from pathlib import Path
 import yaml
 
 from at import grid
-from at.errors import ParamsError
 from at.data.download import SOURCE_RECORD
 
 ROOT = "pipelines"
-DATA = "data"       # the folder of the download stages (not a profile name: the schema's names)
+ROOT_FILE = Path("dvc.yaml")   # the downloads and the default profile (see the module's docstring)
 WDIR = "../.."      # from pipelines/<name>/ back to the repository root
 
 HEADER = (
@@ -42,9 +43,13 @@ HEADER = (
 )
 
 
-def pipeline_file(name: str) -> Path:
-    """``pipelines/<name>/dvc.yaml``: a profile's, or :data:`DATA`'s."""
-    return Path(ROOT) / name / "dvc.yaml"
+def pipeline_file(params: dict, profile: str) -> Path:
+    """The dvc.yaml that holds ``profile``'s stages: the root one for the default profile."""
+    return ROOT_FILE if profile == grid.profile_name(params, None) else Path(ROOT) / profile / "dvc.yaml"
+
+
+def _wdir(params: dict, profile: str) -> str:
+    return "." if pipeline_file(params, profile) == ROOT_FILE else WDIR
 
 
 def stage_name(cohort_id: str) -> str:
@@ -105,7 +110,6 @@ def downloaded(params: dict, profile: str | None = None) -> list[str]:
 def data_stages(params: dict) -> dict:
     return {f"download-{dataset}": {
         "cmd": download_command(dataset),
-        "wdir": WDIR,
         "params": download_params(params, dataset),
         # persist: DVC does not delete the data before the stage runs; the download replaces it
         # only once the new data is fetched and checked, so a failed one leaves it as it was
@@ -113,7 +117,7 @@ def data_stages(params: dict) -> dict:
     } for dataset in downloaded(params)}
 
 
-def _table_plots(params: dict, profile: str, runs: list[dict]) -> list[dict]:
+def _table_plots(params: dict, profile: str, runs: list[dict], wdir: str) -> list[dict]:
     """One DVC plot per table: every cell's test error per epoch (its lowest seed), in one view,
     so ``dvc plots diff`` compares a table's methods across commits side by side."""
     first_seed: dict[tuple, dict] = {}
@@ -124,7 +128,7 @@ def _table_plots(params: dict, profile: str, runs: list[dict]) -> list[dict]:
     for table in sorted({key[0] for key in first_seed}):
         histories = sorted({grid.outputs(run)["history"] for key, run in first_seed.items() if key[0] == table})
         plots.append({f"{profile}-{table}-test-error": {
-            "x": "epoch", "y": {f"{WDIR}/{path}": "test_error" for path in histories},
+            "x": "epoch", "y": {(path if wdir == "." else f"{wdir}/{path}"): "test_error" for path in histories},
             "title": f"{table}: test error (%) per epoch, {profile} profile, lowest seed of each cell",
             "x_label": "epoch", "y_label": "test error (%)"}})
     return plots
@@ -132,6 +136,7 @@ def _table_plots(params: dict, profile: str, runs: list[dict]) -> list[dict]:
 
 def stages(params: dict, profile: str) -> dict:
     runs = grid.runs(params, profile)
+    wdir = _wdir(params, profile)
     result: dict = {}
     by_id = {run["id"]: run for run in runs}
     for cohort in grid.cohorts(params, profile):
@@ -144,7 +149,7 @@ def stages(params: dict, profile: str) -> dict:
         stage_params += [{source_record(d): ["url", "md5"]} for d in datasets if grid.needs_download(params, d)]
         result[stage_name(cohort["id"])] = {
             "cmd": train_command(cohort),
-            "wdir": WDIR,
+            "wdir": wdir,
             "deps": deps,
             "params": stage_params,
             # All three are cached, so that `dvc push` / `dvc pull` carry a run's whole result:
@@ -156,7 +161,7 @@ def stages(params: dict, profile: str) -> dict:
         }
     result[f"report-{profile}"] = {
         "cmd": report_command(profile),
-        "wdir": WDIR,
+        "wdir": wdir,
         "deps": grid.report_inputs(params, profile),
         # which cells a run fills, the not-run reasons and the description come from these
         "params": ["tables", f"profiles.{profile}"],
@@ -171,23 +176,38 @@ def _dump(header: str, body: dict) -> str:
     return header + yaml.safe_dump(body, sort_keys=False, width=1000)
 
 
+def _without_root_wdir(body: dict) -> dict:
+    # the root file's stages run where it is: no wdir line
+    for stage in body["stages"].values():
+        if stage.get("wdir") == ".":
+            del stage["wdir"]
+    return body
+
+
 def render(params: dict, profile: str) -> str:
-    body = {"stages": stages(params, profile), "plots": _table_plots(params, profile, grid.runs(params, profile))}
+    body = {"stages": stages(params, profile),
+            "plots": _table_plots(params, profile, grid.runs(params, profile), _wdir(params, profile))}
     if not body["plots"]:
         del body["plots"]
     return _dump(HEADER.format(what=f"The {profile} profile's trainings and report"), body)
 
 
-def render_data(params: dict) -> str:
-    return _dump(HEADER.format(what="Every profile's data downloads"), {"stages": data_stages(params)})
+def render_root(params: dict) -> str:
+    profile = grid.profile_name(params, None)
+    body = {"stages": {**data_stages(params), **stages(params, profile)},
+            "plots": _table_plots(params, profile, grid.runs(params, profile), ".")}
+    if not body["plots"]:
+        del body["plots"]
+    return _dump(HEADER.format(what=f"Every profile's data downloads, and the default profile ({profile})'s "
+                                    "trainings and report"), _without_root_wdir(body))
 
 
 def files(params: dict, profiles: list[str] | None = None) -> dict[Path, str]:
-    """Every pipeline file and its text: the data file, then one per profile (all by default)."""
-    if DATA in params["profiles"]:
-        raise ParamsError(f"profiles.{DATA}: the name of the download stages' folder "
-                          f"({pipeline_file(DATA)}): rename the profile")
-    out = {pipeline_file(DATA): render_data(params)}
+    """Every pipeline file and its text: the root one (downloads and the default profile), then
+    one per other profile (all by default)."""
+    default = grid.profile_name(params, None)
+    out = {ROOT_FILE: render_root(params)}
     for profile in profiles or list(params["profiles"]):
-        out[pipeline_file(profile)] = render(params, profile)
+        if profile != default:
+            out[pipeline_file(params, profile)] = render(params, profile)
     return out

@@ -165,7 +165,7 @@ def dvc_stages(root: Path, profile: str) -> list[dict]:
     with Repo(str(root)) as repo:
         for stage in repo.index.stages:
             if Path(stage.dvcfile.path).relative_to(root).as_posix() not in (
-                    f"pipelines/{profile}/dvc.yaml", "pipelines/data/dvc.yaml"):
+                    f"pipelines/{profile}/dvc.yaml", "dvc.yaml"):   # the root: downloads, default profile
                 continue
             outs = stage.outs
             stages.append({

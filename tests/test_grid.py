@@ -264,7 +264,9 @@ def test_committed_dvc_pipelines_are_what_params_yaml_defines():
 
     params = params_io.load(REPO / "params.yaml")
     expected = {str(p) for p in dvc_pipeline.files(params)}
-    assert expected == {f"pipelines/{name}/dvc.yaml" for name in ["data", *params["profiles"]]}
+    # the root dvc.yaml: the downloads and the default profile (what a bare `dvc repro` runs)
+    assert expected == {"dvc.yaml"} | {f"pipelines/{name}/dvc.yaml" for name in params["profiles"]
+                                       if name != params["default_profile"]}
     committed = [f for f in subprocess.run(["git", "ls-files", "pipelines", "dvc.yaml"], cwd=REPO, capture_output=True,
                                            text=True, check=True).stdout.split() if f.endswith("dvc.yaml")]
     assert set(committed) <= expected, f"a pipeline file that params.yaml no longer defines: {committed}"
@@ -277,7 +279,8 @@ def test_dvc_check_fails_on_a_stale_file_and_names_it(params, tmp_path):
     changed.write_text(yaml.safe_dump(params, sort_keys=False))
     done = run_cli(["--params", str(changed), "dvc", "--profile", "paper", "--check"], cwd=REPO)
     assert done.returncode == 1
-    assert "pipelines/paper/dvc.yaml not what" in done.stderr and "pipelines/data" not in done.stderr
+    # paper is the default profile: its stages are the root dvc.yaml's; no other file is named
+    assert done.stderr.startswith("error: dvc.yaml not what") and "pipelines/" not in done.stderr
     assert "regenerate with `python -m at dvc`" in done.stderr
 
 
@@ -286,7 +289,7 @@ def test_writing_one_profiles_pipeline_touches_no_other_file(params, tmp_path):
     done = run_cli(["--params", str(tmp_path / "params.yaml"), "dvc", "--profile", "smoke"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert written == ["params.yaml", "pipelines/data/dvc.yaml", "pipelines/smoke/dvc.yaml"]
+    assert written == ["dvc.yaml", "params.yaml", "pipelines/smoke/dvc.yaml"]
     assert (tmp_path / "pipelines/smoke/dvc.yaml").read_text() == (REPO / "pipelines/smoke/dvc.yaml").read_text()
     # again: nothing changes, not even a modification time (Snakemake and DVC compare them)
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.yaml")}

@@ -431,7 +431,7 @@ def test_a_failed_download_through_dvc_keeps_the_data(ci_run, tmp_path):
     missing = tmp_path / "gone" / "cifar-10-python.tar.gz"
     try:
         params.write_text(original.replace("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", str(missing)))
-        done = _sh(["dvc", "repro", "pipelines/data/dvc.yaml:download-cifar10"], ci_run,
+        done = _sh(["dvc", "repro", "dvc.yaml:download-cifar10"], ci_run,
                    env={"AT_CIFAR10_URL": "", "AT_CIFAR10_MD5": ""}, check=False, timeout=300)
         assert done.returncode != 0
         assert f"error: could not open {missing}" in done.stderr
