@@ -90,6 +90,10 @@ def test_snakemake_and_dvc_agree_that_everything_is_up_to_date(ci_run):
     # (after `dvc repro`, `snakemake -n` plans nothing either: the README's commands, below)
     # the console showed each member's epoch as it finished, not only Snakemake's job lines
     console = (ci_run / "snakemake-console.txt").read_text()
+    # a local job on a machine without an NVIDIA device is given no GPU: its resources say none
+    if not Path("/dev/nvidiactl").exists():
+        resources = [line for line in console.splitlines() if line.strip().startswith("resources:")]
+        assert resources and not [line for line in resources if "gpu=" in line], resources[:3]
     for run in _ci_runs(ci_run):
         assert f"[{run['id']}] epoch 1/1 " in console, run["id"]
 
