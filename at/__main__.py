@@ -72,7 +72,7 @@ def _train_specs(args) -> list:
 
         try:
             loaded = yaml_file.load(args.spec)
-        except yaml_file.DuplicateKeyError as e:
+        except yaml_file.Refused as e:
             raise ValueError(f"{args.spec}: {e}") from None
         return [RunSpec.resolve(s) for s in (loaded if isinstance(loaded, list) else [loaded])]
     if not args.student or not args.out:

@@ -148,7 +148,7 @@ def load(path: str | Path) -> dict[str, ReferenceTable]:
                               f"these numbers; create it (`tables: {{}}` for none)")
     try:
         data = yaml_file.load(path)
-    except yaml_file.DuplicateKeyError as e:
+    except yaml_file.Refused as e:
         raise ReferencesError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ReferencesError(f"{path} is not valid YAML: {e}") from None

