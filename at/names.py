@@ -14,8 +14,9 @@ import re
 from pathlib import Path
 
 # one folder name: letters, digits and _ . + = -, not starting with a dot ("..", ".hidden")
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+=-]{0,63}$"
-NAME_RULE = "at most 64 letters, digits and _ . + = - (starting with a letter or digit)"
+NAME_MAX = 64
+NAME_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9_.+=-]{{0,{NAME_MAX - 1}}}$"
+NAME_RULE = f"at most {NAME_MAX} letters, digits and _ . + = - (starting with a letter or digit)"
 _NAME = re.compile(NAME_PATTERN)
 
 

@@ -52,6 +52,37 @@ def _python(args: list[str], cwd: Path, memory_bytes: int = 1 << 30, timeout: fl
 
 
 # ------------------------------------------------------------------------------------------------
+# 1. A sweep value whose run-id part breaks the names rule
+
+
+def test_a_sweep_value_too_long_for_a_run_id_is_refused_when_params_yaml_is_read(params, tmp_path):
+    import yaml
+
+    params["tables"]["beta-sweep"]["rows"]["sum-p2"]["sweep"] = {"beta": [100, 1.0e308]}
+    with pytest.raises(ParamsError) as info:
+        grid.validate(params)
+    message = str(info.value)
+    # 1e308 is an integer-valued float, spelled in ids with all its 309 digits
+    assert "tables.beta-sweep.rows.sum-p2.sweep: value 1e+308 would name its runs 'beta=1000" in message
+    assert "(314 characters): a run-id part must be at most 64 letters" in message
+    assert len(message) < 400
+    # the command line of `python -m at runs` (what Snakemake and DVC read too)
+    path = _params_file(tmp_path, PARAMS_TEXT.replace("sum-p2: {method: at-sum-p2, sweep: {beta: [100, 1000]}}",
+                                                      "sum-p2: {method: at-sum-p2, sweep: {beta: [100, 1.0e+308]}}"))
+    assert yaml.safe_load(path.read_text())["tables"]["beta-sweep"]["rows"]["sum-p2"]["sweep"]["beta"][1] == 1e308
+    ran = run_cli(["--params", str(path), "runs", "--profile", "sweep-smoke"])
+    assert ran.returncode == 2 and ran.stdout == ""
+    assert "value 1e+308 would name its runs" in _one_line(ran.stderr)
+
+
+def test_sweep_values_within_the_names_rule_still_name_their_runs(params):
+    params["tables"]["beta-sweep"]["rows"]["sum-p2"]["sweep"] = {"beta": [1e-300, 123456789.125, 1000]}
+    ids = {r["id"] for r in grid.runs(params, "sweep-smoke")}
+    assert "cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/beta=1e-300/seed0" in ids
+    assert "cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/beta=123456789.125/seed0" in ids
+
+
+# ------------------------------------------------------------------------------------------------
 # 2. YAML bombs: refused while composing, before anything is built
 
 
