@@ -440,7 +440,7 @@ def main(argv=None) -> int:
 # Errors that report bad input or an unavailable service, by the module that defines them.
 USER_ERRORS = {
     "at.errors": ("ParamsError", "WriteError"),
-    "at.run_lock": ("RunLocked",),
+    "at.run_lock": ("LockError",),
     "at.checkpoint": ("CheckpointError",),
     "at.tracking": ("TrackingError",),
     "at.data.download": ("ChecksumError", "DownloadError", "ArchiveError"),

@@ -352,7 +352,7 @@ def train_cohort(specs: list, options: Options | None = None, force: bool = Fals
             # one writer per run folder, from before its first read to the end (at.run_lock)
             with run_lock.hold({spec.id: Path(spec.out_dir) for spec in specs}):
                 return _train_locked(specs, options, force, stop if stop is not None else sigterm, created)
-        except run_lock.RunLocked:
+        except run_lock.LockError:
             run_folder.remove_empty(created)
             raise
 
@@ -406,7 +406,7 @@ def _train_ranks(specs: list[RunSpec], options: Options, force: bool, stop, rank
                     try:
                         with run_lock.hold({spec.id: Path(spec.out_dir) for spec in specs}):
                             results = _train_locked(specs, options, force, sigterm, created, ranks, handshake)
-                    except run_lock.RunLocked:
+                    except run_lock.LockError:
                         run_folder.remove_empty(created)
                         raise
                 except BaseException as e:

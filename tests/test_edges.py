@@ -142,3 +142,61 @@ def test_a_value_quoted_in_an_error_is_cut_short(params):
     params["protocols"]["cifar"]["augment"] = list(range(10**6))
     with pytest.raises(ParamsError, match=r"unknown value \[0, 1, 2, 3, \.\.\.\]; allowed"):
         schema.check(params)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. The run's lock file is never followed and must be a plain file
+
+
+def _train_args(out: Path, data_dir: Path, *extra: str) -> list[str]:
+    return ["--params", str(REPO / "params.yaml"), "train", "--student", "wrn-10-1", "--out", str(out),
+            "--id", "edges", "--data-dir", str(data_dir), "--train-subset", "64", "--test-subset", "64",
+            "--batch-size", "32", "--lr-drops", "", "--epochs", "1", "--threads", "1", "--no-progress", *extra]
+
+
+def test_a_lock_that_is_a_symbolic_link_is_refused_and_its_target_left_alone(tmp_path, cifar_mini_dir,
+                                                                             mlflow_store):
+    target = tmp_path / "precious.txt"
+    target.write_text("the user's file\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").symlink_to(target)
+    ran = run_cli(_train_args(out, cifar_mini_dir))
+    assert ran.returncode == 2
+    assert _one_line(ran.stderr) == (f"error: run edges: its lock file {out / '.lock'} is a symbolic link "
+                                     f"(to {target}): a lock is never followed, and its target was left as "
+                                     f"it is; remove the link")
+    assert target.read_text() == "the user's file\n"
+    assert sorted(p.name for p in out.iterdir()) == [".lock"], "nothing else written"
+
+
+def test_a_lock_that_is_a_folder_is_one_line(tmp_path, cifar_mini_dir, mlflow_store):
+    out = tmp_path / "run"
+    (out / ".lock" / "inside").mkdir(parents=True)
+    ran = run_cli(_train_args(out, cifar_mini_dir))
+    assert ran.returncode == 2
+    assert _one_line(ran.stderr) == (f"error: run edges: its lock file {out / '.lock'} is a folder: move it "
+                                     f"aside (the run's lock is a file)")
+    assert sorted(p.name for p in out.iterdir()) == [".lock"] and (out / ".lock" / "inside").is_dir()
+
+
+def test_a_lock_that_is_a_fifo_or_a_hard_link_is_refused(tmp_path):
+    fifo, linked = tmp_path / "fifo", tmp_path / "linked"
+    fifo.mkdir()
+    linked.mkdir()
+    os.mkfifo(fifo / ".lock")
+    other = tmp_path / "other.txt"
+    other.write_text("kept\n")
+    os.link(other, linked / ".lock")
+    start = time.monotonic()
+    with pytest.raises(run_lock.LockError, match=r"\.lock is not a plain file"):
+        with run_lock.hold({"f": fifo}):
+            pass
+    assert time.monotonic() - start < 5, "a FIFO is not waited on"
+    with pytest.raises(run_lock.LockError, match=r"\.lock is a hard link \(2 names for one file\)"):
+        with run_lock.hold({"l": linked}):
+            pass
+    assert other.read_text() == "kept\n"
+    (tmp_path / "plain").mkdir()
+    with run_lock.hold({"p": tmp_path / "plain"}):
+        assert (tmp_path / "plain" / ".lock").is_file()   # a plain lock, as before
