@@ -218,6 +218,9 @@ def cmd_report(args) -> int:
     out = Path(args.out or grid.report_dir(profile))
     report.check_replaceable(out)   # before records or MLflow are touched: a wrong --out changes nothing
     if not args.records_only:
+        from at import atomic
+
+        atomic.check_writable(records.root(profile), f"the records {records.root(profile)}")
         tracking.check_store()   # before results/ is rewritten: a store that fails leaves it as it was
         exported = records.export(params, profile, attention_run=_attention_run(params, profile))
         print(f"records: {len(exported.written)} written, {len(exported.kept)} kept from earlier, "

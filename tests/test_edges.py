@@ -200,3 +200,51 @@ def test_a_lock_that_is_a_fifo_or_a_hard_link_is_refused(tmp_path):
     (tmp_path / "plain").mkdir()
     with run_lock.hold({"p": tmp_path / "plain"}):
         assert (tmp_path / "plain" / ".lock").is_file()   # a plain lock, as before
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. A read-only results/ (a real read-only bind mount)
+
+
+@pytest.fixture
+def read_only_results(tmp_path):
+    """A copy of the repository's params, references and committed results, with results/ a
+    read-only bind mount of itself (root only; unmounted afterwards)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a read-only bind mount needs root (chmod does not stop root's writes)")
+    work = tmp_path / "repo"
+    work.mkdir()
+    for name in ("params.yaml", "references.yaml"):
+        shutil.copy(REPO / name, work / name)
+    shutil.copytree(REPO / "results", work / "results")
+    results = work / "results"
+    done = subprocess.run(["mount", "--bind", str(results), str(results)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {done.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(results)], check=True, capture_output=True)
+        yield work
+    finally:
+        subprocess.run(["umount", str(results)], check=False)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_read_only_results_folder_is_one_line_naming_it(read_only_results, tmp_path):
+    work = read_only_results
+    before = _tree(work / "results")
+    ran = run_cli(["--params", "params.yaml", "report", "--profile", "mini", "--records-only"], cwd=work)
+    assert ran.returncode == 2
+    assert _one_line(ran.stderr) == ("error: cannot write the report results/mini: results is on a read-only "
+                                     "file system; nothing was written")
+    # rendered elsewhere, the records it would export are still under the read-only results/:
+    # said before MLflow is opened
+    ran = run_cli(["--params", "params.yaml", "report", "--profile", "mini", "--out", str(tmp_path / "out")],
+                  cwd=work)
+    assert ran.returncode == 2
+    assert _one_line(ran.stderr) == ("error: cannot write the records results/runs/mini: results/runs/mini is "
+                                     "on a read-only file system; nothing was written")
+    assert not (tmp_path / "out").exists() and not (work / "mlruns.db").exists()
+    assert _tree(work / "results") == before
