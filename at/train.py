@@ -43,6 +43,7 @@ from tqdm import tqdm
 from at import console, distributed, resume, run_folder, run_lock
 from at.data.datasets import training_data
 from at.data.download import read_source_record
+from at.data.sources import check_batch_size
 from at.data.stream import DataStream, check_shared_stream
 from at.distributed import SINGLE, Ranks
 from at.member import Member, TrainingDiverged, make_optimizer
@@ -149,6 +150,7 @@ class Cohort:
         self.epochs = protocol.epochs
         self.eval_batch_size = protocol.eval_batch_size
         self.batch_size = protocol.batch_size
+        check_batch_size(specs[0], self.data.n_train)
         distributed.check_layout(specs[0].id, protocol.batch_size, self.data.n_train, ranks.world_size)
         self.stream = DataStream(self.data, specs[0].seed, protocol.batch_size, arithmetic.device,
                                  ranks.rank, ranks.world_size)

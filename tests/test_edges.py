@@ -248,3 +248,18 @@ def test_a_read_only_results_folder_is_one_line_naming_it(read_only_results, tmp
                                      "on a read-only file system; nothing was written")
     assert not (tmp_path / "out").exists() and not (work / "mlruns.db").exists()
     assert _tree(work / "results") == before
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. A batch larger than the training images
+
+
+def test_a_batch_larger_than_the_data_is_refused_like_a_subset(tmp_path, cifar_mini_dir, mlflow_store):
+    out = tmp_path / "run"
+    args = _train_args(out, cifar_mini_dir)
+    args[args.index("--batch-size") + 1] = "1000000000"
+    ran = run_cli(args)
+    assert ran.returncode == 2
+    assert _one_line(ran.stderr) == ("error: run edges: protocol.batch_size is 1000000000, but the run has only "
+                                     "64 training images (protocol.train_subset): lower it to at most 64")
+    assert not out.exists(), "nothing left behind"
