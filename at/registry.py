@@ -13,6 +13,7 @@ import importlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
+from at.errors import shown
 from at.names import check_name
 
 Entry = TypeVar("Entry")
@@ -76,6 +77,9 @@ def import_plugins(modules: object, where: str = "plugins") -> None:
     for module in modules:
         try:
             importlib.import_module(module)
+        except SystemExit as e:   # sys.exit(0) at import would end the command as a success, silently
+            raise ValueError(f"{where}: plugin {module!r} called sys.exit({shown(e.code)}) while being imported: "
+                             "a plugin registers its entries and returns") from None
         except Exception as e:  # one clear line, whatever went wrong inside the plugin
             raise ValueError(
                 f"{where}: plugin {module!r} could not be imported ({type(e).__name__}: {e}); "

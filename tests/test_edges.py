@@ -263,3 +263,19 @@ def test_a_batch_larger_than_the_data_is_refused_like_a_subset(tmp_path, cifar_m
     assert _one_line(ran.stderr) == ("error: run edges: protocol.batch_size is 1000000000, but the run has only "
                                      "64 training images (protocol.train_subset): lower it to at most 64")
     assert not out.exists(), "nothing left behind"
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. A plugin that exits while being imported
+
+
+def test_a_plugin_that_calls_sys_exit_at_import_fails_the_command(tmp_path):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "leaving.py").write_text("import sys\n\nsys.exit(0)\n")
+    path = _params_file(tmp_path, "plugins: [leaving]\n" + PARAMS_TEXT)
+    done = _python(["-m", "at", "--params", str(path), "runs", "--profile", "smoke"], cwd=tmp_path,
+                   pythonpath=[plugins])
+    assert done.returncode == 2 and done.stdout == ""
+    assert _one_line(done.stderr) == (f"error: {path}: plugins: plugin 'leaving' called sys.exit(0) while being "
+                                      f"imported: a plugin registers its entries and returns")
