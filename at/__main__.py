@@ -117,6 +117,9 @@ def cmd_train(args) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except distributed.RankLost as e:   # not bad input (2): a process of the run was lost
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

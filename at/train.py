@@ -416,6 +416,14 @@ def _train_ranks(specs: list[RunSpec], options: Options, force: bool, stop, rank
                     raise
             # every rank returns rank 0's metrics, and leaves only when rank 0 has written them
             return ranks.broadcast(results)
+    except Exception as e:
+        if not distributed.lost_contact(e):
+            raise
+        # the other ranks' gradients or decisions cannot arrive: nothing more can be saved here
+        # (a position needs every rank's state); the last saved state is the run's
+        raise distributed.RankLost(f"rank {ranks.rank} of {ranks.world_size}: another rank of the run is gone "
+                                   f"(killed, crashed or out of memory), so this one stops too, without "
+                                   f"saving") from None
     finally:
         ranks.stop()
 
