@@ -142,6 +142,16 @@ def test_a_value_quoted_in_an_error_is_cut_short(params):
     params["protocols"]["cifar"]["augment"] = list(range(10**6))
     with pytest.raises(ParamsError, match=r"unknown value \[0, 1, 2, 3, \.\.\.\]; allowed"):
         schema.check(params)
+    # past the schema: a term's option, a name
+    from at import names
+    from at.method import validate_method
+
+    for refused in (lambda: validate_method({"terms": [{"type": "at", "p": "x" * 100_000}]}),
+                    lambda: validate_method({"terms": [{"type": "at", "layers": list(range(-1, 10**6))}]}),
+                    lambda: names.check_name("x" * 100_000, "profile")):
+        with pytest.raises(ValueError) as info:
+            refused()
+        assert "..." in str(info.value) and len(str(info.value)) < 2 * SHOWN_MAX, str(info.value)[:300]
 
 
 # ------------------------------------------------------------------------------------------------
