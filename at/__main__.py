@@ -79,7 +79,7 @@ def _train_specs(args) -> list:
 
         try:
             loaded = yaml_file.load(args.spec)
-        except yaml_file.DuplicateKeyError as e:
+        except yaml_file.Refused as e:
             raise ValueError(f"{args.spec}: {e}") from None
         return [RunSpec.resolve(s) for s in (loaded if isinstance(loaded, list) else [loaded])]
     if not args.student or not args.out:
@@ -124,6 +124,9 @@ def cmd_train(args) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except distributed.RankLost as e:   # not bad input (2): a process of the run was lost
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
@@ -225,6 +228,9 @@ def cmd_report(args) -> int:
     out = Path(args.out or grid.report_dir(profile))
     report.check_replaceable(out)   # before records or MLflow are touched: a wrong --out changes nothing
     if not args.records_only:
+        from at import atomic
+
+        atomic.check_writable(records.root(profile), f"the records {records.root(profile)}")
         tracking.check_store()   # before results/ is rewritten: a store that fails leaves it as it was
         exported = records.export(params, profile, attention_run=_attention_run(params, profile))
         print(f"records: {len(exported.written)} written, {len(exported.kept)} kept from earlier, "
@@ -479,7 +485,7 @@ def main(argv=None) -> int:
 # Errors that report bad input or an unavailable service, by the module that defines them.
 USER_ERRORS = {
     "at.errors": ("ParamsError", "WriteError"),
-    "at.run_lock": ("RunLocked",),
+    "at.run_lock": ("LockError",),
     "at.checkpoint": ("CheckpointError",),
     "at.tracking": ("TrackingError",),
     "at.data.download": ("ChecksumError", "DownloadError", "ArchiveError"),

@@ -42,6 +42,24 @@ def _write_failed(path: Path, error: BaseException) -> WriteError:
                       f"run again")
 
 
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """WriteError naming ``folder`` unless this process can create files in it (or, where it does
+    not exist yet, in its nearest existing parent): checked before a command changes anything,
+    so that a read-only folder is one line and not a traceback half-way. ``what`` says what
+    was to be written there."""
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if os.access(path, os.W_OK | os.X_OK):   # access() also answers EROFS, even for root
+        return
+    try:
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    why = "is on a read-only file system" if read_only else "is not writable by this user"
+    raise WriteError(f"cannot write {what}: {path} {why}; nothing was written")
+
+
 class _Recording:
     """A file that remembers the OSError of a failed write: torch's checkpoint writer turns it
     into a RuntimeError of its zip container ("unexpected pos ..."), which names no reason."""

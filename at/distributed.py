@@ -17,8 +17,11 @@ backward). What the ranks agree on, and how (docs/interfaces.md, "Data-parallel 
   hands each rank its own back;
 - **when to stop**: SIGTERM on any rank stops all of them at the same step (:meth:`Ranks.any`).
 
-A process that dies without a word (a crash, OOM) leaves the others waiting in a collective:
-the launchers end them (torchrun stops the other workers; ``srun --kill-on-bad-exit``).
+A process that dies without a word (a crash, OOM, SIGKILL) leaves the others waiting in a
+collective: the launchers end them (torchrun stops the other workers; ``srun
+--kill-on-bad-exit``). A rank whose collective fails because its peer is gone says so in one
+line (:class:`RankLost`), and torchrun, started through ``python -m at.launch``, names the rank
+that failed first in one line, instead of a traceback each.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Ranks", "SINGLE", "bounds", "check_layout", "first_host", "from_environment", "launch_command",
-           "loss_weight", "rank_rng_state", "slurm_port", "wrap"]
+__all__ = ["RankLost", "Ranks", "SINGLE", "bounds", "check_layout", "first_host", "from_environment",
+           "launch_command", "lost_contact", "loss_weight", "rank_rng_state", "slurm_port", "wrap"]
 
 # The rendezvous port of an srun-launched run: a fixed base plus the job id modulo a span, so
 # that runs of different jobs on one node get different ports (a collision needs two job ids
@@ -111,6 +114,19 @@ def check_layout(run_id: str, batch_size: int, n_train: int, world_size: int) ->
         raise ValueError(f"run {run_id}: the last batch of an epoch has {last} image(s) ({n_train} training "
                          f"images, batch_size {batch_size}), fewer than the {world_size} processes: change "
                          f"train_subset or batch_size")
+
+
+class RankLost(RuntimeError):
+    """This rank's collective failed because another rank of the run is gone."""
+
+
+def lost_contact(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because a peer is gone: torch.distributed's
+    own errors (nccl, the rendezvous store), or gloo's, which torch raises as a plain
+    RuntimeError whose text begins with the gloo source file that raised it."""
+    import torch.distributed as dist
+
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "/gloo/" in str(error))
 
 
 def _int(env: Mapping[str, str], key: str) -> int:
@@ -318,8 +334,9 @@ def launch_command(processes: int, argv: list[str], env: Mapping[str, str] | Non
     `python -m at train` in one process, and what it adds to the environment: ``srun`` inside a
     SLURM job (its tasks are the ranks; the job asked for them: at.grid.job_resources),
     ``torchrun`` on one machine elsewhere (``--standalone``: a free rendezvous port of its own,
-    so runs on one machine do not meet). Each rank runs ``python -m at.rank``, which reads ARGV
-    from :data:`RANK_ARGV`."""
+    so runs on one machine do not meet), through ``python -m at.launch`` (torchrun's own entry, a
+    failed rank said in one line). Each rank runs ``python -m at.rank``, which reads ARGV from
+    :data:`RANK_ARGV`."""
     import json
     import sys
 
@@ -329,5 +346,5 @@ def launch_command(processes: int, argv: list[str], env: Mapping[str, str] | Non
     if env.get("SLURM_JOB_ID"):
         # --kill-on-bad-exit: a rank that dies ends the others, which would wait for it forever
         return ["srun", f"--ntasks={processes}", "--kill-on-bad-exit=1", python, "-m", "at.rank"], passed
-    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+    return [python, "-m", "at.launch", "--standalone", f"--nproc-per-node={processes}",
             "-m", "at.rank"], passed

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from at import models, names, schema, sweep as sweeps
 from at.data import datasets as data_sets
-from at.errors import ParamsError
+from at.errors import ParamsError, shown
 from at.method import requires_teacher
 from at.params import method as resolve_method
 from at.spec import Protocol, RunSpec, default_data_dir
@@ -487,7 +487,7 @@ def seed_selection(params: dict, profile: str, asked) -> list[int] | None:
     try:
         chosen = sorted({int(item) for item in items})
     except (TypeError, ValueError):
-        raise ParamsError(f"seeds: expected seed numbers such as 1 or 0,2, got {asked!r}") from None
+        raise ParamsError(f"seeds: expected seed numbers such as 1 or 0,2, got {shown(asked)}") from None
     available = sorted({cohort["seed"] for cohort in cohorts(params, profile)})
     unknown = [seed for seed in chosen if seed not in available]
     if unknown:

@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from at.errors import shown
 from at.registry import import_plugins
 from at.terms import BUILT_IN_TERM_TYPES  # importing at.terms registers the built-in term types
 from at.term_type import (
@@ -135,21 +136,21 @@ def _taken_by_module_dict(name: str) -> bool:
 def _check_term(index: int, raw: object) -> Term:
     where = f"method term {index}"
     if not isinstance(raw, dict):
-        raise ValueError(f"{where} must be a mapping with a 'type' key, got {raw!r}")
+        raise ValueError(f"{where} must be a mapping with a 'type' key, got {shown(raw)}")
     record = _known_type(where, raw.get("type"))
     where = f"method term {index} (type {record.name!r})"
     keys = record.keys()
     allowed = [*COMMON_KEYS, *keys]
     for key in raw:
         if key not in allowed:
-            raise ValueError(f"{where}: unknown key {key!r}; allowed: {', '.join(sorted(allowed))}")
+            raise ValueError(f"{where}: unknown key {shown(key)}; allowed: {', '.join(sorted(allowed))}")
     try:
         options = {}
         for key, option in keys.items():
             if key in raw:
                 options[key] = option.check(key, raw[key])
             elif option.default is REQUIRED:
-                raise ValueError(f"key {key!r} is required (term type {record.name!r} has no default)")
+                raise ValueError(f"key {shown(key)} is required (term type {record.name!r} has no default)")
             else:
                 options[key] = copy.deepcopy(option.default)  # a list default is not shared
         if "beta" not in raw and record.beta is REQUIRED:
@@ -159,10 +160,11 @@ def _check_term(index: int, raw: object) -> Term:
         name = raw.get("name", record.name)
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             raise ValueError(
-                f"name must be letters, digits, '_' or '-' (not starting with a digit or '-'), got {name!r}"
+                f"name must be letters, digits, '_' or '-' (not starting with a digit or '-'), got {shown(name)}"
             )
         if name not in BUILT_IN_TERM_TYPES and _taken_by_module_dict(name):
-            raise ValueError(f"name {name!r} is taken by torch's ModuleDict, which holds term state; choose another")
+            raise ValueError(f"name {shown(name)} is taken by torch's ModuleDict, which holds term state; "
+                             "choose another")
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     return Term(name=name, type=record.name, beta=float(beta), schedule=schedule, options=options)
@@ -179,15 +181,15 @@ def resolve_method(spec: object) -> list[Term]:
     """Check a method spec and return its terms with defaults filled in (importing its plugins
     first, so that the term types they register are known)."""
     if not isinstance(spec, dict):
-        raise ValueError(f"a method spec must be a mapping with key 'terms', got {spec!r}")
+        raise ValueError(f"a method spec must be a mapping with key 'terms', got {shown(spec)}")
     for key in spec:
         if key not in SPEC_KEYS:
-            raise ValueError(f"method spec: unknown key {key!r}; allowed: {', '.join(SPEC_KEYS)}")
+            raise ValueError(f"method spec: unknown key {shown(key)}; allowed: {', '.join(SPEC_KEYS)}")
     if "plugins" in spec:
         import_plugins(spec["plugins"], "method spec")
     raw_terms = spec.get("terms")
     if not isinstance(raw_terms, list) or not raw_terms:
-        raise ValueError(f"method spec: 'terms' must be a non-empty list, got {raw_terms!r}")
+        raise ValueError(f"method spec: 'terms' must be a non-empty list, got {shown(raw_terms)}")
     terms = [_check_term(i, raw) for i, raw in enumerate(raw_terms)]
     seen: set[str] = set()
     for term in terms:

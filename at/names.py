@@ -13,9 +13,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from at.errors import shown
+
 # one folder name: letters, digits and _ . + = -, not starting with a dot ("..", ".hidden")
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+=-]{0,63}$"
-NAME_RULE = "at most 64 letters, digits and _ . + = - (starting with a letter or digit)"
+NAME_MAX = 64
+NAME_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9_.+=-]{{0,{NAME_MAX - 1}}}$"
+NAME_RULE = f"at most {NAME_MAX} letters, digits and _ . + = - (starting with a letter or digit)"
 _NAME = re.compile(NAME_PATTERN)
 
 
@@ -26,14 +29,14 @@ def is_name(name) -> bool:
 def check_name(name, what: str) -> str:
     """``name``, or ValueError naming ``what`` and the rule."""
     if not is_name(name):
-        raise ValueError(f"{what} {name!r} is not a valid name: use {NAME_RULE}")
+        raise ValueError(f"{what} {shown(name)} is not a valid name: use {NAME_RULE}")
     return name
 
 
 def check_run_id(run_id, what: str = "run id") -> str:
     """A run id is names joined by '/' (e.g. cifar10/wrn-16-1/at-sum-p2/seed0)."""
     if not isinstance(run_id, str) or not all(is_name(part) for part in run_id.split("/")):
-        raise ValueError(f"{what} {run_id!r} is not valid: use names joined by '/', each {NAME_RULE}")
+        raise ValueError(f"{what} {shown(run_id)} is not valid: use names joined by '/', each {NAME_RULE}")
     return run_id
 
 

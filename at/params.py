@@ -23,7 +23,7 @@ def load(path: Path | str = DEFAULT_PATH) -> dict:
         raise ParamsError(f"{path} not found: run from the repository root or pass --params")
     try:
         params = yaml_file.load(path)
-    except yaml_file.DuplicateKeyError as e:
+    except yaml_file.Refused as e:
         raise ParamsError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"{path} is not valid YAML: {e}") from e

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from at import yaml_file
+from at.errors import shown
 
 FILENAME = "references.yaml"
 TABLE_KEYS = ("source", "title", "caption", "dataset", "row_header", "column_header", "rows",
@@ -66,7 +67,7 @@ def _fail(where: str, problem: str) -> ReferencesError:
 
 def _text(where: str, value) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise _fail(where, f"must be a non-empty string, got {value!r}")
+        raise _fail(where, f"must be a non-empty string, got {shown(value)}")
     return value
 
 
@@ -81,12 +82,12 @@ def _table(where: str, name: str, spec) -> ReferenceTable:
     if not isinstance(source, dict) or set(source) - SOURCE_KEYS or not {"paper", "table"} <= set(source) \
             or not set(source) & {"arxiv", "url"}:
         raise _fail(f"{where}.source", "must give paper, table, and arxiv and/or url (the citation of "
-                    f"every number of the table); got {source!r}")
+                    f"every number of the table); got {shown(source)}")
     for key, value in source.items():
         _text(f"{where}.source.{key}", value)
     headers = spec["row_header"]
     if not isinstance(headers, list) or not headers:
-        raise _fail(f"{where}.row_header", f"must be a non-empty list, got {headers!r}")
+        raise _fail(f"{where}.row_header", f"must be a non-empty list, got {shown(headers)}")
     rows = spec["rows"]
     if not isinstance(rows, dict) or not rows:
         raise _fail(f"{where}.rows", "must be a non-empty mapping")
@@ -114,7 +115,7 @@ def _table(where: str, name: str, spec) -> ReferenceTable:
                 raise _fail(key, f"unknown column; known: {list(columns)}")
             if isinstance(number, bool) or not isinstance(number, (int, float)) \
                     or not math.isfinite(number) or not 0 <= number <= 100:
-                raise _fail(key, f"must be a test error in [0, 100] (%), got {number!r}")
+                raise _fail(key, f"must be a test error in [0, 100] (%), got {shown(number)}")
     return ReferenceTable(
         name=name, source=dict(source), title=_text(f"{where}.title", spec["title"]),
         caption=_text(f"{where}.caption", spec["caption"]),
@@ -148,7 +149,7 @@ def load(path: str | Path) -> dict[str, ReferenceTable]:
                               f"these numbers; create it (`tables: {{}}` for none)")
     try:
         data = yaml_file.load(path)
-    except yaml_file.DuplicateKeyError as e:
+    except yaml_file.Refused as e:
         raise ReferencesError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ReferencesError(f"{path} is not valid YAML: {e}") from None

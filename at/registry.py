@@ -13,6 +13,7 @@ import importlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
+from at.errors import shown
 from at.names import check_name
 
 Entry = TypeVar("Entry")
@@ -36,20 +37,20 @@ class Registry(Mapping, Generic[Entry]):
         if name in self._entries:
             if self._entries[name] is entry:
                 return entry
-            raise ValueError(f"{self.what} {name!r} is already registered")
+            raise ValueError(f"{self.what} {shown(name)} is already registered")
         self._entries[name] = entry
         return entry
 
     def unregister(self, name: str) -> None:
         """Remove `name` (tests and interactive sessions that registered a temporary entry)."""
         if name not in self._entries:
-            raise KeyError(f"{self.what} {name!r} is not registered")
+            raise KeyError(f"{self.what} {shown(name)} is not registered")
         del self._entries[name]
 
     def get_or_raise(self, name: object) -> Entry:
         """The entry of `name`, or ValueError naming the allowed names."""
         if not isinstance(name, str) or name not in self._entries:
-            raise ValueError(f"unknown {self.what} {name!r}; allowed: {', '.join(self._entries)}")
+            raise ValueError(f"unknown {self.what} {shown(name)}; allowed: {', '.join(self._entries)}")
         return self._entries[name]
 
     def __getitem__(self, name: str) -> Entry:
@@ -72,12 +73,15 @@ def import_plugins(modules: object, where: str = "plugins") -> None:
     PYTHONPATH (the repository root is on it when Snakemake runs the workflow). ``where`` names
     the list in the error."""
     if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) and m for m in modules):
-        raise ValueError(f"{where}: plugins must be a list of importable module names, got {modules!r}")
+        raise ValueError(f"{where}: plugins must be a list of importable module names, got {shown(modules)}")
     for module in modules:
         try:
             importlib.import_module(module)
+        except SystemExit as e:   # sys.exit(0) at import would end the command as a success, silently
+            raise ValueError(f"{where}: plugin {shown(module)} called sys.exit({shown(e.code)}) while being imported: "
+                             "a plugin registers its entries and returns") from None
         except Exception as e:  # one clear line, whatever went wrong inside the plugin
             raise ValueError(
-                f"{where}: plugin {module!r} could not be imported ({type(e).__name__}: {e}); "
+                f"{where}: plugin {shown(module)} could not be imported ({type(e).__name__}: {e}); "
                 "it must be importable by `python -m at train` (installed, or on PYTHONPATH)"
             ) from e

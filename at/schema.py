@@ -22,7 +22,7 @@ import math
 import jsonschema
 
 from at.data.augment import AUGMENTATIONS
-from at.errors import ParamsError
+from at.errors import SHOWN_MAX, ParamsError, shown
 from at.names import NAME_PATTERN, NAME_RULE
 from at.models.catalog import BN_WEIGHT_INITS
 from at.precision import PRECISIONS
@@ -198,18 +198,20 @@ def _message(where: str, error: jsonschema.ValidationError) -> str:
     schema = error.schema if isinstance(error.schema, dict) else {}
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         allowed = sorted(schema.get("properties", {}))
-        unknown = sorted(set(error.instance) - set(allowed))
-        return f"{key}: unknown key(s) {unknown}; allowed: {', '.join(allowed)}"
+        unknown = sorted(set(error.instance) - set(allowed), key=str)   # keys may be numbers too
+        return f"{key}: unknown key(s) {shown(unknown)}; allowed: {', '.join(allowed)}"
     if error.validator == "required":
         return f"{key}: {error.message.replace('is a required property', 'is missing')}"
     if error.validator == "enum":
         allowed = ", ".join("null" if v is None else str(v) for v in error.validator_value)
-        return f"{key}: unknown value {error.instance!r}; allowed: {allowed}"
+        return f"{key}: unknown value {shown(error.instance)}; allowed: {allowed}"
     if "x-expect" in schema:
-        return f"{key}: must be {schema['x-expect']}, got {error.instance!r}"
+        return f"{key}: must be {schema['x-expect']}, got {shown(error.instance)}"
     if error.validator == "type":
-        return f"{key}: must be of type {error.validator_value}, got {error.instance!r}"
-    return f"{key}: {error.message}"
+        return f"{key}: must be of type {error.validator_value}, got {shown(error.instance)}"
+    # jsonschema's own message quotes the value whole
+    message = error.message if len(error.message) <= SHOWN_MAX else error.message[:SHOWN_MAX - 3] + "..."
+    return f"{key}: {message}"
 
 
 def _first_error(validator, instance):

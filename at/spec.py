@@ -26,7 +26,7 @@ from typing import Any
 
 from at import models, schema
 from at.data import datasets
-from at.errors import ParamsError
+from at.errors import ParamsError, shown
 from at.method import normalise_method, requires_teacher
 from at.registry import import_plugins
 
@@ -62,7 +62,7 @@ class Protocol:
         if isinstance(raw, Protocol):
             return raw
         if not isinstance(raw, Mapping):
-            raise ParamsError(f"{where}: must be a mapping of protocol keys, got {raw!r}")
+            raise ParamsError(f"{where}: must be a mapping of protocol keys, got {shown(raw)}")
         schema.validate_protocol(dict(raw), where)
         values = {**schema.PROTOCOL_DEFAULTS, **raw}
         values["lr_drops"] = tuple(values["lr_drops"])
@@ -141,7 +141,7 @@ class RunSpec:
         values: dict[str, Any] = {**RUN_DEFAULTS, **raw}
         plugins = values["plugins"]
         if not isinstance(plugins, (list, tuple)) or not all(isinstance(m, str) and m for m in plugins):
-            raise ParamsError(f"{where}.plugins: must be a list of importable module names, got {plugins!r}")
+            raise ParamsError(f"{where}.plugins: must be a list of importable module names, got {shown(plugins)}")
         values["plugins"] = tuple(plugins)
         try:
             import_plugins(list(plugins), f"{where}.plugins")
@@ -149,10 +149,10 @@ class RunSpec:
             raise ParamsError(str(e)) from None
         for key in ("id", "method_name", "out_dir", "profile"):
             if not isinstance(values[key], str) or not values[key]:
-                raise ParamsError(f"{where}.{key}: must be a non-empty string, got {values[key]!r}")
+                raise ParamsError(f"{where}.{key}: must be a non-empty string, got {shown(values[key])}")
         seed = values["seed"]
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ParamsError(f"{where}.seed: must be a non-negative integer, got {seed!r}")
+            raise ParamsError(f"{where}.seed: must be a non-negative integer, got {shown(seed)}")
         try:
             dataset = datasets.get(values["dataset"])
         except ParamsError as e:

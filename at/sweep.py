@@ -25,6 +25,7 @@ import copy
 from dataclasses import dataclass
 
 from at import names
+from at.errors import shown
 from at.method import normalise_method, resolve_method
 from at.term_type import TERM_TYPES
 
@@ -119,13 +120,18 @@ def resolve(where: str, row: str, method_name: str, spec: dict, declared: dict) 
     seen: dict[str, object] = {}
     for value in values:
         text = value_text(value)
-        if isinstance(value, str) and not names.is_name(value):
-            raise ValueError(f"{where}: value {value!r} becomes part of run ids: use {names.NAME_RULE}")
+        # the value's runs are named by it (.../at-sum-p4/beta=300/seed0): that part of their ids
+        # is a folder name, so it obeys the names rule (1e308 is spelled with 309 digits)
+        part = f"{label}={text}"
+        if not names.is_name(part):
+            length = f" ({len(part)} characters)" if len(part) > names.NAME_MAX else ""
+            raise ValueError(f"{where}: value {shown(value)} would name its runs {shown(part)}{length}: "
+                             f"a run-id part must be {names.NAME_RULE}")
         if text in seen:
-            raise ValueError(f"{where}: values {seen[text]!r} and {value!r} are the same value")
+            raise ValueError(f"{where}: values {shown(seen[text])} and {shown(value)} are the same value")
         seen[text] = value
         try:
             normalise_method(sweep.method(spec, value))   # the term's own check of the value
         except ValueError as e:
-            raise ValueError(f"{where}: value {value!r} of {written_key}: {e}") from None
+            raise ValueError(f"{where}: value {shown(value)} of {written_key}: {e}") from None
     return sweep

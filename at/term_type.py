@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from typing import TYPE_CHECKING
 
+from at.errors import shown
 from at.registry import Registry
 
 if TYPE_CHECKING:
@@ -58,19 +59,19 @@ def is_number(value: object) -> bool:
 
 def positive_number(key: str, value: object) -> object:
     if not is_number(value) or value <= 0:
-        raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
+        raise ValueError(f"{key} must be a finite number > 0, got {shown(value)}")
     return value
 
 
 def non_negative_number(key: str, value: object) -> object:
     if not is_number(value) or value < 0:
-        raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+        raise ValueError(f"{key} must be a finite number >= 0, got {shown(value)}")
     return value
 
 
 def unit_interval(key: str, value: object) -> object:
     if not is_number(value) or not 0 <= value <= 1:
-        raise ValueError(f"{key} must be a number in [0, 1], got {value!r}")
+        raise ValueError(f"{key} must be a number in [0, 1], got {shown(value)}")
     return value
 
 
@@ -80,7 +81,7 @@ def one_of(choices: Iterable[str]) -> Callable[[str, object], object]:
     def check(key: str, value: object) -> object:
         allowed = list(choices)
         if not isinstance(value, str) or value not in allowed:
-            raise ValueError(f"unknown {key} {value!r}; allowed: {', '.join(allowed)}")
+            raise ValueError(f"unknown {key} {shown(value)}; allowed: {', '.join(allowed)}")
         return value
 
     return check
@@ -95,7 +96,7 @@ def layer_indices(key: str, value: object) -> object:
         and len(set(value)) == len(value)
     )
     if not ok:
-        raise ValueError(f"{key} must be 'all' or a non-empty list of distinct tap indices >= 0, got {value!r}")
+        raise ValueError(f"{key} must be 'all' or a non-empty list of distinct tap indices >= 0, got {shown(value)}")
     return "all" if value == "all" else list(value)
 
 

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from at import console, distributed, resume, run_folder, run_lock
 from at.data.datasets import training_data
 from at.data.download import read_source_record
+from at.data.sources import check_batch_size
 from at.data.stream import DataStream, check_shared_stream
 from at.distributed import SINGLE, Ranks
 from at.member import Member, TrainingDiverged, make_optimizer
@@ -149,6 +150,7 @@ class Cohort:
         self.epochs = protocol.epochs
         self.eval_batch_size = protocol.eval_batch_size
         self.batch_size = protocol.batch_size
+        check_batch_size(specs[0], self.data.n_train)
         distributed.check_layout(specs[0].id, protocol.batch_size, self.data.n_train, ranks.world_size)
         self.stream = DataStream(self.data, specs[0].seed, protocol.batch_size, arithmetic.device,
                                  ranks.rank, ranks.world_size)
@@ -352,7 +354,7 @@ def train_cohort(specs: list, options: Options | None = None, force: bool = Fals
             # one writer per run folder, from before its first read to the end (at.run_lock)
             with run_lock.hold({spec.id: Path(spec.out_dir) for spec in specs}):
                 return _train_locked(specs, options, force, stop if stop is not None else sigterm, created)
-        except run_lock.RunLocked:
+        except run_lock.LockError:
             run_folder.remove_empty(created)
             raise
 
@@ -406,7 +408,7 @@ def _train_ranks(specs: list[RunSpec], options: Options, force: bool, stop, rank
                     try:
                         with run_lock.hold({spec.id: Path(spec.out_dir) for spec in specs}):
                             results = _train_locked(specs, options, force, sigterm, created, ranks, handshake)
-                    except run_lock.RunLocked:
+                    except run_lock.LockError:
                         run_folder.remove_empty(created)
                         raise
                 except BaseException as e:
@@ -414,6 +416,14 @@ def _train_ranks(specs: list[RunSpec], options: Options, force: bool, stop, rank
                     raise
             # every rank returns rank 0's metrics, and leaves only when rank 0 has written them
             return ranks.broadcast(results)
+    except Exception as e:
+        if not distributed.lost_contact(e):
+            raise
+        # the other ranks' gradients or decisions cannot arrive: nothing more can be saved here
+        # (a position needs every rank's state); the last saved state is the run's
+        raise distributed.RankLost(f"rank {ranks.rank} of {ranks.world_size}: another rank of the run is gone "
+                                   f"(killed, crashed or out of memory), so this one stops too, without "
+                                   f"saving") from None
     finally:
         ranks.stop()
 

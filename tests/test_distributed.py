@@ -171,7 +171,8 @@ def test_a_run_on_n_processes_starts_them_with_srun_in_a_job_and_torchrun_elsewh
     assert srun == ["srun", "--ntasks=8", "--kill-on-bad-exit=1", "py", "-m", "at.rank"]
     assert json.loads(passed[distributed.RANK_ARGV]) == argv
     local, passed = distributed.launch_command(2, argv, {}, python="py")
-    assert local == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "at.rank"]
+    # torchrun through its own entry (at.launch: a failed rank is one line)
+    assert local == ["py", "-m", "at.launch", "--standalone", "--nproc-per-node=2", "-m", "at.rank"]
     assert json.loads(passed[distributed.RANK_ARGV]) == argv
     # what torchrun's own parser makes of that command: nothing of ours
     from torch.distributed.run import get_args_parser

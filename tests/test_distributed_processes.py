@@ -4,10 +4,13 @@ One cohort (KD from a teacher with `sync_bn: true`, a baseline with `sync_bn: fa
 epochs of 6 steps of 16 images (8 per rank) is trained four times, in four launches:
 
 - uninterrupted, started as `python -m at train` in one process, which starts its two ranks
-  with torchrun (the module-scoped fixture: the reference of every test here);
+  with torchrun (through at.launch; the module-scoped fixture: the reference of every test here);
 - stopped by SIGTERM sent to rank 1 alone mid-epoch 1, restarted with `torchrun`, killed with
   SIGKILL (the whole process group, as a job is killed) mid-epoch 2, restarted to the end:
   bit-identical to the uninterrupted run.
+
+Two runs of their own, started as `python -m at train`, end early: rank 1 killed with SIGKILL
+mid-epoch, and the launcher alone sent SIGTERM; one line from each process, no traceback.
 
 Against the same cohort trained in one process (in this process): with `sync_bn` the two
 processes compute the one-process run up to float rounding (tolerances below); without it,
@@ -98,7 +101,7 @@ def _max_excess(got: dict, ref: dict) -> tuple[float, float]:
 
 def test_two_processes_with_sync_bn_compute_the_one_process_run(uninterrupted, root):
     specs, output = uninterrupted
-    assert "torch.distributed.run" in output and "--nproc-per-node=2" in output, \
+    assert "-m at.launch" in output and "--nproc-per-node=2" in output, \
         "python -m at train must have started its two ranks itself"
     one = relocate(specs, root / "one")
     for spec in one:
@@ -253,3 +256,67 @@ def test_a_grid_run_on_two_processes_starts_with_run_and_log(root, cifar_mini_di
     assert f"{run_id}: 2 processes: " in log and "-m at.rank" in log, log[-3000:]
     metrics = json.loads((work / "runs" / "ddp" / run_id / "metrics.json").read_text())
     assert metrics["final_epoch"] == 1 and metrics["train_size"] == 32
+
+
+def test_a_rank_killed_mid_epoch_ends_the_run_in_one_line_per_process(root, cifar_mini_dir):
+    """SIGKILL to rank 1 while it trains (`python -m at train` started the ranks, as a user's
+    command or a Snakemake job does): the surviving rank says in one line that it stops, the
+    launcher names the rank that died and exits with its status, and nobody prints a traceback."""
+    specs = [make_spec(root / "killed" / "plain", cifar_mini_dir, "wrn-10-1", "baseline", sync_bn=False,
+                       **{**PROTOCOL, "epochs": 3, "train_subset": 256})]
+    spec_file = _spec_file(root / "killed.yaml", specs)
+    out = Path(specs[0]["out_dir"])
+    with open(root / "killed.log", "w") as log:
+        launcher = subprocess.Popen([sys.executable, "-m", "at", *_command(spec_file)], env=_env(root), cwd=root,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rank1 = _worker(launcher, 1)
+            _wait_for(lambda: (out / "mlflow_run_id").exists(), launcher, "training started")
+            time.sleep(0.5)
+            os.kill(rank1, signal.SIGKILL)
+            launcher.wait(timeout=300)
+        finally:
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+                launcher.wait()
+    printed = (root / "killed.log").read_text()
+    assert launcher.returncode == 128 + signal.SIGKILL, printed[-3000:]
+    assert "Traceback" not in printed, printed[-5000:]
+    errors = [line for line in printed.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: rank 0 of 2: another rank of the run is gone (killed, crashed or out of memory), so this one "
+        "stops too, without saving",
+        f"error: rank 1 of 2 was killed by SIGKILL (pid {rank1}), the first of the run's processes to end; the "
+        "others were stopped: started again, the run resumes from its last saved state"], printed[-3000:]
+    assert not (out / "metrics.json").exists()
+
+
+def test_sigterm_to_the_launcher_stops_the_ranks_with_their_position_in_one_line_each(root, cifar_mini_dir):
+    """SIGTERM to the launcher alone (`python -m at train`, now torchrun through at.launch): it
+    passes the signal to the ranks, which save and say so; it says so in one line and exits 143,
+    as the run in one process would, without torchrun's traceback."""
+    specs = [make_spec(root / "terminated" / "plain", cifar_mini_dir, "wrn-10-1", "baseline", sync_bn=False,
+                       **{**PROTOCOL, "epochs": 3, "train_subset": 256})]
+    spec_file = _spec_file(root / "terminated.yaml", specs)
+    out = Path(specs[0]["out_dir"])
+    with open(root / "terminated.log", "w") as log:
+        launcher = subprocess.Popen([sys.executable, "-m", "at", *_command(spec_file)], env=_env(root), cwd=root,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _worker(launcher, 1)
+            _wait_for(lambda: (out / "mlflow_run_id").exists(), launcher, "training started")
+            time.sleep(0.5)
+            launcher.send_signal(signal.SIGTERM)
+            launcher.wait(timeout=300)
+        finally:
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+                launcher.wait()
+    printed = (root / "terminated.log").read_text()
+    assert launcher.returncode == EXIT_INTERRUPTED, printed[-3000:]
+    assert "Traceback" not in printed, printed[-5000:]
+    for rank in (0, 1):
+        assert f"rank {rank} of 2: stopped by SIGTERM, position saved by rank 0; exiting {EXIT_INTERRUPTED}" \
+            in printed, printed[-3000:]
+    assert [line for line in printed.splitlines() if line.startswith("error: ")] == [
+        "error: torchrun received SIGTERM and passed it to the 2 ranks (each says whether its position was saved)"]

@@ -21,7 +21,7 @@ from pathlib import Path
 from at.data import cifar
 from at.data.augment import AUGMENTATIONS, CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 from at.data.sources import FolderData, TensorData
-from at.errors import ParamsError
+from at.errors import ParamsError, shown
 from at.registry import Registry
 
 __all__ = ["DATASETS", "Dataset", "check_augment", "check_source", "get", "register_dataset",
@@ -225,7 +225,7 @@ def check_source(name: str, source) -> None:
     if dataset.user_folder:
         folder = source.get("folder")
         if folder is not None and not isinstance(folder, (str, os.PathLike)):
-            raise ParamsError(f"{key}.folder: must be a path or null, got {folder!r}")
+            raise ParamsError(f"{key}.folder: must be a path or null, got {shown(folder)}")
     for required in dataset.required_keys:
         if source.get(required) in (None, ""):
             what = {"url": "the URL or path of the archive", "train_list": "a URL or path",

@@ -56,6 +56,18 @@ def subset_size(spec, key: str, available: int) -> int:
     return wanted
 
 
+def check_batch_size(spec, available: int) -> None:
+    """Refuse a batch larger than the training images, as :func:`subset_size` refuses a subset
+    larger than its split: each step would be one batch of all ``available`` images while the
+    run's spec (and every table citing it) records the larger size."""
+    wanted = spec.protocol.batch_size
+    if wanted > available:
+        source = ("protocol.train_subset" if spec.protocol.train_subset is not None
+                  else f"all of the {spec.dataset} data in {spec.data_dir}")
+        raise ValueError(f"run {spec.id}: protocol.batch_size is {wanted}, but the run has only {available} "
+                         f"training images ({source}): lower it to at most {available}")
+
+
 class TensorData:
     """A data set held as uint8 tensors on the training device, batched and augmented there."""
 

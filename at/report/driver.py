@@ -217,11 +217,14 @@ def _replace_folder(new: Path, out: Path) -> None:
 def check_replaceable(out: Path) -> None:
     """The report replaces its folder as a whole, so the folder must be empty or one it wrote:
     every file in it named by its mark (hidden files are the tools': they stay). Anything else
-    is refused, never emptied."""
+    is refused, never emptied. Both it and the folder it lies in (where the new one is rendered
+    before the swap) must be writable."""
     if out.exists() and not out.is_dir():
         raise ReportInputError(f"{out} is not a folder: the report writes a folder of tables and figures")
+    atomic.check_writable(out.parent, f"the report {out}")
     if not out.is_dir():
         return
+    atomic.check_writable(out, f"the report {out}")
     present = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     if not present:
         return
