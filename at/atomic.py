@@ -119,21 +119,9 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
-def link_or_copy(source: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """``path`` becomes the file ``source`` is, atomically: a hard link (no second copy on disk)
-    made beside ``path`` and renamed over it, or a copy where the file system has no hard links."""
-    source, path = Path(source), Path(path)
-    if path.exists() and os.path.samefile(source, path):
-        return path
-    tmp = path.with_name(f".{path.name}.link{TMP_SUFFIX}")
-    tmp.unlink(missing_ok=True)
-    try:
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copy2(source, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _write_failed(path, e) from None
-    return path
+def copy_file(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """``path`` becomes a copy of ``source``'s bytes, atomically (a new file, a new modification
+    time). A copy, not a hard link: DVC replaces an output that has a second name (its mtime
+    moves, and Snakemake would call everything after it out of date)."""
+    with open(source, "rb") as f:
+        return write_with(path, lambda out: shutil.copyfileobj(f, out))

@@ -227,7 +227,8 @@ class Member:
     # Snakemake and DVC delete a job's outputs before it runs, so the members of a cohort that had
     # finished write theirs again. A second torch.save of the same state is not the same bytes
     # (torch writes a new serialization id each time), and `dvc status` would call the run
-    # modified: a hard link of each output (no second copy on disk) is kept, and put back.
+    # modified: a copy of each output is kept, and put back (as a new file: a new mtime, which
+    # Snakemake compares with the job's inputs).
     KEPT = ".outputs"
     OUTPUTS = ("checkpoint.pt", "history.csv", "metrics.json")
 
@@ -235,7 +236,7 @@ class Member:
         kept = self.out / self.KEPT
         kept.mkdir(exist_ok=True)
         for name in self.OUTPUTS:
-            atomic.link_or_copy(self.out / name, kept / name)
+            atomic.copy_file(self.out / name, kept / name)
 
     def restore_outputs(self) -> bool:
         """Put back the outputs this run wrote when it finished, byte for byte, if they are kept
@@ -254,5 +255,5 @@ class Member:
                         for n in ("history.csv", "metrics.json"))):
             return False
         for name in self.OUTPUTS:
-            atomic.link_or_copy(kept / name, self.out / name)
+            atomic.copy_file(kept / name, self.out / name)
         return True
