@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def _warn_about(specs: list) -> None:
 
 
 def cmd_train(args) -> int:
-    from at.train import EXIT_INTERRUPTED, Interrupted, Options, TrainingDiverged, train_cohort
+    from at.train import Interrupted, Options, TrainingDiverged, train_cohort
 
     from at import console, distributed
 
@@ -106,14 +107,12 @@ def cmd_train(args) -> int:
                       threads=args.threads, backend=args.backend)
     try:
         train_cohort(specs, options, force=args.force)
-    except Interrupted:
-        from at import distributed
-
+    except Interrupted as e:
         ranks = distributed.from_environment()
         if ranks.enabled:   # each rank says so: a launcher may report a rank it stopped itself
-            print(f"rank {ranks.rank} of {ranks.world_size}: stopped by SIGTERM, position saved by rank 0; "
-                  f"exiting {EXIT_INTERRUPTED}", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+            print(f"rank {ranks.rank} of {ranks.world_size}: stopped by {e.signal_name}, position saved by "
+                  f"rank 0; exiting {e.status}", file=sys.stderr, flush=True)
+        return e.status
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -428,6 +427,12 @@ def main(argv=None) -> int:
     args.argv = None if argv is not None else sys.argv[1:]
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        # Ctrl-C where no run was training (a run stops by itself, saved: at.train.STOP_SIGNALS),
+        # or a second one that would not wait for the save
+        print("error: interrupted (Ctrl-C): a run keeps what it saved last, the same command resumes it",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     except Exception as e:
         if not _is_user_error(e):
             raise  # a bug: the traceback is what its fixer needs
