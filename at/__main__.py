@@ -8,6 +8,7 @@ into results/<profile>), dvc (write the DVC pipelines, pipelines/*/dvc.yaml), tr
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import signal
 import sys
@@ -285,9 +286,21 @@ def cmd_ui(args) -> int:
 
     _, profile = _validated(args)
     uri = tracking.tracking_uri()
+    served = uri.startswith(("http://", "https://"))
+    if not served:
+        problem = _cannot_listen(args.host, args.port)
+        if problem is not None:
+            # MLflow's server would fail to listen there, yet exit 0, and the address printed
+            # would open the other program
+            if problem.errno == errno.EADDRINUSE:
+                print(f"error: port {args.port} on {args.host} is taken ({problem.strerror}): another program "
+                      f"listens there; stop it, or choose a free port with --port", file=sys.stderr)
+            else:
+                print(f"error: cannot listen on {args.host} port {args.port} ({problem.strerror or problem}): "
+                      f"choose another --host or --port", file=sys.stderr)
+            return 2
     tracking.check_store(uri)
     experiment_id = tracking.init_store(profile)
-    served = uri.startswith(("http://", "https://"))
     base = uri.rstrip("/") if served else f"http://{args.host}:{args.port}"
     print(f"{tracking.experiment_name(profile)}: {tracking.runs_url(base, experiment_id)}", flush=True)
     if served:
@@ -298,6 +311,22 @@ def cmd_ui(args) -> int:
     # uses: off unless the user turned it on
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(sys.executable, command)
+
+
+def _cannot_listen(host: str, port: int) -> OSError | None:
+    """Why MLflow's server could not listen on ``host:port`` (None: it can), found by binding
+    the port as a server does (SO_REUSEADDR: a port that only lingers after a closed connection
+    is free) and letting it go at once."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as e:
+        return e
+    return None
 
 
 def cmd_dvc(args) -> int:

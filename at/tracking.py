@@ -16,11 +16,13 @@ Layout of the store (docs/interfaces.md, "MLflow"):
 The store defaults to a SQLite file in the working directory (``mlruns.db``);
 ``MLFLOW_TRACKING_URI`` points every job at another store, e.g. an ``mlflow server``.
 
-Failure policy. An unreachable server is found at the start of a run, in seconds, by one
-request with a short timeout: the run stops with one line naming the URI before it trains. A
-refused connection is never retried (no server listens: waiting will not start one). What is
-retried, with a printed line per retry and for a bounded time, are the failures that go away
-by themselves: SQLite's "database is locked" (concurrent writers on one file), HTTP 429/5xx
+Failure policy. An unreachable server (or one whose API does not answer) is found at the start
+of a run, in seconds, by two requests with a short timeout, its health check and one API read;
+a SQLite store that MLflow could not use (damaged, read-only, of a newer or older MLflow, lacking
+a table) or must not (another program's database) is found by reading it: either way the run
+stops with one line naming the store before anything is written. A refused connection is never
+retried (no server listens: waiting will not start one). What is retried, with a printed line
+per retry and for a bounded time, are the failures that go away by themselves: SQLite's "database is locked" (concurrent writers on one file), HTTP 429/5xx
 (a busy or restarting server) and timeouts (a slow answer). MLflow's own HTTP retries and
 timeouts are bounded too (:data:`HTTP_DEFAULTS`), since ours wrap them.
 
@@ -31,8 +33,10 @@ transient errors are retried for :data:`MIDRUN_BUDGET_S` s, plus the last reques
 timeout).
 At the end the store must have every epoch before the run writes its final outputs: if it
 is still unreachable, the run fails with one line and keeps ``last.pt``, so a retry (by hand
-or by Snakemake) resumes at the end, sends what is missing and finishes. Training hours are
-never lost to a tracking outage, and a finished run is never missing from MLflow.
+or by Snakemake) resumes at the end, sends what is missing and finishes. Artifacts that cannot
+be stored (a full disk, a read-only folder) fail the MLflow run the same way, and the retry
+stores them. Training hours are never lost to a tracking outage, and a finished run is never
+missing from MLflow, nor its artifacts.
 """
 
 from __future__ import annotations
@@ -101,23 +105,35 @@ def experiment_name(profile: str) -> str:
     return os.environ.get("AT_MLFLOW_EXPERIMENT") or f"{EXPERIMENT_PREFIX}/{profile}"
 
 
+# What the start-up check asks of a server's API: the cheapest read of the tracking API (MLflow
+# 2 and 3), answered from its database.
+API_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
 def check_reachable(uri: str, timeout: float = REACHABLE_TIMEOUT_S) -> None:
-    """Fail in seconds, naming ``uri``, when an HTTP tracking server does not answer.
+    """Fail in seconds, naming ``uri``, when an HTTP tracking server does not answer: its health
+    check, then its API (a server whose database hangs answers the first and not the second,
+    and each call would then wait out MLflow's timeouts and our retries, minutes).
 
     Any HTTP answer (even an error status) shows a server is there; only a failed connection
     or a timeout is an error. Other stores (SQLite, a folder) are local files: nothing to check.
     """
     if not uri.startswith(("http://", "https://")):
         return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-            pass
-    except urllib.error.HTTPError:
-        return
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise TrackingError(f"MLflow tracking server {uri} is not reachable ({reason}): start it, or point "
-                            f"MLFLOW_TRACKING_URI at a running one (unset, runs use ./mlruns.db)") from None
+    for path in ("/health", API_PROBE):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + path, timeout=timeout):
+                pass
+        except urllib.error.HTTPError:
+            continue
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            if path == "/health":
+                raise TrackingError(f"MLflow tracking server {uri} is not reachable ({reason}): start it, or point "
+                                    f"MLFLOW_TRACKING_URI at a running one (unset, runs use ./mlruns.db)") from None
+            raise TrackingError(f"MLflow tracking server {uri} answers its health check but not its API ({path}: "
+                                f"{reason}, waited {timeout:.0f} s): check the server and its database, or point "
+                                f"MLFLOW_TRACKING_URI at a running one (unset, runs use ./mlruns.db)") from None
 
 
 # The stores MLflow 3 runs on: SQLite and the other SQL databases, and a tracking server. A
@@ -156,6 +172,9 @@ def check_store(uri: str | None = None) -> None:
     if problem:
         raise TrackingError(f"MLflow store {uri}: {path} {problem}: move it aside (MLflow makes a new one) "
                             f"or restore it from a backup, or {STORE_ADVICE}")
+    problem = _schema_problem(path, uri)
+    if problem:
+        raise TrackingError(f"MLflow store {uri}: {path} {problem}")
     # SQLite writes a journal beside the file: the file and its folder must both be writable
     if not os.access(path, os.W_OK) or not os.access(folder, os.W_OK | os.X_OK):
         raise TrackingError(f"MLflow store {uri}: {path} or its folder is read-only: make them writable, "
@@ -180,6 +199,55 @@ def _sqlite_problem(path: Path) -> str | None:
         return f"is not a readable SQLite database ({e})"
     finally:
         db.close()
+    return None
+
+
+def _schema_problem(path: Path, uri: str) -> str | None:
+    """Why the SQLite database ``path`` is not an MLflow store that this MLflow can record in,
+    with what to do (None if it is one, or holds no table yet: MLflow makes its tables), read
+    without writing. MLflow itself would add its tables to any other program's database, and
+    stops with a traceback on a schema newer or older than its own, or on a missing table."""
+    import sqlite3
+
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+    try:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables -= {"sqlite_sequence", "sqlite_stat1"}
+        if not tables - {"alembic_version"}:
+            return None
+        if "alembic_version" not in tables or not {"experiments", "runs"} <= tables:
+            listed = ", ".join(sorted(tables)[:6]) + (", ..." if len(tables) > 6 else "")
+            return (f"is not an MLflow store (another program's SQLite database, its tables: {listed}): MLflow "
+                    f"would add its tables to it; move it aside, or {STORE_ADVICE}")
+        revision = db.execute("SELECT version_num FROM alembic_version").fetchone()
+    except sqlite3.DatabaseError as e:
+        if "locked" in str(e).lower():
+            return None   # another writer holds it right now: the calls retry that
+        return f"cannot be read ({e})"
+    finally:
+        db.close()
+    import mlflow
+    from mlflow.store.db import utils as mlflow_db   # MLflow's schema: its migrations and tables
+
+    from alembic.script import ScriptDirectory
+
+    migrations = ScriptDirectory.from_config(mlflow_db._get_alembic_config(""))
+    head = migrations.get_current_head()
+    known = {r.revision for r in migrations.walk_revisions()}
+    revision = revision[0] if revision else None
+    if revision is None:
+        return ("has MLflow's tables but no schema revision (alembic_version is empty): it is damaged; restore it "
+                f"from a backup, or move it aside (MLflow makes a new one), or {STORE_ADVICE}")
+    if revision not in known:
+        return (f"was written by a newer MLflow (schema revision {revision}, unknown to MLflow {mlflow.__version__} "
+                f"here): install that MLflow here (pip install -U mlflow), or {STORE_ADVICE}")
+    if revision != head:
+        return (f"was written by an older MLflow (schema revision {revision}; MLflow {mlflow.__version__} here "
+                f"expects {head}): back it up, then upgrade it with `mlflow db upgrade {uri}`")
+    missing = sorted(set(mlflow_db.Base.metadata.tables) - tables)
+    if missing:
+        return (f"lacks MLflow's table(s) {', '.join(missing)}: it is damaged; restore it from a backup, or "
+                f"move it aside (MLflow makes a new one), or {STORE_ADVICE}")
     return None
 
 
@@ -474,16 +542,17 @@ class RunTracker:
         for f in files:
             try:
                 _retry(self.client.log_artifact, self.run_id, str(f))
-            except Exception as e:  # noqa: BLE001 - the run's folder has the file; say it, go on
+            except TrackingError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a full disk, a read-only or forbidden folder, ...
+                # not a finished record (a FINISHED run is never touched again, so its artifacts
+                # would never come): the caller marks the run FAILED, and a retry, once the store
+                # takes files again, stores them and finishes it without training
                 text = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-                if _disk_full(e):
-                    # not a finished record: the run is marked FAILED by the caller and a retry
-                    # (with room made) stores the artifacts and finishes it, without training
-                    raise WriteError(f"could not store {f} as an artifact of MLflow run {self.run_id} "
-                                     f"({self.client.get_run(self.run_id).info.artifact_uri}): {text}; "
-                                     f"make room there and run again") from None
-                print(f"[{self.spec.id}] warning: could not store {f} as an MLflow artifact: {text}",
-                      file=sys.stderr, flush=True)
+                fix = "make room there" if _disk_full(e) else "make it writable"
+                raise WriteError(f"could not store {f} as an artifact of MLflow run {self.run_id} "
+                                 f"({self.client.get_run(self.run_id).info.artifact_uri}): {text}; "
+                                 f"{fix} and run again (the run is finished from its files)") from None
         _retry(self.client.set_terminated, self.run_id, "FINISHED")
 
     def _end(self, status: str) -> None:

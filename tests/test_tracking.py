@@ -116,6 +116,47 @@ def test_http_5xx_is_retried_with_a_printed_line_per_retry_then_fails_naming_the
     assert server.hits >= 2 * len(retries)
 
 
+class _HealthyButHung(http.server.BaseHTTPRequestHandler):
+    """Answers its health check, and never the API: a server whose database hangs."""
+
+    def do_GET(self):
+        if self.path == "/health":
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"OK")
+            return
+        self.server.released.wait(120)
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_whose_api_hangs_is_one_line_within_seconds(tmp_path, cifar_mini_dir, capsys, monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HealthyButHung)
+    server.daemon_threads = True
+    server.released = threading.Event()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        start = time.monotonic()
+        status, _, err = _main(tmp_path / "run", cifar_mini_dir, 1, capsys)
+        elapsed = time.monotonic() - start
+    finally:
+        server.released.set()
+        server.shutdown()
+        server.server_close()
+    assert status == 2 and elapsed < 10, f"{elapsed:.0f} s, exit {status}: {err}"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: MLflow tracking server {uri} answers its health check "
+                                                   f"but not its API"), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_locked_sqlite_store_is_retried_and_succeeds(tmp_path, monkeypatch, capsys):
     db = tmp_path / "mlruns.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
