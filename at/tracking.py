@@ -10,7 +10,8 @@ Layout of the store (docs/interfaces.md, "MLflow"):
 - one parent run per table cell (tag ``at.cell``), made by ``python -m at report`` once the
   seeds finished, holding the cell's mean, std and n over seeds; each seed's run is nested
   under it (``mlflow.parentRunId``). A run shared by several cells nests under the first and
-  lists all of them in its tag ``at.cells``;
+  lists all of them in its tag ``at.cells``; each cell's tag ``seeds`` (a column of the runs
+  table) says which row to expand for its seeds. A cell has no duration (its start is its end);
 - one report run (tag ``at.kind = report``) holding the rendered tables and figures.
 
 The store defaults to a SQLite file in the working directory (``mlruns.db``);
@@ -67,14 +68,20 @@ PARENT_TAG = "mlflow.parentRunId"
 # toggle, remembered per browser), not by this tag: checked in headless Chromium.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+SEEDS_TAG = "seeds"            # a cell's parent run: where its seeds' runs are nested
 # The runs table as a researcher reads it: the metric columns (a cell's mean over seeds, and
-# each seed's final error, share `test_error`) instead of MLflow's default Source/Models/Dataset
-# columns. MLflow's UI has no server-side default view; it reads a "shared view" from an
-# experiment tag named by the address (`/runs?viewStateShareKey=<key>`), which :func:`runs_url`
-# gives. The order stays MLflow's (by creation), which keeps each cell's seeds nested under it.
+# each seed's final error, share `test_error`) and where each cell's seeds are (SEEDS_TAG)
+# instead of MLflow's default Source/Models/Dataset columns, and a Run Name column wide enough
+# for the names (MLflow's default cuts them at about 17 characters). MLflow's UI has no
+# server-side default view; it reads a "shared view" from an experiment tag named by the address
+# (`/runs?viewStateShareKey=<key>`), which :func:`runs_url` gives; a width applies to the columns
+# named in `columnOrder` (read in MLflow 3.17's UI code). The order stays MLflow's (by creation),
+# which keeps each cell's seeds nested under it.
 RUNS_VIEW_KEY = "at-runs"
-RUNS_VIEW = {"selectedColumns": ["metrics.`test_error`", "metrics.`std`", "metrics.`n`"],
-             "runsHiddenMode": "SHOW_ALL"}
+RUN_NAME_COLUMN = "attributes.`Run Name`"
+VIEW_COLUMNS = ["metrics.`test_error`", "metrics.`std`", "metrics.`n`", f"tags.`{SEEDS_TAG}`"]
+RUNS_VIEW = {"selectedColumns": VIEW_COLUMNS, "columnOrder": [RUN_NAME_COLUMN, *VIEW_COLUMNS],
+             "columnWidths": {RUN_NAME_COLUMN: 380, f"tags.`{SEEDS_TAG}`": 300}, "runsHiddenMode": "SHOW_ALL"}
 
 # MLflow's HTTP client retries a failed request up to 7 times with exponential backoff and
 # waits up to 120 s per request: wrapped in our retries that is close to an hour before an
@@ -355,8 +362,12 @@ def init_store(profile: str) -> str:
 def runs_url(base: str, experiment_id: str) -> str:
     """The address of an experiment's runs table in MLflow's UI at ``base``: the Model training
     view (MLflow 3 opens the GenAI one unless the address says otherwise) with our columns."""
-    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
-            f"?viewStateShareKey={RUNS_VIEW_KEY}&workflowType=machine_learning")
+    return f"{base.rstrip('/')}/{_runs_route(experiment_id)}"
+
+
+def _runs_route(experiment_id: str) -> str:
+    # MLflow's UI routes are hash-based: a link inside it may be relative, and works on any host
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}&workflowType=machine_learning"
 
 
 def git_commit() -> str:
@@ -396,16 +407,17 @@ def _dataset_input(name: str, folder: str, md5: str):
 
 
 def run_name(spec) -> str:
-    """A training run's MLflow name: what tells runs apart first (method, seed), then the rest of
-    the id, so that names cut short in the runs table stay distinguishable
-    ("at-sum-p2 seed0 | cifar10/wrn-16-1_from_wrn-16-2"; a sweep's method keeps its value:
-    "at-sum-p2/beta=300 seed0 | ..."). The id itself is the tag at.run_id."""
+    """A training run's MLflow name: what tells runs apart first, the seed (what differs between
+    the runs nested under one cell) and the method, then the rest of the id, so that names cut
+    short in the runs table stay distinguishable ("seed0 at-sum-p2 | cifar10/wrn-16-1_from_wrn-16-2";
+    a sweep's method keeps its value: "seed0 at-sum-p2/beta=300 | ..."). The id itself is the
+    tag at.run_id."""
     suffix = f"/{spec.method_name}/seed{spec.seed}"
     if spec.id.endswith(suffix) and len(spec.id) > len(suffix):
-        return f"{spec.method_name} seed{spec.seed} | {spec.id[:-len(suffix)]}"
+        return f"seed{spec.seed} {spec.method_name} | {spec.id[:-len(suffix)]}"
     parts = spec.id.split("/")
     if len(parts) >= 3 and parts[-1] == f"seed{spec.seed}":
-        return f"{parts[-2]} {parts[-1]} | {'/'.join(parts[:-2])}"
+        return f"{parts[-1]} {parts[-2]} | {'/'.join(parts[:-2])}"
     return spec.id
 
 
@@ -603,12 +615,22 @@ def cell_key(cell: dict) -> str:
 
 
 def cell_name(cell: dict) -> str:
-    """A cell's run name, what tells cells apart first ("table1 at | wrn-16-1←wrn-16-2",
-    "table2 sum-p2"), so that names cut short in the runs table stay distinguishable. A table
-    whose only column is its metric (Table 2's "error") is named by its rows alone."""
+    """A cell's run name: what tells cells apart first, its row and column, then the table that
+    rows next to it share ("wrn-16-1←16-2 at | table1", "sum-p2 | table2"), so that names cut
+    short in the runs table (about 17 characters) stay distinguishable. A table whose only
+    column is its metric (Table 2's "error") is named by its rows alone; a student←teacher pair
+    of one family names the family once."""
     if cell["column"] in ("error", cell.get("metric")):
-        return f"{cell['table']} {cell['row']}"
-    return f"{cell['table']} {cell['column']} | {cell['row'].replace('_from_', '←')}"
+        return f"{cell['row']} | {cell['table']}"
+    return f"{_pair(cell['row'])} {cell['column']} | {cell['table']}"
+
+
+def _pair(row: str) -> str:
+    student, found, teacher = row.partition("_from_")
+    if not found:
+        return row
+    family = student.split("-")[0] + "-"
+    return f"{student}←{teacher[len(family):] if teacher.startswith(family) else teacher}"
 
 
 def _run_link(experiment_id: str, run) -> str:
@@ -618,11 +640,15 @@ def _run_link(experiment_id: str, run) -> str:
     return f"[{name}](#/experiments/{experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning)"
 
 
-def _cell_description(experiment_id: str, cell: dict, seeds: dict) -> str:
+def _cell_description(experiment_id: str, cell: dict, seeds: dict, nested_under: list[str] = ()) -> str:
     """The cell run's description (shown on its page): every run it aggregates, with a link, its
-    seed and final test error, whichever cell that run is nested under."""
+    seed and final test error, whichever cell that run is nested under (named when another)."""
     lines = [f"**{cell_key(cell)}**: mean of the final `test_error` over the seeds below "
-             f"(n = {cell.get('n', 0)}).", "", "| seed | run | final test error (%) | also in |", "|--:|---|--:|---|"]
+             f"(n = {cell.get('n', 0)}).", ""]
+    if nested_under:
+        lines += [f"In the runs table these runs are nested under {' and '.join(f'**{n}**' for n in nested_under)}, "
+                  f"the first cell they count in (MLflow gives a run one parent).", ""]
+    lines += ["| seed | run | final test error (%) | also in |", "|--:|---|--:|---|"]
     for rid in sorted(cell["run_ids"]):
         run = seeds.get(rid)
         if run is None:
@@ -632,6 +658,8 @@ def _cell_description(experiment_id: str, cell: dict, seeds: dict) -> str:
         error = run.data.metrics.get("test_error")
         lines.append(f"| {run.data.params.get('seed', '')} | {_run_link(experiment_id, run)} | "
                      f"{'' if error is None else f'{error:.2f}'} | {', '.join(others)} |")
+    # MLflow's own links from this page (Child runs, the breadcrumb) drop the runs table's view
+    lines += ["", f"[Back to the runs table]({_runs_route(experiment_id)})"]
     return "\n".join(lines) + "\n"
 
 
@@ -653,7 +681,9 @@ def record_cells(profile: str, cells: list[dict], report_dir: Path | None = None
 
     client = _client()
     experiment_id = init_store(profile)
-    parents = {r.data.tags[CELL_TAG]: r.info.run_id for r in _runs_of_kind(client, experiment_id, "cell")}
+    found = {r.data.tags[CELL_TAG]: r.info for r in _runs_of_kind(client, experiment_id, "cell")}
+    parents = {key: info.run_id for key, info in found.items()}
+    started = {key: info.start_time for key, info in found.items()}
     seeds = _latest_runs_by_id(client, experiment_id)
     now = int(time.time() * 1000)
     cells_of_run: dict[str, list[str]] = {}
@@ -663,16 +693,23 @@ def record_cells(profile: str, cells: list[dict], report_dir: Path | None = None
     for rid, keys in cells_of_run.items():
         if rid in seeds:   # else not finished (or not tracked in this store): nothing to nest
             seeds[rid].data.tags[CELLS_TAG] = json.dumps(keys)   # read by the cells' descriptions
+    names = {cell_key(cell): cell_name(cell) for cell in cells}
     for cell in sorted(cells, key=cell_key):
         key = cell_key(cell)
-        name = cell_name(cell)
+        name = names[key]
+        # where its seeds are in the runs table: nested under this cell, or (runs shared with
+        # another cell) under the first cell they count in, which a column of the view names
+        homes = sorted({cells_of_run[rid][0] for rid in cell["run_ids"] if rid in seeds})
+        where = "; ".join("expand this row" if home == key else f"expand {names[home]}" for home in homes)
         tags = {KIND_TAG: "cell", CELL_TAG: key, "table": cell["table"], "row": cell["row"],
                 "column": cell["column"], "metric": cell["metric"], "mlflow.runName": name,
-                "run_ids": json.dumps(sorted(cell["run_ids"])),
-                "mlflow.note.content": _cell_description(experiment_id, cell, seeds)}
+                "run_ids": json.dumps(sorted(cell["run_ids"])), SEEDS_TAG: where or "none finished",
+                "mlflow.note.content": _cell_description(experiment_id, cell, seeds,
+                                                         [names[h] for h in homes if h != key])}
         if key not in parents:
-            run = _retry(client.create_run, experiment_id, run_name=name, tags=tags)
-            parents[key] = run.info.run_id
+            # a summary, not a computation: no duration (its start is its end)
+            run = _retry(client.create_run, experiment_id, run_name=name, tags=tags, start_time=now)
+            parents[key], started[key] = run.info.run_id, now
         else:
             _retry(client.log_batch, parents[key], tags=[RunTag(k, v) for k, v in tags.items()])
         stats = {k: cell[k] for k in ("mean", "std", "n") if cell.get(k) is not None}
@@ -680,7 +717,7 @@ def record_cells(profile: str, cells: list[dict], report_dir: Path | None = None
             # the seeds' metric name too: one column of the runs table shows cells and seeds alike
             stats["test_error"] = cell["mean"]
         _retry(client.log_batch, parents[key], metrics=[Metric(k, float(v), now, 0) for k, v in stats.items()])
-        _retry(client.set_terminated, parents[key], "FINISHED")
+        _retry(client.set_terminated, parents[key], "FINISHED", end_time=started[key])
     # each seed's run once: the cells it counts in, and the first of them as its parent
     for rid, keys in sorted(cells_of_run.items()):
         if rid in seeds:
@@ -701,19 +738,22 @@ def _group_run(client, experiment_id: str, group: str, name: str) -> str:
     found = _search(client, experiment_id, f"tags.`{KIND_TAG}` = 'group' and tags.`at.group` = '{group}'")
     if found:
         return found[0].info.run_id
-    run = _retry(client.create_run, experiment_id, run_name=name,
+    now = int(time.time() * 1000)
+    run = _retry(client.create_run, experiment_id, run_name=name, start_time=now,
                  tags={KIND_TAG: "group", "at.group": group, "mlflow.runName": name})
-    _retry(client.set_terminated, run.info.run_id, "FINISHED")
+    _retry(client.set_terminated, run.info.run_id, "FINISHED", end_time=now)   # no duration: nothing ran
     return run.info.run_id
 
 
 def _record_report(client, experiment_id: str, profile: str, report_dir: Path) -> str:
     found = _runs_of_kind(client, experiment_id, "report")
     if found:
-        run_id = found[0].info.run_id
+        run_id, start = found[0].info.run_id, found[0].info.start_time
     else:
-        run_id = _retry(client.create_run, experiment_id, run_name=f"report/{profile}",
+        start = int(time.time() * 1000)
+        run_id = _retry(client.create_run, experiment_id, run_name=f"report/{profile}", start_time=start,
                         tags={KIND_TAG: "report", "mlflow.runName": f"report/{profile}"}).info.run_id
     _retry(client.log_artifacts, run_id, str(report_dir))
-    _retry(client.set_terminated, run_id, "FINISHED")
+    # no duration: what took time (rendering the report) happened before, outside MLflow
+    _retry(client.set_terminated, run_id, "FINISHED", end_time=start)
     return run_id

@@ -332,11 +332,22 @@ def test_experiments_are_tagged_as_model_training(mlflow_store):
     assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
-def test_run_names_put_method_and_seed_first():
+def test_names_put_what_tells_rows_apart_first():
+    # MLflow's runs table cuts names at about 17 characters (less for a nested row): the seed
+    # tells apart the runs nested under one cell, column and row the cells of one table
     spec = RunSpec.resolve({"id": "cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed3", "dataset": "cifar10",
                             "student": "wrn-10-1", "seed": 3, "method_name": "baseline",
                             "method": {"terms": [{"type": "ce"}]}, "out_dir": "x", "data_dir": "",
                             "protocol": {"epochs": 1, "batch_size": 8, "lr": 0.1, "lr_gamma": 0.2}})
-    assert tracking.run_name(spec) == "at-sum-p2 seed3 | cifar10/wrn-16-1_from_wrn-16-2"
+    assert tracking.run_name(spec) == "seed3 at-sum-p2 | cifar10/wrn-16-1_from_wrn-16-2"
+    table1 = [{"table": "table1", "row": row, "column": column, "metric": "top1"}
+              for row in ("wrn-16-1_from_wrn-16-2", "wrn-16-1_from_wrn-40-1", "wrn-16-2_from_wrn-40-2",
+                          "nin-thin_from_nin-wide")
+              for column in ("student", "teacher", "at", "kd", "at+kd", "factt")]
+    names = [tracking.cell_name(cell) for cell in table1]
+    assert names[:3] == ["wrn-16-1←16-2 student | table1", "wrn-16-1←16-2 teacher | table1", "wrn-16-1←16-2 at | table1"]
+    assert "nin-thin←wide at+kd | table1" in names
+    assert len({name[:17] for name in names}) == len(names), "the first 17 characters tell every cell apart"
+    assert tracking.cell_name({"table": "table2", "row": "sum-p2", "column": "error", "metric": "top1"}) == "sum-p2 | table2"
     # an id not of the grid's form (a run trained from arguments) is its own name
     assert tracking.run_name(spec.replace(id="my-run")) == "my-run"
