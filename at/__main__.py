@@ -15,7 +15,9 @@ The usual way to run a whole profile is Snakemake (`snakemake --cores 8 --config
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -99,7 +101,7 @@ def _warn_about(specs: list) -> None:
 
 
 def cmd_train(args) -> int:
-    from at.train import EXIT_INTERRUPTED, Interrupted, Options, TrainingDiverged, train_cohort
+    from at.train import Interrupted, Options, TrainingDiverged, train_cohort
 
     from at import console, distributed
 
@@ -113,14 +115,12 @@ def cmd_train(args) -> int:
                       threads=args.threads, backend=args.backend)
     try:
         train_cohort(specs, options, force=args.force)
-    except Interrupted:
-        from at import distributed
-
+    except Interrupted as e:
         ranks = distributed.from_environment()
         if ranks.enabled:   # each rank says so: a launcher may report a rank it stopped itself
-            print(f"rank {ranks.rank} of {ranks.world_size}: stopped by SIGTERM, position saved by rank 0; "
-                  f"exiting {EXIT_INTERRUPTED}", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+            print(f"rank {ranks.rank} of {ranks.world_size}: stopped by {e.signal_name}, position saved by "
+                  f"rank 0; exiting {e.status}", file=sys.stderr, flush=True)
+        return e.status
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -299,9 +299,21 @@ def cmd_ui(args) -> int:
 
     _, profile = _validated(args)
     uri = tracking.tracking_uri()
+    served = uri.startswith(("http://", "https://"))
+    if not served:
+        problem = _cannot_listen(args.host, args.port)
+        if problem is not None:
+            # MLflow's server would fail to listen there, yet exit 0, and the address printed
+            # would open the other program
+            if problem.errno == errno.EADDRINUSE:
+                print(f"error: port {args.port} on {args.host} is taken ({problem.strerror}): another program "
+                      f"listens there; stop it, or choose a free port with --port", file=sys.stderr)
+            else:
+                print(f"error: cannot listen on {args.host} port {args.port} ({problem.strerror or problem}): "
+                      f"choose another --host or --port", file=sys.stderr)
+            return 2
     tracking.check_store(uri)
     experiment_id = tracking.init_store(profile)
-    served = uri.startswith(("http://", "https://"))
     base = uri.rstrip("/") if served else f"http://{args.host}:{args.port}"
     print(f"{tracking.experiment_name(profile)}: {tracking.runs_url(base, experiment_id)}", flush=True)
     if served:
@@ -312,6 +324,22 @@ def cmd_ui(args) -> int:
     # uses: off unless the user turned it on
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(sys.executable, command)
+
+
+def _cannot_listen(host: str, port: int) -> OSError | None:
+    """Why MLflow's server could not listen on ``host:port`` (None: it can), found by binding
+    the port as a server does (SO_REUSEADDR: a port that only lingers after a closed connection
+    is free) and letting it go at once."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as e:
+        return e
+    return None
 
 
 def cmd_dvc(args) -> int:
@@ -473,6 +501,12 @@ def main(argv=None) -> int:
     args.argv = None if argv is not None else sys.argv[1:]
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        # Ctrl-C where no run was training (a run stops by itself, saved: at.train.STOP_SIGNALS),
+        # or a second one that would not wait for the save
+        print("error: interrupted (Ctrl-C): a run keeps what it saved last, the same command resumes it",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     except Exception as e:
         if not _is_user_error(e):
             raise  # a bug: the traceback is what its fixer needs

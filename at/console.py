@@ -10,6 +10,7 @@ log only.)
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -19,10 +20,28 @@ _echo: TextIO | None = None   # the terminal, while the process's own output goe
 
 
 def say(text: str) -> None:
-    print(text, flush=True)
+    _write(sys.stdout, text)
     if _echo is not None:
-        _echo.write(text + "\n")
-        _echo.flush()
+        _write(_echo, text)
+
+
+def _write(stream: TextIO, text: str) -> None:
+    try:
+        stream.write(text + "\n")
+        stream.flush()
+    except OSError as e:
+        if e.errno not in (errno.EIO, errno.EPIPE):
+            raise
+        # the terminal closed (a write after its SIGHUP fails with EIO) or the reader of a pipe
+        # went (EPIPE): nobody can read this stream any more. It is pointed at /dev/null, so that
+        # neither this line nor the next (nor Python's flush at exit) stops a run that is saving
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def log_to(path: str | os.PathLike) -> None:

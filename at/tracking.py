@@ -10,17 +10,20 @@ Layout of the store (docs/interfaces.md, "MLflow"):
 - one parent run per table cell (tag ``at.cell``), made by ``python -m at report`` once the
   seeds finished, holding the cell's mean, std and n over seeds; each seed's run is nested
   under it (``mlflow.parentRunId``). A run shared by several cells nests under the first and
-  lists all of them in its tag ``at.cells``;
+  lists all of them in its tag ``at.cells``; each cell's tag ``seeds`` (a column of the runs
+  table) says which row to expand for its seeds. A cell has no duration (its start is its end);
 - one report run (tag ``at.kind = report``) holding the rendered tables and figures.
 
 The store defaults to a SQLite file in the working directory (``mlruns.db``);
 ``MLFLOW_TRACKING_URI`` points every job at another store, e.g. an ``mlflow server``.
 
-Failure policy. An unreachable server is found at the start of a run, in seconds, by one
-request with a short timeout: the run stops with one line naming the URI before it trains. A
-refused connection is never retried (no server listens: waiting will not start one). What is
-retried, with a printed line per retry and for a bounded time, are the failures that go away
-by themselves: SQLite's "database is locked" (concurrent writers on one file), HTTP 429/5xx
+Failure policy. An unreachable server (or one whose API does not answer) is found at the start
+of a run, in seconds, by two requests with a short timeout, its health check and one API read;
+a SQLite store that MLflow could not use (damaged, read-only, of a newer or older MLflow, lacking
+a table) or must not (another program's database) is found by reading it: either way the run
+stops with one line naming the store before anything is written. A refused connection is never
+retried (no server listens: waiting will not start one). What is retried, with a printed line
+per retry and for a bounded time, are the failures that go away by themselves: SQLite's "database is locked" (concurrent writers on one file), HTTP 429/5xx
 (a busy or restarting server) and timeouts (a slow answer). MLflow's own HTTP retries and
 timeouts are bounded too (:data:`HTTP_DEFAULTS`), since ours wrap them.
 
@@ -31,8 +34,10 @@ transient errors are retried for :data:`MIDRUN_BUDGET_S` s, plus the last reques
 timeout).
 At the end the store must have every epoch before the run writes its final outputs: if it
 is still unreachable, the run fails with one line and keeps ``last.pt``, so a retry (by hand
-or by Snakemake) resumes at the end, sends what is missing and finishes. Training hours are
-never lost to a tracking outage, and a finished run is never missing from MLflow.
+or by Snakemake) resumes at the end, sends what is missing and finishes. Artifacts that cannot
+be stored (a full disk, a read-only folder) fail the MLflow run the same way, and the retry
+stores them. Training hours are never lost to a tracking outage, and a finished run is never
+missing from MLflow, nor its artifacts.
 """
 
 from __future__ import annotations
@@ -63,14 +68,20 @@ PARENT_TAG = "mlflow.parentRunId"
 # toggle, remembered per browser), not by this tag: checked in headless Chromium.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+SEEDS_TAG = "seeds"            # a cell's parent run: where its seeds' runs are nested
 # The runs table as a researcher reads it: the metric columns (a cell's mean over seeds, and
-# each seed's final error, share `test_error`) instead of MLflow's default Source/Models/Dataset
-# columns. MLflow's UI has no server-side default view; it reads a "shared view" from an
-# experiment tag named by the address (`/runs?viewStateShareKey=<key>`), which :func:`runs_url`
-# gives. The order stays MLflow's (by creation), which keeps each cell's seeds nested under it.
+# each seed's final error, share `test_error`) and where each cell's seeds are (SEEDS_TAG)
+# instead of MLflow's default Source/Models/Dataset columns, and a Run Name column wide enough
+# for the names (MLflow's default cuts them at about 17 characters). MLflow's UI has no
+# server-side default view; it reads a "shared view" from an experiment tag named by the address
+# (`/runs?viewStateShareKey=<key>`), which :func:`runs_url` gives; a width applies to the columns
+# named in `columnOrder` (read in MLflow 3.17's UI code). The order stays MLflow's (by creation),
+# which keeps each cell's seeds nested under it.
 RUNS_VIEW_KEY = "at-runs"
-RUNS_VIEW = {"selectedColumns": ["metrics.`test_error`", "metrics.`std`", "metrics.`n`"],
-             "runsHiddenMode": "SHOW_ALL"}
+RUN_NAME_COLUMN = "attributes.`Run Name`"
+VIEW_COLUMNS = ["metrics.`test_error`", "metrics.`std`", "metrics.`n`", f"tags.`{SEEDS_TAG}`"]
+RUNS_VIEW = {"selectedColumns": VIEW_COLUMNS, "columnOrder": [RUN_NAME_COLUMN, *VIEW_COLUMNS],
+             "columnWidths": {RUN_NAME_COLUMN: 380, f"tags.`{SEEDS_TAG}`": 300}, "runsHiddenMode": "SHOW_ALL"}
 
 # MLflow's HTTP client retries a failed request up to 7 times with exponential backoff and
 # waits up to 120 s per request: wrapped in our retries that is close to an hour before an
@@ -101,23 +112,35 @@ def experiment_name(profile: str) -> str:
     return os.environ.get("AT_MLFLOW_EXPERIMENT") or f"{EXPERIMENT_PREFIX}/{profile}"
 
 
+# What the start-up check asks of a server's API: the cheapest read of the tracking API (MLflow
+# 2 and 3), answered from its database.
+API_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
 def check_reachable(uri: str, timeout: float = REACHABLE_TIMEOUT_S) -> None:
-    """Fail in seconds, naming ``uri``, when an HTTP tracking server does not answer.
+    """Fail in seconds, naming ``uri``, when an HTTP tracking server does not answer: its health
+    check, then its API (a server whose database hangs answers the first and not the second,
+    and each call would then wait out MLflow's timeouts and our retries, minutes).
 
     Any HTTP answer (even an error status) shows a server is there; only a failed connection
     or a timeout is an error. Other stores (SQLite, a folder) are local files: nothing to check.
     """
     if not uri.startswith(("http://", "https://")):
         return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-            pass
-    except urllib.error.HTTPError:
-        return
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise TrackingError(f"MLflow tracking server {uri} is not reachable ({reason}): start it, or point "
-                            f"MLFLOW_TRACKING_URI at a running one (unset, runs use ./mlruns.db)") from None
+    for path in ("/health", API_PROBE):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + path, timeout=timeout):
+                pass
+        except urllib.error.HTTPError:
+            continue
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            if path == "/health":
+                raise TrackingError(f"MLflow tracking server {uri} is not reachable ({reason}): start it, or point "
+                                    f"MLFLOW_TRACKING_URI at a running one (unset, runs use ./mlruns.db)") from None
+            raise TrackingError(f"MLflow tracking server {uri} answers its health check but not its API ({path}: "
+                                f"{reason}, waited {timeout:.0f} s): check the server and its database, or point "
+                                f"MLFLOW_TRACKING_URI at a running one (unset, runs use ./mlruns.db)") from None
 
 
 # The stores MLflow 3 runs on: SQLite and the other SQL databases, and a tracking server. A
@@ -156,6 +179,9 @@ def check_store(uri: str | None = None) -> None:
     if problem:
         raise TrackingError(f"MLflow store {uri}: {path} {problem}: move it aside (MLflow makes a new one) "
                             f"or restore it from a backup, or {STORE_ADVICE}")
+    problem = _schema_problem(path, uri)
+    if problem:
+        raise TrackingError(f"MLflow store {uri}: {path} {problem}")
     # SQLite writes a journal beside the file: the file and its folder must both be writable
     if not os.access(path, os.W_OK) or not os.access(folder, os.W_OK | os.X_OK):
         raise TrackingError(f"MLflow store {uri}: {path} or its folder is read-only: make them writable, "
@@ -180,6 +206,55 @@ def _sqlite_problem(path: Path) -> str | None:
         return f"is not a readable SQLite database ({e})"
     finally:
         db.close()
+    return None
+
+
+def _schema_problem(path: Path, uri: str) -> str | None:
+    """Why the SQLite database ``path`` is not an MLflow store that this MLflow can record in,
+    with what to do (None if it is one, or holds no table yet: MLflow makes its tables), read
+    without writing. MLflow itself would add its tables to any other program's database, and
+    stops with a traceback on a schema newer or older than its own, or on a missing table."""
+    import sqlite3
+
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+    try:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables -= {"sqlite_sequence", "sqlite_stat1"}
+        if not tables - {"alembic_version"}:
+            return None
+        if "alembic_version" not in tables or not {"experiments", "runs"} <= tables:
+            listed = ", ".join(sorted(tables)[:6]) + (", ..." if len(tables) > 6 else "")
+            return (f"is not an MLflow store (another program's SQLite database, its tables: {listed}): MLflow "
+                    f"would add its tables to it; move it aside, or {STORE_ADVICE}")
+        revision = db.execute("SELECT version_num FROM alembic_version").fetchone()
+    except sqlite3.DatabaseError as e:
+        if "locked" in str(e).lower():
+            return None   # another writer holds it right now: the calls retry that
+        return f"cannot be read ({e})"
+    finally:
+        db.close()
+    import mlflow
+    from mlflow.store.db import utils as mlflow_db   # MLflow's schema: its migrations and tables
+
+    from alembic.script import ScriptDirectory
+
+    migrations = ScriptDirectory.from_config(mlflow_db._get_alembic_config(""))
+    head = migrations.get_current_head()
+    known = {r.revision for r in migrations.walk_revisions()}
+    revision = revision[0] if revision else None
+    if revision is None:
+        return ("has MLflow's tables but no schema revision (alembic_version is empty): it is damaged; restore it "
+                f"from a backup, or move it aside (MLflow makes a new one), or {STORE_ADVICE}")
+    if revision not in known:
+        return (f"was written by a newer MLflow (schema revision {revision}, unknown to MLflow {mlflow.__version__} "
+                f"here): install that MLflow here (pip install -U mlflow), or {STORE_ADVICE}")
+    if revision != head:
+        return (f"was written by an older MLflow (schema revision {revision}; MLflow {mlflow.__version__} here "
+                f"expects {head}): back it up, then upgrade it with `mlflow db upgrade {uri}`")
+    missing = sorted(set(mlflow_db.Base.metadata.tables) - tables)
+    if missing:
+        return (f"lacks MLflow's table(s) {', '.join(missing)}: it is damaged; restore it from a backup, or "
+                f"move it aside (MLflow makes a new one), or {STORE_ADVICE}")
     return None
 
 
@@ -287,8 +362,12 @@ def init_store(profile: str) -> str:
 def runs_url(base: str, experiment_id: str) -> str:
     """The address of an experiment's runs table in MLflow's UI at ``base``: the Model training
     view (MLflow 3 opens the GenAI one unless the address says otherwise) with our columns."""
-    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
-            f"?viewStateShareKey={RUNS_VIEW_KEY}&workflowType=machine_learning")
+    return f"{base.rstrip('/')}/{_runs_route(experiment_id)}"
+
+
+def _runs_route(experiment_id: str) -> str:
+    # MLflow's UI routes are hash-based: a link inside it may be relative, and works on any host
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}&workflowType=machine_learning"
 
 
 def git_commit() -> str:
@@ -328,16 +407,17 @@ def _dataset_input(name: str, folder: str, md5: str):
 
 
 def run_name(spec) -> str:
-    """A training run's MLflow name: what tells runs apart first (method, seed), then the rest of
-    the id, so that names cut short in the runs table stay distinguishable
-    ("at-sum-p2 seed0 | cifar10/wrn-16-1_from_wrn-16-2"; a sweep's method keeps its value:
-    "at-sum-p2/beta=300 seed0 | ..."). The id itself is the tag at.run_id."""
+    """A training run's MLflow name: what tells runs apart first, the seed (what differs between
+    the runs nested under one cell) and the method, then the rest of the id, so that names cut
+    short in the runs table stay distinguishable ("seed0 at-sum-p2 | cifar10/wrn-16-1_from_wrn-16-2";
+    a sweep's method keeps its value: "seed0 at-sum-p2/beta=300 | ..."). The id itself is the
+    tag at.run_id."""
     suffix = f"/{spec.method_name}/seed{spec.seed}"
     if spec.id.endswith(suffix) and len(spec.id) > len(suffix):
-        return f"{spec.method_name} seed{spec.seed} | {spec.id[:-len(suffix)]}"
+        return f"seed{spec.seed} {spec.method_name} | {spec.id[:-len(suffix)]}"
     parts = spec.id.split("/")
     if len(parts) >= 3 and parts[-1] == f"seed{spec.seed}":
-        return f"{parts[-2]} {parts[-1]} | {'/'.join(parts[:-2])}"
+        return f"{parts[-1]} {parts[-2]} | {'/'.join(parts[:-2])}"
     return spec.id
 
 
@@ -474,16 +554,17 @@ class RunTracker:
         for f in files:
             try:
                 _retry(self.client.log_artifact, self.run_id, str(f))
-            except Exception as e:  # noqa: BLE001 - the run's folder has the file; say it, go on
+            except TrackingError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a full disk, a read-only or forbidden folder, ...
+                # not a finished record (a FINISHED run is never touched again, so its artifacts
+                # would never come): the caller marks the run FAILED, and a retry, once the store
+                # takes files again, stores them and finishes it without training
                 text = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-                if _disk_full(e):
-                    # not a finished record: the run is marked FAILED by the caller and a retry
-                    # (with room made) stores the artifacts and finishes it, without training
-                    raise WriteError(f"could not store {f} as an artifact of MLflow run {self.run_id} "
-                                     f"({self.client.get_run(self.run_id).info.artifact_uri}): {text}; "
-                                     f"make room there and run again") from None
-                print(f"[{self.spec.id}] warning: could not store {f} as an MLflow artifact: {text}",
-                      file=sys.stderr, flush=True)
+                fix = "make room there" if _disk_full(e) else "make it writable"
+                raise WriteError(f"could not store {f} as an artifact of MLflow run {self.run_id} "
+                                 f"({self.client.get_run(self.run_id).info.artifact_uri}): {text}; "
+                                 f"{fix} and run again (the run is finished from its files)") from None
         _retry(self.client.set_terminated, self.run_id, "FINISHED")
 
     def _end(self, status: str) -> None:
@@ -534,12 +615,22 @@ def cell_key(cell: dict) -> str:
 
 
 def cell_name(cell: dict) -> str:
-    """A cell's run name, what tells cells apart first ("table1 at | wrn-16-1←wrn-16-2",
-    "table2 sum-p2"), so that names cut short in the runs table stay distinguishable. A table
-    whose only column is its metric (Table 2's "error") is named by its rows alone."""
+    """A cell's run name: what tells cells apart first, its row and column, then the table that
+    rows next to it share ("wrn-16-1←16-2 at | table1", "sum-p2 | table2"), so that names cut
+    short in the runs table (about 17 characters) stay distinguishable. A table whose only
+    column is its metric (Table 2's "error") is named by its rows alone; a student←teacher pair
+    of one family names the family once."""
     if cell["column"] in ("error", cell.get("metric")):
-        return f"{cell['table']} {cell['row']}"
-    return f"{cell['table']} {cell['column']} | {cell['row'].replace('_from_', '←')}"
+        return f"{cell['row']} | {cell['table']}"
+    return f"{_pair(cell['row'])} {cell['column']} | {cell['table']}"
+
+
+def _pair(row: str) -> str:
+    student, found, teacher = row.partition("_from_")
+    if not found:
+        return row
+    family = student.split("-")[0] + "-"
+    return f"{student}←{teacher[len(family):] if teacher.startswith(family) else teacher}"
 
 
 def _run_link(experiment_id: str, run) -> str:
@@ -549,11 +640,15 @@ def _run_link(experiment_id: str, run) -> str:
     return f"[{name}](#/experiments/{experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning)"
 
 
-def _cell_description(experiment_id: str, cell: dict, seeds: dict) -> str:
+def _cell_description(experiment_id: str, cell: dict, seeds: dict, nested_under: list[str] = ()) -> str:
     """The cell run's description (shown on its page): every run it aggregates, with a link, its
-    seed and final test error, whichever cell that run is nested under."""
+    seed and final test error, whichever cell that run is nested under (named when another)."""
     lines = [f"**{cell_key(cell)}**: mean of the final `test_error` over the seeds below "
-             f"(n = {cell.get('n', 0)}).", "", "| seed | run | final test error (%) | also in |", "|--:|---|--:|---|"]
+             f"(n = {cell.get('n', 0)}).", ""]
+    if nested_under:
+        lines += [f"In the runs table these runs are nested under {' and '.join(f'**{n}**' for n in nested_under)}, "
+                  f"the first cell they count in (MLflow gives a run one parent).", ""]
+    lines += ["| seed | run | final test error (%) | also in |", "|--:|---|--:|---|"]
     for rid in sorted(cell["run_ids"]):
         run = seeds.get(rid)
         if run is None:
@@ -563,6 +658,8 @@ def _cell_description(experiment_id: str, cell: dict, seeds: dict) -> str:
         error = run.data.metrics.get("test_error")
         lines.append(f"| {run.data.params.get('seed', '')} | {_run_link(experiment_id, run)} | "
                      f"{'' if error is None else f'{error:.2f}'} | {', '.join(others)} |")
+    # MLflow's own links from this page (Child runs, the breadcrumb) drop the runs table's view
+    lines += ["", f"[Back to the runs table]({_runs_route(experiment_id)})"]
     return "\n".join(lines) + "\n"
 
 
@@ -584,7 +681,9 @@ def record_cells(profile: str, cells: list[dict], report_dir: Path | None = None
 
     client = _client()
     experiment_id = init_store(profile)
-    parents = {r.data.tags[CELL_TAG]: r.info.run_id for r in _runs_of_kind(client, experiment_id, "cell")}
+    found = {r.data.tags[CELL_TAG]: r.info for r in _runs_of_kind(client, experiment_id, "cell")}
+    parents = {key: info.run_id for key, info in found.items()}
+    started = {key: info.start_time for key, info in found.items()}
     seeds = _latest_runs_by_id(client, experiment_id)
     now = int(time.time() * 1000)
     cells_of_run: dict[str, list[str]] = {}
@@ -594,16 +693,23 @@ def record_cells(profile: str, cells: list[dict], report_dir: Path | None = None
     for rid, keys in cells_of_run.items():
         if rid in seeds:   # else not finished (or not tracked in this store): nothing to nest
             seeds[rid].data.tags[CELLS_TAG] = json.dumps(keys)   # read by the cells' descriptions
+    names = {cell_key(cell): cell_name(cell) for cell in cells}
     for cell in sorted(cells, key=cell_key):
         key = cell_key(cell)
-        name = cell_name(cell)
+        name = names[key]
+        # where its seeds are in the runs table: nested under this cell, or (runs shared with
+        # another cell) under the first cell they count in, which a column of the view names
+        homes = sorted({cells_of_run[rid][0] for rid in cell["run_ids"] if rid in seeds})
+        where = "; ".join("expand this row" if home == key else f"expand {names[home]}" for home in homes)
         tags = {KIND_TAG: "cell", CELL_TAG: key, "table": cell["table"], "row": cell["row"],
                 "column": cell["column"], "metric": cell["metric"], "mlflow.runName": name,
-                "run_ids": json.dumps(sorted(cell["run_ids"])),
-                "mlflow.note.content": _cell_description(experiment_id, cell, seeds)}
+                "run_ids": json.dumps(sorted(cell["run_ids"])), SEEDS_TAG: where or "none finished",
+                "mlflow.note.content": _cell_description(experiment_id, cell, seeds,
+                                                         [names[h] for h in homes if h != key])}
         if key not in parents:
-            run = _retry(client.create_run, experiment_id, run_name=name, tags=tags)
-            parents[key] = run.info.run_id
+            # a summary, not a computation: no duration (its start is its end)
+            run = _retry(client.create_run, experiment_id, run_name=name, tags=tags, start_time=now)
+            parents[key], started[key] = run.info.run_id, now
         else:
             _retry(client.log_batch, parents[key], tags=[RunTag(k, v) for k, v in tags.items()])
         stats = {k: cell[k] for k in ("mean", "std", "n") if cell.get(k) is not None}
@@ -611,7 +717,7 @@ def record_cells(profile: str, cells: list[dict], report_dir: Path | None = None
             # the seeds' metric name too: one column of the runs table shows cells and seeds alike
             stats["test_error"] = cell["mean"]
         _retry(client.log_batch, parents[key], metrics=[Metric(k, float(v), now, 0) for k, v in stats.items()])
-        _retry(client.set_terminated, parents[key], "FINISHED")
+        _retry(client.set_terminated, parents[key], "FINISHED", end_time=started[key])
     # each seed's run once: the cells it counts in, and the first of them as its parent
     for rid, keys in sorted(cells_of_run.items()):
         if rid in seeds:
@@ -632,19 +738,22 @@ def _group_run(client, experiment_id: str, group: str, name: str) -> str:
     found = _search(client, experiment_id, f"tags.`{KIND_TAG}` = 'group' and tags.`at.group` = '{group}'")
     if found:
         return found[0].info.run_id
-    run = _retry(client.create_run, experiment_id, run_name=name,
+    now = int(time.time() * 1000)
+    run = _retry(client.create_run, experiment_id, run_name=name, start_time=now,
                  tags={KIND_TAG: "group", "at.group": group, "mlflow.runName": name})
-    _retry(client.set_terminated, run.info.run_id, "FINISHED")
+    _retry(client.set_terminated, run.info.run_id, "FINISHED", end_time=now)   # no duration: nothing ran
     return run.info.run_id
 
 
 def _record_report(client, experiment_id: str, profile: str, report_dir: Path) -> str:
     found = _runs_of_kind(client, experiment_id, "report")
     if found:
-        run_id = found[0].info.run_id
+        run_id, start = found[0].info.run_id, found[0].info.start_time
     else:
-        run_id = _retry(client.create_run, experiment_id, run_name=f"report/{profile}",
+        start = int(time.time() * 1000)
+        run_id = _retry(client.create_run, experiment_id, run_name=f"report/{profile}", start_time=start,
                         tags={KIND_TAG: "report", "mlflow.runName": f"report/{profile}"}).info.run_id
     _retry(client.log_artifacts, run_id, str(report_dir))
-    _retry(client.set_terminated, run_id, "FINISHED")
+    # no duration: what took time (rendering the report) happened before, outside MLflow
+    _retry(client.set_terminated, run_id, "FINISHED", end_time=start)
     return run_id

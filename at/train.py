@@ -54,9 +54,12 @@ from at.spec import RunSpec
 from at.teachers import Teachers
 from at.tracking import RunTracker, check_store, git_commit
 
-# A SLURM job that is preempted or reaches its time limit gets SIGTERM before SIGKILL. The run
-# saves its position and exits with this status, which marks the job failed, so Snakemake's
-# retries resubmit it and the new job resumes. 128 + SIGTERM, as a shell reports it.
+# The signals that stop a run the way it can resume: SIGTERM (a SLURM job preempted or at its
+# time limit gets it before SIGKILL), SIGINT (Ctrl-C) and SIGHUP (the terminal closed). Each makes
+# every member save its position between two steps; the process then exits with 128 + the
+# signal's number, as a shell reports it (143, 130, 129), which marks a job failed, so
+# Snakemake's retries resubmit it and the new job resumes.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 EXIT_INTERRUPTED = 128 + signal.SIGTERM
 
 # On CUDA the loop never waits for the device inside an epoch except here: every this many steps
@@ -66,7 +69,20 @@ CUDA_FINITE_CHECK_EVERY = 50
 
 
 class Interrupted(Exception):
-    """SIGTERM arrived; the members saved their positions and the process must exit for a retry."""
+    """A stop signal arrived (:data:`STOP_SIGNALS`); the members saved their positions and the
+    process must exit for a retry, with :attr:`status`."""
+
+    def __init__(self, where: str, signum: int = signal.SIGTERM):
+        super().__init__(where)
+        self.signum = signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def status(self) -> int:
+        return 128 + self.signum
 
 
 @dataclass
@@ -113,25 +129,37 @@ class Options:
         return Arithmetic(device, precision)
 
 
-class _SigtermFlag:
-    """Turns SIGTERM into a flag that the loop checks between steps."""
+class _StopFlag:
+    """Turns the stop signals (:data:`STOP_SIGNALS`) into a flag that the loop checks between
+    steps; ``signum`` is the first that arrived. A signal the process was started with ignored
+    stays ignored: ``nohup`` ignores SIGHUP, a shell's background job SIGINT. A second Ctrl-C
+    stops at once (KeyboardInterrupt), for a person who will not wait for the current step, the
+    evaluation or a store's retries to end: the run resumes from its last saved state."""
 
     def __init__(self):
         self.raised = False
-        self.previous = None
+        self.signum: int | None = None
+        self.previous: dict = {}
 
     def __enter__(self):
         def handler(signum, frame):
+            if self.raised and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            if not self.raised:
+                self.signum = signum
             self.raised = True
-        try:
-            self.previous = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread: leave signals alone
-            self.previous = None
+        for signum in STOP_SIGNALS:
+            try:
+                if signal.getsignal(signum) == signal.SIG_IGN:
+                    continue
+                self.previous[signum] = signal.signal(signum, handler)
+            except ValueError:  # not the main thread: leave signals alone
+                break
         return self
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +350,7 @@ def train_cohort(specs: list, options: Options | None = None, force: bool = Fals
     each run's final metrics, in the order of ``specs`` (RunSpecs, or dicts resolved here).
 
     A member whose loss diverges fails alone: the others train on, and TrainingDiverged is raised
-    at the end, naming every diverged run. ``stop`` stands in for the SIGTERM flag (anything with
+    at the end, naming every diverged run. ``stop`` stands in for the signals' flag (anything with
     a ``raised`` attribute, read once per step and once per epoch end): tests stop a cohort at
     an exact step with it, in-process.
 
@@ -346,14 +374,14 @@ def train_cohort(specs: list, options: Options | None = None, force: bool = Fals
         return _train_ranks(specs, options, force, stop, ranks)
     if options.tracking:
         check_store()   # a store that cannot record the runs fails before a file is written
-    # SIGTERM becomes a flag from here on: the loop saves and exits between two steps, and a
-    # run that is writing its outputs finishes them
-    with _SigtermFlag() as sigterm:
+    # a stop signal becomes a flag from here on: the loop saves and exits between two steps, and
+    # a run that is writing its outputs finishes them
+    with _StopFlag() as flag:
         created = run_folder.prepare(specs)
         try:
             # one writer per run folder, from before its first read to the end (at.run_lock)
             with run_lock.hold({spec.id: Path(spec.out_dir) for spec in specs}):
-                return _train_locked(specs, options, force, stop if stop is not None else sigterm, created)
+                return _train_locked(specs, options, force, stop if stop is not None else flag, created)
         except run_lock.LockError:
             run_folder.remove_empty(created)
             raise
@@ -396,10 +424,10 @@ def _train_ranks(specs: list[RunSpec], options: Options, force: bool, stop, rank
     handshake = _Handshake(ranks)
     quiet = contextlib.nullcontext() if ranks.is_main else contextlib.redirect_stdout(io.StringIO())
     try:
-        with _SigtermFlag() as sigterm, quiet:
-            sigterm = stop if stop is not None else sigterm
+        with _StopFlag() as flag, quiet:
+            stop = stop if stop is not None else flag
             if not ranks.is_main:
-                results = _train_locked(specs, options, force, sigterm, [], ranks, handshake)
+                results = _train_locked(specs, options, force, stop, [], ranks, handshake)
             else:
                 try:
                     if options.tracking:
@@ -407,7 +435,7 @@ def _train_ranks(specs: list[RunSpec], options: Options, force: bool, stop, rank
                     created = run_folder.prepare(specs)
                     try:
                         with run_lock.hold({spec.id: Path(spec.out_dir) for spec in specs}):
-                            results = _train_locked(specs, options, force, sigterm, created, ranks, handshake)
+                            results = _train_locked(specs, options, force, stop, created, ranks, handshake)
                     except run_lock.LockError:
                         run_folder.remove_empty(created)
                         raise
@@ -428,7 +456,7 @@ def _train_ranks(specs: list[RunSpec], options: Options, force: bool, stop, rank
         ranks.stop()
 
 
-def _train_locked(specs: list[RunSpec], options: Options, force: bool, sigterm, created: list[Path],
+def _train_locked(specs: list[RunSpec], options: Options, force: bool, stop, created: list[Path],
                   ranks: Ranks = SINGLE, handshake: _Handshake | None = None) -> list[dict]:
     """train_cohort once every run folder is locked (by rank 0): start, train, finish."""
     main = ranks.is_main
@@ -486,7 +514,7 @@ def _train_locked(specs: list[RunSpec], options: Options, force: bool, sigterm, 
                   f"step {member.step}")
         training.append(member)
     if training:
-        diverged = _train(cohort, training, progress=options.progress and main, sigterm=sigterm,
+        diverged = _train(cohort, training, progress=options.progress and main, stop=stop,
                           tracking=tracking, force=force)
         for member in training:
             if member.id not in diverged and main:
@@ -505,7 +533,7 @@ def _label(members: list[Member]) -> str:
     return members[0].id if len(members) == 1 else f"cohort of {len(members)} ({members[0].id}, ...)"
 
 
-def _train(cohort: Cohort, members: list[Member], *, progress: bool, sigterm, tracking: bool,
+def _train(cohort: Cohort, members: list[Member], *, progress: bool, stop, tracking: bool,
            force: bool) -> dict[str, TrainingDiverged]:
     """The epochs of the members still training; returns the members that diverged."""
     stream, arithmetic, ranks = cohort.stream, cohort.arithmetic, cohort.ranks
@@ -554,12 +582,12 @@ def _train(cohort: Cohort, members: list[Member], *, progress: bool, sigterm, tr
                 if not members:
                     break
                 bar.update(1)
-                # SIGTERM on any rank stops every rank after the same step
-                if _stopping(sigterm, ranks) and step + 1 < steps:
+                # a stop signal on any rank stops every rank after the same step
+                if _stopping(stop, ranks) and step + 1 < steps:
                     state = stream.state(mid_epoch=True)
                     for member in members:
                         _save(member, state, ranks)
-                    raise Interrupted(f"epoch {epoch + 1}, step {step + 1}")
+                    raise Interrupted(f"epoch {epoch + 1}, step {step + 1}", _signum(stop))
             bar.close()
             wall = time.perf_counter() - tick
             state = stream.state(mid_epoch=False)
@@ -575,11 +603,18 @@ def _train(cohort: Cohort, members: list[Member], *, progress: bool, sigterm, tr
                       f"test err {row['test_error']:.2f}% {row['images_per_s']:.0f} img/s")
             if not members:
                 break
-            if _stopping(sigterm, ranks) and epoch + 1 < cohort.epochs:
-                raise Interrupted(f"end of epoch {epoch + 1}")
+            if _stopping(stop, ranks) and epoch + 1 < cohort.epochs:
+                raise Interrupted(f"end of epoch {epoch + 1}", _signum(stop))
     except Interrupted as e:
         for member in members:
-            console.say(f"[{member.id}] SIGTERM: saved {member.resume_path} at {e}")
+            # MLflow first: after SIGHUP the terminal that the line goes to may be gone
+            if member.tracker is not None:
+                member.tracker.interrupted()
+            console.say(f"[{member.id}] {e.signal_name}: saved {member.resume_path} at {e}; the same "
+                        f"command resumes it")
+        raise
+    except KeyboardInterrupt:   # a second Ctrl-C (_StopFlag): stopped by a person, not failed
+        for member in members:
             if member.tracker is not None:
                 member.tracker.interrupted()
         raise
@@ -591,11 +626,17 @@ def _train(cohort: Cohort, members: list[Member], *, progress: bool, sigterm, tr
     return diverged
 
 
-def _stopping(sigterm, ranks: Ranks) -> bool:
-    """Whether SIGTERM (or a test's stop flag) arrived here or, in a run on several processes,
-    on any rank: every rank asks at the same points, so all stop after the same step."""
-    raised = sigterm is not None and sigterm.raised
+def _stopping(stop, ranks: Ranks) -> bool:
+    """Whether a stop signal (or a test's stop flag) arrived here or, in a run on several
+    processes, on any rank: every rank asks at the same points, so all stop after the same step."""
+    raised = stop is not None and stop.raised
     return ranks.any(raised) if ranks.enabled else raised
+
+
+def _signum(stop) -> int:
+    """The signal that stopped this process; SIGTERM, what a launcher or SLURM sends, where this
+    process got none (it arrived on another rank, or the stop is a test's flag)."""
+    return getattr(stop, "signum", None) or signal.SIGTERM
 
 
 def _save(member: Member, stream_state: dict, ranks: Ranks) -> None:

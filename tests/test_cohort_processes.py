@@ -1,12 +1,18 @@
 """A cohort in a real process killed with SIGKILL, or stopped with SIGTERM as SLURM preempts a
-job: only a real process proves what a signal does to it. Every other resume path is proven
+job, with Ctrl-C (SIGINT) or by closing its terminal (SIGHUP, a real pseudo-terminal hung up):
+only a real process proves what a signal does to it. Every other resume path is proven
 in-process, at an exact step, in tests/test_cohort.py (a run alone is a cohort of one)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import select
 import signal
 import subprocess
+import termios
 import time
 from pathlib import Path
 
@@ -100,3 +106,84 @@ def test_sigterm_saves_every_member_mid_epoch_and_exits_for_a_retry(tmp_path, ci
         assert client.get_run(run_id).info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run_id, "test_error")] == [1]
         assert json.loads((Path(spec["out_dir"]) / "metrics.json").read_text())["final_epoch"] == 1
+
+
+def _take_terminal() -> None:
+    # in the child, after setsid (start_new_session): its stdin, a pseudo-terminal, becomes its
+    # controlling terminal, as a login shell's is
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _drain(master: int, until, timeout: float) -> bytes:
+    """What the terminal shows until ``until()`` holds (read, so that the process never blocks on
+    a full terminal); fails after ``timeout`` s."""
+    shown = bytearray()
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, shown.decode(errors="replace")
+        if select.select([master], [], [], 0.05)[0]:
+            shown += os.read(master, 65536)
+    return bytes(shown)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGINT", "SIGHUP"])
+def test_ctrl_c_and_a_closed_terminal_save_like_sigterm_and_the_same_command_resumes_the_same_mlflow_run(
+        how, tmp_path, cifar_mini_dir, teacher, capsys):
+    specs = [make_spec(tmp_path / name, cifar_mini_dir, "wrn-10-1", method, teacher if method != "baseline" else None,
+                       epochs=1, train_subset=512)
+             for name, method in (("baseline", "baseline"), ("at", "at-sum-p2"))]
+    spec_file = _spec_file(tmp_path / "cohort.yaml", specs)
+    ids = [Path(s["out_dir"]) / "mlflow_run_id" for s in specs]
+    started = lambda: all(p.exists() for p in ids)   # noqa: E731 - training is about to start
+    if how == "SIGINT":
+        # Ctrl-C: the terminal sends SIGINT to the process in its foreground
+        proc = subprocess.Popen(_cli(spec_file), env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        while not started():
+            assert proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        printed, _ = proc.communicate(timeout=120)
+    else:
+        # the terminal closes: a real pseudo-terminal, the process its session's leader (as a login
+        # shell is), hung up by closing its other side; the kernel sends SIGHUP, and what the
+        # process writes to the terminal afterwards fails (EIO). What it said is in its --log.
+        master, child = pty.openpty()
+        log = tmp_path / "train.log"
+        proc = subprocess.Popen(_cli(spec_file, "--log", str(log)), env=_env(tmp_path), cwd=tmp_path, stdin=child,
+                                stdout=child, stderr=child, start_new_session=True, preexec_fn=_take_terminal)
+        os.close(child)
+        _drain(master, lambda: started() or proc.poll() is not None, 300)
+        end = time.monotonic() + 0.3
+        _drain(master, lambda: time.monotonic() > end, 5)
+        os.close(master)
+        proc.wait(timeout=120)
+        printed = log.read_text()
+    signum = getattr(signal, how)
+    assert proc.returncode == 128 + signum, printed
+    saved = [checkpoint.load(Path(s["out_dir"]) / "last.pt") for s in specs]
+    positions = {(s["epoch"], s["step"]) for s in saved}
+    assert len(positions) == 1 and 0 < saved[0]["step"] < 16, f"expected one mid-epoch position, got {positions}"
+    step = saved[0]["step"]
+    assert "Traceback" not in printed and [line for line in printed.splitlines() if line.strip()] == [
+        f"[{s['id']}] {how}: saved {Path(s['out_dir']) / 'last.pt'} at epoch 1, step {step}; the same command "
+        f"resumes it" for s in specs], printed
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    run_ids = [p.read_text().strip() for p in ids]
+    assert [client.get_run(r).info.status for r in run_ids] == ["KILLED"] * len(specs), "stopped, not failed"
+
+    # the same command (in this process: the same code) resumes each member where it stood, in
+    # the same MLflow run, and ends as an uninterrupted run does
+    status, resumed = _main(spec_file, capsys)
+    assert status == 0 and resumed.count(f"at epoch 1, step {step}") == len(specs), resumed
+    assert [p.read_text().strip() for p in ids] == run_ids
+    for run_id in run_ids:
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run_id, "test_error")] == [1]
+    for spec in relocate(specs, tmp_path / "alone"):
+        train(spec, Options(progress=False, threads=1))
+    for spec in specs:
+        assert_same_run(Path(spec["out_dir"]), tmp_path / "alone" / Path(spec["out_dir"]).name)

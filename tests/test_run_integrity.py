@@ -236,6 +236,47 @@ def test_a_full_disk_under_the_mlflow_artifacts_fails_the_mlflow_run_then_a_retr
     assert "checkpoint.pt" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}
 
 
+@pytest.mark.slow
+def test_a_read_only_artifact_folder_fails_the_mlflow_run_then_a_retry_stores_the_artifacts(
+        tmp_path, cifar_mini_dir, mlflow_template, monkeypatch):
+    # the store's artifacts live beside its database, in mlartifacts/: a real read-only file
+    # system for root (who writes into any folder a chmod protects), a read-only folder otherwise
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(mlflow_template, store / "mlruns.db")
+    artifacts = store / "mlartifacts"
+    artifacts.mkdir()
+    if ROOT:
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=8m", "tmpfs", str(artifacts)]).returncode:
+            pytest.skip("cannot mount a tmpfs here")
+        writable = ["mount", "-o", "remount,rw", str(artifacts)]
+    else:
+        artifacts.chmod(0o555)
+        writable = ["chmod", "755", str(artifacts)]
+    uri = f"sqlite:///{store / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "run"
+    try:
+        failed = run_cli(_train_args(out, cifar_mini_dir))
+        assert failed.returncode == 2, failed.stdout + failed.stderr
+        lines = [line for line in failed.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in failed.stderr, failed.stderr
+        assert lines[0].startswith(f"error: could not store {out / 'metrics.json'} as an artifact of MLflow run "), lines
+        assert lines[0].endswith("make it writable and run again (the run is finished from its files)"), lines
+        _, runs = _mlflow_run(uri)
+        assert [r.info.status for r in runs] == ["FAILED"], "a run without its artifacts is not FINISHED"
+        subprocess.run(writable, check=True)
+        done = run_cli(_train_args(out, cifar_mini_dir))
+        assert done.returncode == 0 and "finishing it from the files" in done.stdout, done.stdout + done.stderr
+        assert "epoch 1/" not in done.stdout, "nothing is trained again"
+        client, runs = _mlflow_run(uri)
+        assert [r.info.status for r in runs] == ["FINISHED"]
+        assert {"checkpoint.pt", "metrics.json", "history.csv"} <= {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    finally:
+        if ROOT:
+            subprocess.run(["umount", "-l", str(artifacts)], check=False)
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. The tracking store is checked before anything is written
 
@@ -260,6 +301,81 @@ def test_a_damaged_sqlite_store_is_one_line_before_any_run_folder_or_result(
     line = ran.stderr.strip()
     assert line.startswith(f"error: MLflow store sqlite:///{db}: {db} is") and "move it aside" in line, line
     assert not out.exists(), "nothing was written"
+
+
+def _store_of(tmp_path: Path, mlflow_template: Path, how: str) -> Path:
+    """An SQLite file that MLflow cannot or must not record in, made with sqlite3 by hand."""
+    import sqlite3
+
+    db = tmp_path / "store" / "mlruns.db"
+    db.parent.mkdir()
+    if how != "foreign":
+        shutil.copy(mlflow_template, db)
+    edit = {"newer": "UPDATE alembic_version SET version_num = 'f00dfeedbeef'",   # a revision to come
+            "older": "UPDATE alembic_version SET version_num = '1a0cddfcaa16'",   # one of MLflow's past ones
+            "missing": "DROP TABLE latest_metrics",
+            "foreign": "CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)"}[how]
+    with sqlite3.connect(db) as connection:
+        connection.execute(edit)
+    connection.close()
+    return db
+
+
+STORE_LINES = {
+    "newer": "was written by a newer MLflow (schema revision f00dfeedbeef, unknown to MLflow ",
+    "older": "was written by an older MLflow (schema revision 1a0cddfcaa16; MLflow ",
+    "missing": "lacks MLflow's table(s) latest_metrics: it is damaged",
+    "foreign": "is not an MLflow store (another program's SQLite database, its tables: invoices): MLflow would add "
+               "its tables to it",
+}
+
+
+@pytest.mark.parametrize("how", sorted(STORE_LINES))
+def test_a_store_of_another_schema_or_program_is_one_line_and_left_untouched(
+        tmp_path, cifar_mini_dir, mlflow_template, monkeypatch, how):
+    db = _store_of(tmp_path, mlflow_template, how)
+    before = db.read_bytes()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    out = tmp_path / "run"
+    start = time.monotonic()
+    ran = run_cli(_train_args(out, cifar_mini_dir))
+    assert time.monotonic() - start < 30
+    assert ran.returncode == 2 and "Traceback" not in ran.stderr, ran.stderr
+    line = ran.stderr.strip()
+    assert "\n" not in line and line.startswith(f"error: MLflow store sqlite:///{db}: {db} {STORE_LINES[how]}"), line
+    assert not out.exists(), "no run folder (nor its lock file) is left"
+    assert db.read_bytes() == before and sorted(p.name for p in db.parent.iterdir()) == ["mlruns.db"], \
+        "the store is not written to"
+
+
+def test_ui_on_a_store_of_a_newer_mlflow_is_one_line(tmp_path, mlflow_template):
+    # a process: `ui` ends by replacing itself with MLflow's server
+    db = _store_of(tmp_path, mlflow_template, "newer")
+    ran = subprocess.run([sys.executable, "-m", "at", "--params", str(REPO / "params.yaml"), "ui", "--profile", "ci",
+                          "--port", str(_free_port())], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "PYTHONPATH": str(REPO)})
+    assert ran.returncode == 2 and not ran.stdout, ran.stdout + ran.stderr
+    assert ran.stderr.count("\n") == 1 and STORE_LINES["newer"] in ran.stderr, ran.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_refuses_a_port_that_another_program_serves(tmp_path, mlflow_store):
+    with socket.socket() as other:   # another program listening on the port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        start = time.monotonic()
+        ran = subprocess.run([sys.executable, "-m", "at", "--params", str(REPO / "params.yaml"), "ui", "--profile",
+                              "ci", "--port", str(port)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert time.monotonic() - start < 30
+    assert ran.returncode == 2 and not ran.stdout, "no address is printed: it would show the other program"
+    assert ran.stderr.count("\n") == 1 and ran.stderr.startswith(f"error: port {port} on 127.0.0.1 is taken"), ran.stderr
 
 
 def test_the_report_checks_the_store_before_it_rewrites_results(tmp_path, mlflow_template, monkeypatch):

@@ -174,7 +174,7 @@ def test_mlflow_params_hold_the_swept_value(params):
     flat = tracking._flatten("", {k: v for k, v in spec.to_dict().items() if k != "id"}, {})
     assert flat["method_name"] == "at-sum-p2/beta=100"
     assert json.loads(flat["method.terms"])[1]["beta"] == 100.0
-    assert tracking.run_name(spec) == f"at-sum-p2/beta=100 seed0 | {PAIR}"
+    assert tracking.run_name(spec) == f"seed0 at-sum-p2/beta=100 | {PAIR}"
 
 
 def test_dvc_stage_of_a_sweep_run_depends_on_its_method_and_names_its_value(params):

@@ -116,6 +116,47 @@ def test_http_5xx_is_retried_with_a_printed_line_per_retry_then_fails_naming_the
     assert server.hits >= 2 * len(retries)
 
 
+class _HealthyButHung(http.server.BaseHTTPRequestHandler):
+    """Answers its health check, and never the API: a server whose database hangs."""
+
+    def do_GET(self):
+        if self.path == "/health":
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"OK")
+            return
+        self.server.released.wait(120)
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_whose_api_hangs_is_one_line_within_seconds(tmp_path, cifar_mini_dir, capsys, monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HealthyButHung)
+    server.daemon_threads = True
+    server.released = threading.Event()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        start = time.monotonic()
+        status, _, err = _main(tmp_path / "run", cifar_mini_dir, 1, capsys)
+        elapsed = time.monotonic() - start
+    finally:
+        server.released.set()
+        server.shutdown()
+        server.server_close()
+    assert status == 2 and elapsed < 10, f"{elapsed:.0f} s, exit {status}: {err}"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: MLflow tracking server {uri} answers its health check "
+                                                   f"but not its API"), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_locked_sqlite_store_is_retried_and_succeeds(tmp_path, monkeypatch, capsys):
     db = tmp_path / "mlruns.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
@@ -291,11 +332,22 @@ def test_experiments_are_tagged_as_model_training(mlflow_store):
     assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
-def test_run_names_put_method_and_seed_first():
+def test_names_put_what_tells_rows_apart_first():
+    # MLflow's runs table cuts names at about 17 characters (less for a nested row): the seed
+    # tells apart the runs nested under one cell, column and row the cells of one table
     spec = RunSpec.resolve({"id": "cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed3", "dataset": "cifar10",
                             "student": "wrn-10-1", "seed": 3, "method_name": "baseline",
                             "method": {"terms": [{"type": "ce"}]}, "out_dir": "x", "data_dir": "",
                             "protocol": {"epochs": 1, "batch_size": 8, "lr": 0.1, "lr_gamma": 0.2}})
-    assert tracking.run_name(spec) == "at-sum-p2 seed3 | cifar10/wrn-16-1_from_wrn-16-2"
+    assert tracking.run_name(spec) == "seed3 at-sum-p2 | cifar10/wrn-16-1_from_wrn-16-2"
+    table1 = [{"table": "table1", "row": row, "column": column, "metric": "top1"}
+              for row in ("wrn-16-1_from_wrn-16-2", "wrn-16-1_from_wrn-40-1", "wrn-16-2_from_wrn-40-2",
+                          "nin-thin_from_nin-wide")
+              for column in ("student", "teacher", "at", "kd", "at+kd", "factt")]
+    names = [tracking.cell_name(cell) for cell in table1]
+    assert names[:3] == ["wrn-16-1←16-2 student | table1", "wrn-16-1←16-2 teacher | table1", "wrn-16-1←16-2 at | table1"]
+    assert "nin-thin←wide at+kd | table1" in names
+    assert len({name[:17] for name in names}) == len(names), "the first 17 characters tell every cell apart"
+    assert tracking.cell_name({"table": "table2", "row": "sum-p2", "column": "error", "metric": "top1"}) == "sum-p2 | table2"
     # an id not of the grid's form (a run trained from arguments) is its own name
     assert tracking.run_name(spec.replace(id="my-run")) == "my-run"

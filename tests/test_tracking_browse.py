@@ -81,8 +81,15 @@ def test_from_the_experiment_to_a_cell_to_its_seeds_to_their_epochs_and_checkpoi
     assert parent.data.metrics["std"] == pytest.approx(statistics.stdev(errors))
     assert parent.data.metrics["n"] == 2
     # the name says what tells cells apart first; the cell shows the seeds' metric column too
-    assert parent.info.run_name == "table2 none" and parent.info.status == "FINISHED"
+    assert parent.info.run_name == "none | table2" and parent.info.status == "FINISHED"
     assert parent.data.metrics["test_error"] == pytest.approx(statistics.mean(errors))
+    # a summary, not a computation: no duration in the runs table
+    assert parent.info.end_time == parent.info.start_time
+    # its seeds are nested under the other cell they count in (the first by key): the view's
+    # column "seeds" and the description say which row to expand
+    shared_name = "wrn-16-1←16-2 student | table1"
+    assert parent.data.tags["seeds"] == f"expand {shared_name}"
+    assert f"nested under **{shared_name}**" in parent.data.tags["mlflow.note.content"]
 
     # every cell lists and links each run it aggregates, the shared ones included, whichever
     # cell MLflow nests them under
@@ -103,6 +110,8 @@ def test_from_the_experiment_to_a_cell_to_its_seeds_to_their_epochs_and_checkpoi
     # the shared run nests under one of its cells (the first, by name) and lists both
     shared_parent = _search(client, experiment.experiment_id,
                             "tags.`at.cell` = 'table1/wrn-16-1_from_wrn-16-2/student'")[0]
+    assert shared_parent.info.run_name == shared_name and shared_parent.data.tags["seeds"] == "expand this row"
+    assert "nested under" not in shared_parent.data.tags["mlflow.note.content"]
     seeds = _search(client, experiment.experiment_id, f"tags.`mlflow.parentRunId` = '{shared_parent.info.run_id}'")
     assert sorted(r.data.tags["at.run_id"] for r in seeds) == sorted(s["id"] for s in specs)
     for seed_run, spec in zip(sorted(seeds, key=lambda r: r.data.tags["at.run_id"]), specs):
@@ -121,7 +130,7 @@ def test_from_the_experiment_to_a_cell_to_its_seeds_to_their_epochs_and_checkpoi
         assert (data_input.dataset.name, data_input.dataset.digest) == ("cifar10", md5)
 
     reports = _search(client, experiment.experiment_id, "tags.`at.kind` = 'report'")
-    assert len(reports) == 1
+    assert len(reports) == 1 and reports[0].info.end_time == reports[0].info.start_time
     assert {a.path for a in client.list_artifacts(reports[0].info.run_id)} == {"README.md", "table2.md"}
 
     # the report again (new numbers): the same parent runs, updated, none added
@@ -130,6 +139,7 @@ def test_from_the_experiment_to_a_cell_to_its_seeds_to_their_epochs_and_checkpoi
     assert len(again) == 2
     updated = client.get_run(parent.info.run_id)
     assert updated.data.metrics["mean"] == pytest.approx(statistics.mean(errors) + 1.0)
+    assert updated.info.end_time == updated.info.start_time == parent.info.start_time
     assert len(_search(client, experiment.experiment_id, "tags.`at.kind` = 'report'")) == 1
     # the training runs are still one per seed, finished
     trained = _search(client, experiment.experiment_id, "tags.`at.run_id` != ''")
@@ -149,6 +159,7 @@ def test_runs_in_no_cell_sit_under_one_teachers_run_not_among_the_cells(store, m
     experiment = client.get_experiment_by_name("attention-transfer/ci")
     [group] = _search(client, experiment.experiment_id, "tags.`at.kind` = 'group'")
     assert group.info.run_name.startswith("teachers") and group.info.status == "FINISHED"
+    assert group.info.end_time == group.info.start_time
     runs = {r.data.tags["at.run_id"]: r for r in _search(client, experiment.experiment_id, "tags.`at.run_id` != ''")}
     assert runs[specs[1]["id"]].data.tags["mlflow.parentRunId"] == group.info.run_id
     # a run that fills a cell stays under its cell, even when also listed as outside

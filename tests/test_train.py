@@ -198,3 +198,61 @@ def test_outputs_written_again_from_the_final_state_are_the_same_bytes(cifar_min
     assert _train(out, cifar_mini_dir, "--student", "wrn-10-1", "--epochs", "1") == 0
     again = {name: (out / name).read_bytes() for name in first}
     assert [name for name in first if first[name] != again[name]] == []
+
+
+def test_stop_signals_become_a_flag_an_ignored_one_stays_ignored_and_a_second_ctrl_c_stops_at_once():
+    import signal
+    import time
+
+    from at.train import _StopFlag
+
+    def deliver(signum):
+        os.kill(os.getpid(), signum)
+        time.sleep(0.01)   # Python runs a signal's handler between two bytecodes of the main thread
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)   # as under nohup
+    try:
+        with _StopFlag() as flag:
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            deliver(signal.SIGINT)
+            assert (flag.raised, flag.signum) == (True, signal.SIGINT)
+            deliver(signal.SIGTERM)   # a later signal of another kind: still the first one's stop
+            assert flag.signum == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt):
+                deliver(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "restored on exit"
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
+def test_a_second_ctrl_c_leaves_the_mlflow_run_killed_and_the_command_says_one_line(
+        tmp_path, cifar_mini_dir, mlflow_store, capsys, monkeypatch):
+    from at import train as train_mod
+    from at.spec import RunSpec
+
+    class SecondCtrlC:
+        """The stop flag of a person who pressed Ctrl-C twice: the second raises where the loop is."""
+
+        @property
+        def raised(self):
+            raise KeyboardInterrupt
+
+    spec = RunSpec.resolve({"id": "twice", "dataset": "cifar10", "data_dir": str(cifar_mini_dir), "student": "wrn-10-1",
+                            "method_name": "baseline", "method": {"terms": [{"type": "ce"}]}, "seed": 0,
+                            "out_dir": str(tmp_path / "run"),
+                            "protocol": {"epochs": 1, "batch_size": 32, "lr": 0.1, "lr_gamma": 0.2,
+                                         "train_subset": 64, "test_subset": 64, "precision": "float32"}})
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train_cohort([spec], train_mod.Options(device="cpu", progress=False, threads=1), stop=SecondCtrlC())
+    client, runs = _mlflow_runs(mlflow_store)
+    assert [r.info.status for r in runs] == ["KILLED"], "stopped by a person: not FAILED"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train_cohort", interrupted)
+    capsys.readouterr()
+    assert _train(tmp_path / "other", cifar_mini_dir, "--student", "wrn-10-1", "--epochs", "1") == 130
+    err = capsys.readouterr().err
+    assert err.startswith("error: interrupted (Ctrl-C)") and err.count("\n") == 1 and "Traceback" not in err
