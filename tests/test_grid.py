@@ -297,14 +297,6 @@ def test_writing_one_profiles_pipeline_touches_no_other_file(params, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.yaml")} == before
 
 
-def test_a_profile_may_not_take_the_download_pipelines_name(params, tmp_path):
-    params["profiles"]["data"] = params["profiles"]["smoke"]
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    done = run_cli(["--params", str(tmp_path / "params.yaml"), "dvc"], cwd=tmp_path)
-    assert done.returncode != 0 and "profiles.data" in done.stderr and "rename the profile" in done.stderr
-    assert not (tmp_path / "pipelines").exists()
-
-
 def with_user_table(params: dict) -> dict:
     """params.yaml plus a table of the user's own, which no published table has: WRN-16-1 from
     WRN-40-2 (trained by Table 1) under AT and under a max-p2 mapping, one seed, in `paper`."""
