@@ -139,7 +139,8 @@ def test_one_seed_of_a_profile_is_the_same_part_for_snakemake_and_dvc(paper_copy
     assert not [j for j in jobs if j["rule"] == "report"]
     # the paper profile is params.yaml's default: its stages are the root dvc.yaml's
     done = _sh(["dvc", "repro", "--dry", "--force", "--glob", "dvc.yaml:train-*--seed1--*"], paper_copy)
-    stages = set(re.findall(r"Running stage '(?:dvc\.yaml:)?([^']+)'", done.stdout))
+    # (the downloads upstream, never run in this copy, come along: the part is its trainings)
+    stages = {s for s in re.findall(r"Running stage '(?:dvc\.yaml:)?([^']+)'", done.stdout) if s.startswith("train-")}
     assert sorted(stages) == sorted(dvc_pipeline.stage_name(c) for c in seed1)
 
 
