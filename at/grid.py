@@ -431,6 +431,12 @@ def job_resources(params: dict, profile: str, cohort: dict) -> dict:
     return out
 
 
+def has_nvidia_device() -> bool:
+    """Whether this machine has an NVIDIA GPU (its driver's control device), read without torch:
+    a local job's resources claim a GPU only where there is one (the Snakefile)."""
+    return Path("/dev/nvidiactl").exists()
+
+
 def data_dir(dataset: str, params: dict | None = None) -> str:
     """The folder a data set is read from: data/<name>, or for a data set the user supplies as a
     folder (ImageNet) the folder params.yaml names in data.<name>.folder (needs ``params``)."""

@@ -55,12 +55,14 @@ def test_tables_and_order(tables):
 
 
 def test_the_sensitivity_table_quotes_the_papers_own_cells(tables):
-    """Its numbers are Table 2's (no transfer, F_sum^2, F_sum^4) and Table 1's KD, not new ones."""
+    """Its numbers are Table 2's (no transfer, F_sum^2, F_sum^4) and Table 1's KD, F-ActT and
+    AT+KD, not new ones (AT+KD at the study's best weights has none)."""
     values = tables["sensitivity"].values
     t1, t2 = tables["table1"].values, tables["table2"].values
     assert {r: v["error"] for r, v in values.items()} == {
         "none": t2["none"]["error"], "sum-p2": t2["sum-p2"]["error"], "sum-p4": t2["sum-p4"]["error"],
-        "kd": t1["wrn-16-1_from_wrn-16-2"]["kd"]}
+        "kd": t1["wrn-16-1_from_wrn-16-2"]["kd"], "factt": t1["wrn-16-1_from_wrn-16-2"]["factt"],
+        "at+kd": t1["wrn-16-1_from_wrn-16-2"]["at+kd"]}
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
