@@ -39,9 +39,22 @@ class TrainingDiverged(RuntimeError):
     """The loss stopped being a finite number."""
 
 
+# SGD's multi-tensor implementation: one call per operation for all of a member's parameters
+# instead of a Python loop over them (torch picks it by itself only on CUDA). Bit-identical to
+# the loop on the CPU (checked by tests/test_speed.py); the fused one is not, so it is not used.
+SGD_IMPLEMENTATION = {"foreach": True}
+
+
 def make_optimizer(params, protocol: Protocol, lr: float) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=lr, momentum=protocol.momentum, nesterov=protocol.nesterov,
-                           weight_decay=protocol.weight_decay)
+                           weight_decay=protocol.weight_decay, **SGD_IMPLEMENTATION)
+
+
+def use_implementation(optimizer: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict`` (which brings the saved groups' settings along, those of an
+    older state included): this process's choice of implementation, not the saved one's."""
+    for group in optimizer.param_groups:
+        group.update(SGD_IMPLEMENTATION)
 
 
 def history_csv(history: list[dict]) -> str:
@@ -154,6 +167,7 @@ class Member:
         # a state saved mid-epoch holds that epoch's lr in the optimizer; at an epoch's start the
         # loop sets the lr of the new epoch
         self.optimizer.load_state_dict(saved["optimizer"])
+        use_implementation(self.optimizer)
         self.rng = {k: v for k, v in saved["rng"].items() if k in ("torch", "cuda")}
         self.epoch, self.step = saved["epoch"], saved["step"]
         self.history, self.elapsed_s = saved["history"], saved["elapsed_s"]
