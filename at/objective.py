@@ -34,7 +34,8 @@ def _dry_run(model: nn.Module, input_shape: tuple[int, ...], who: str) -> tuple[
     flags = [(module, module.training) for module in model.modules()]
     try:
         model.eval()
-        with torch.no_grad():
+        # eagerly, should the model be compiled: a dry run is no reason to compile it
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             output = model(torch.zeros((2, *input_shape), device=device, dtype=dtype))
     finally:
         for module, flag in flags:

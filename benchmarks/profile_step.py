@@ -33,6 +33,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import cohort_throughput as bench  # noqa: E402
 from at import params as at_params  # noqa: E402
+from at.execution import COMPILE_MODES, LAYOUTS  # noqa: E402
 from at.precision import PRECISIONS  # noqa: E402
 from at.precision import resolve as resolve_precision  # noqa: E402
 from at.spec import RunSpec  # noqa: E402
@@ -50,7 +51,7 @@ def build(args, workdir: Path):
     specs = [RunSpec.resolve(s) for s in specs]
     arithmetic = options.arithmetic(specs)
     data = bench.SyntheticData(args.dataset_size, specs[0].num_classes, device, specs[0].seed)
-    cohort = Cohort(specs, arithmetic, data=data)
+    cohort = Cohort(specs, arithmetic, data=data, decider=options.decider())
     for member in cohort.members:
         begin_epoch(member)
     return cohort
@@ -59,8 +60,8 @@ def build(args, workdir: Path):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", default="auto", choices=PRECISIONS)
-    parser.add_argument("--compile", default="off", help="off | on | auto (default: %(default)s)")
-    parser.add_argument("--layout", default="auto", help="auto | channels_last | contiguous (default: %(default)s)")
+    parser.add_argument("--compile", default="off", choices=COMPILE_MODES, help="(default: %(default)s)")
+    parser.add_argument("--layout", default="auto", choices=LAYOUTS, help="(default: %(default)s)")
     parser.add_argument("--cohort", default=bench.COHORT)
     parser.add_argument("--profile", default="mini", help="the grid profile (default: %(default)s)")
     parser.add_argument("--members", nargs="+", default=None, metavar="METHOD")
@@ -97,14 +98,17 @@ def main(argv=None) -> int:
              "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / args.steps,
              "calls_per_step": e.count / args.steps} for e in events]
     arithmetic = cohort.arithmetic
-    summary = {"precision": arithmetic.precision, "layout": arithmetic.layout_name,
-               "compile": arithmetic.compile, "members": len(members), "batch": args.batch,
+    networks = {f"{role} {model}": {"layout": arithmetic.layout_of((role, model)),
+                                    "compile": arithmetic.compile_of((role, model))}
+                for (role, model), _ in arithmetic.layouts}
+    summary = {"precision": arithmetic.precision, "networks": networks, "members": len(members), "batch": args.batch,
                "steps": args.steps, "step_s": seconds / args.steps, "load_average": list(load),
                "torch": torch.__version__, "threads": torch.get_num_threads(),
                "self_cpu_total_ms_per_step": total / 1000 / args.steps, "ops": rows}
-    print(f"{len(members)} members, {arithmetic.precision}, layout {arithmetic.layout_name}, compile "
-          f"{arithmetic.compile}, batch {args.batch}: {summary['step_s'] * 1000:.0f} ms/step under the "
-          f"profiler, load {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, {torch.get_num_threads()} threads")
+    shown = "; ".join(f"{name} {n['layout']}, compile {n['compile']}" for name, n in networks.items())
+    print(f"{len(members)} members, {arithmetic.precision} ({shown}), batch {args.batch}: "
+          f"{summary['step_s'] * 1000:.0f} ms/step under the profiler, load {load[0]:.2f}/{load[1]:.2f}/"
+          f"{load[2]:.2f}, {torch.get_num_threads()} threads")
     print(f"{'op':<44} {'self CPU %':>10} {'ms/step':>9} {'calls/step':>10}")
     for row in rows[:args.top]:
         print(f"{row['op'][:44]:<44} {row['self_cpu_percent']:>10.1f} {row['self_cpu_ms_per_step']:>9.1f} "

@@ -126,8 +126,9 @@ def test_a_cohort_step_reads_nothing_back_to_the_host(tmp_path, cifar_mini_dir, 
     from at.train import Cohort, Options, begin_epoch
 
     specs = [RunSpec.resolve(s) for s in members(tmp_path, cifar_mini_dir, teacher)]
-    options = Options(device="cpu", precision="float32", progress=False, threads=1)
-    cohort = Cohort(specs, options.arithmetic(specs))
+    options = Options(device="cpu", precision="float32", progress=False, threads=1, layout="contiguous",
+                      compile="off")
+    cohort = Cohort(specs, options.arithmetic(specs), decider=options.decider())
     for member in cohort.members:
         begin_epoch(member)
     cohort.stream.start_epoch()
