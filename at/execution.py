@@ -451,10 +451,10 @@ def networks(specs, input_shape: tuple[int, ...], precision: str, device) -> dic
 
 
 def resolve(arithmetic, specs, input_shape: tuple[int, ...], steps: int, decider: Decider,
-            started: Mapping | None = None, distributed: bool = False):
+            started: Mapping | None = None, distributed: bool = False, record: dict | None = None):
     """``arithmetic`` with the layout and compile mode of each network of the cohort: as the
     runs started (``started``, from their resume states), else as asked, else measured (auto).
-    One line per network says what and why."""
+    One line per network says what and why; ``record`` gets each network's Choice."""
     import dataclasses
 
     check_request(decider.layout, decider.compile)
@@ -483,6 +483,8 @@ def resolve(arithmetic, specs, input_shape: tuple[int, ...], steps: int, decider
         if not compilable and choice.compile != "off" and network not in started:
             choice = Choice(choice.layout, "off", choice.how + "; not compiled (gradient terms)")
         layouts[network], compiles[network] = choice.layout, choice.compile
+        if record is not None:
+            record[network] = choice
         console.say(f"execution: {role} {model}: {choice.layout}, compile {choice.compile} ({choice.how})")
     return dataclasses.replace(arithmetic, layouts=tuple(sorted(layouts.items())),
                                compiles=tuple(sorted(compiles.items())))

@@ -163,10 +163,11 @@ class Cohort:
         distributed.check_layout(specs[0].id, protocol.batch_size, self.data.n_train, ranks.world_size)
         self.stream = DataStream(self.data, specs[0].seed, protocol.batch_size, arithmetic.device,
                                  ranks.rank, ranks.world_size)
+        self.choices: dict = {}   # each network's execution.Choice, where a decider resolved them
         if decider is not None:
             arithmetic = execution.resolve(arithmetic, specs, self.data.input_shape,
                                            self.stream.steps_per_epoch * self.epochs, decider, started,
-                                           distributed=ranks.enabled)
+                                           distributed=ranks.enabled, record=self.choices)
         self.arithmetic = arithmetic
         self.teachers = Teachers(specs, arithmetic)
         self.members = []
@@ -182,6 +183,7 @@ class Cohort:
                     member.rng = distributed.rank_rng_state(spec.seed, ranks.rank, arithmetic.device)
             self.members.append(member)
         self.teachers.compile(arithmetic)
+        self.cuda_graphs = "reduce-overhead" in dict(arithmetic.compiles).values()
 
     def loss_weight(self, step: int) -> float:
         """What this rank's mean loss is multiplied by before backward, so that DDP's average of
@@ -209,6 +211,8 @@ class Cohort:
         shared: dict = {}
         losses = []
         full = len(y) == self.stream.batch_size
+        if self.cuda_graphs:   # the outputs of the previous step's graphs are no longer needed
+            torch.compiler.cudagraph_mark_step_begin()
         with contextlib.nullcontext() if full else execution.eager():
             for member in members:
                 key = member.teacher_key
@@ -224,7 +228,13 @@ class Cohort:
         while True:
             try:
                 with self.arithmetic.autocast():
-                    return member.objective.teacher_output(x, y)
+                    output = member.objective.teacher_output(x, y)
+                if self.arithmetic.compile_of(member.teacher_network) == "reduce-overhead":
+                    # a CUDA graph's outputs live in its pool until a later graph overwrites them:
+                    # the members' graphs run before the last of them reads the teacher's
+                    output = TeacherOutput(output.logits.clone(), [t.clone() for t in output.taps],
+                                           output.input_gradient)
+                return output
             except Exception as e:
                 if not execution.fall_back(member.teacher, e, f"teacher {member.spec.teacher}"):
                     raise

@@ -112,6 +112,11 @@ def test_explicit_options_are_not_measured_and_reduce_overhead_needs_cuda(tmp_pa
         _decider(tmp_path, measurer, layout="nhwc").decide(_workload(), steps=10)
 
 
+def test_auto_considers_cuda_graphs_on_cuda_only():
+    assert execution.compile_candidates(torch.device("cpu")) == ("on",)
+    assert execution.compile_candidates(torch.device("cuda")) == ("on", "reduce-overhead")
+
+
 def test_an_unreadable_cache_is_measured_again(tmp_path):
     (tmp_path / "execution.json").write_text("{not json")
     measurer = Measurer()
@@ -249,3 +254,28 @@ def test_a_failed_compilation_falls_back_to_eager_in_one_line(tmp_path, cifar_mi
     train_cohort(eager, Options(**options, compile="off"))
     for spec in specs:
         assert_same_run(Path(spec["out_dir"]), tmp_path / "eager" / Path(spec["out_dir"]).name)
+
+
+@pytest.mark.slow
+def test_a_compiled_run_resumes_exactly_within_its_mode(tmp_path, cifar_mini_dir, capsys):
+    """Stopped mid-epoch and resumed, a compiled run ends bit-identical to the same run compiled
+    and uninterrupted (compiled code is deterministic on the CPU), and resumes compiled."""
+    from test_cohort import StopAfter, assert_same_run, make_spec
+
+    from at.train import Interrupted, Options, train
+
+    options = Options(device="cpu", precision="float32", progress=False, threads=1, tracking=False,
+                      layout="contiguous", compile="on")
+    small = {"epochs": 2, "batch_size": 16, "train_subset": 128}
+    reference = make_spec(tmp_path / "reference", cifar_mini_dir, "wrn-10-1", "baseline", **small)
+    train(reference, options)
+    resumed = make_spec(tmp_path / "resumed", cifar_mini_dir, "wrn-10-1", "baseline", **small)
+    with pytest.raises(Interrupted):
+        from at.train import train_cohort
+        train_cohort([resumed], options, stop=StopAfter(11))   # 3 steps into epoch 2
+    saved = torch.load(Path(resumed["out_dir"]) / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (1, 3) and saved["execution"]["student"]["compile"] == "on"
+    capsys.readouterr()
+    train(resumed, Options(**{**options.__dict__, "compile": "auto", "layout": "auto"}))
+    assert "execution: student wrn-10-1: contiguous, compile on (as the run started)" in capsys.readouterr().out
+    assert_same_run(Path(resumed["out_dir"]), Path(reference["out_dir"]))
