@@ -358,10 +358,9 @@ class Decider:
         return mode, f"compile {mode} over {steps} steps ({'cached' if hit else 'measured'}: {shown})"
 
     def _eager_step(self, workload: Workload, layout: str) -> float | None:
-        entry = read_cache(self.cache).get(workload.key() + " | layouts")
-        if isinstance(entry, dict) and isinstance(entry.get("result"), dict):
-            return entry["result"].get(layout)
-        return self.measure_layouts(workload, rounds=1).get(layout)
+        """The eager step in ``layout``: the layouts' measurement (cached, or taken and cached)."""
+        times, _ = self._cached(workload.key() + " | layouts", lambda: self.measure_layouts(workload))
+        return times.get(layout)
 
 
 # ---------------------------------------------------------------------------------------------
