@@ -62,7 +62,7 @@ TIE = 0.03
 COMPILE_WORTH_MEASURING_S = 600.0
 CACHE_FILE = "execution.json"
 CACHE_FORMAT = 1
-MEASURE_ROUNDS = 3
+MEASURE_ROUNDS = 5
 
 
 def default_layout(precision: str) -> str:
@@ -155,6 +155,14 @@ class Workload:
 
     def describe(self) -> str:
         return f"{self.model} ({'training' if self.training else 'forward'}, batch {self.batch}, {self.precision})"
+
+
+def _load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def workload_device(key: str) -> str:
+    return key.split(":", 1)[0]
 
 
 def _autocast(precision: str, device):
@@ -316,10 +324,16 @@ class Decider:
         entry = read_cache(self.cache).get(key)
         if isinstance(entry, dict) and "result" in entry:
             return entry["result"], True
-        load = os.getloadavg() if hasattr(os, "getloadavg") else None
+        before = _load()
         result = measure()
+        after = _load()
         write_cache(key, {"result": result, "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                          "load_average": list(load) if load else None}, self.cache)
+                          "load_average": [before, after], "cpus": os.cpu_count()}, self.cache)
+        busy = max(x for x in (before, after, 0.0) if x is not None)
+        if workload_device(key) == "cpu" and busy > (os.cpu_count() or 1):
+            console.say(f"warning: measured while the machine was busy (load average {busy:.1f} on "
+                        f"{os.cpu_count()} CPUs): the choice may be the load's; delete {self.cache or cache_path()} "
+                        f"to measure again on a quieter machine")
         return result, False
 
     def decide(self, workload: Workload, steps: int, compilable: bool = True) -> Choice:
