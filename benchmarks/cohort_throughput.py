@@ -48,13 +48,17 @@ field; docs/benchmarks.md is generated from the reports committed in benchmarks/
         cohort: row (N cohorts at once: their sums, with `processes`, one row each),
         solo: the runs alone (totals, with `runs`, one row each), or null (not measured),
         cohort_vs_solo: cohort over its solo run-images/s, or null,
-        cohort_vs_reference_solo: cohort over reference_solo's run-images/s
+        cohort_vs_reference_solo: cohort over reference_solo's run-images/s,
+        cohort_vs_solo_per_cpu_s, cohort_vs_reference_solo_per_cpu_s: the same per CPU second
     reference_solo: the runs alone in float32, eager, contiguous: what every speedup compares to
     speedups: cohort_vs_solo {mode: x}, cohort_vs_reference_solo {mode: x},
-        cohort_auto_vs_solo_float32 (the auto mode's cohort over reference_solo, or null)
-    targets: [{name, description, threshold, comparison, value, applies, met}]
+        cohort_auto_vs_solo_float32 (the auto mode's cohort over reference_solo, or null),
+        per_cpu_s: the same three of run-images per CPU second
+    targets: [{name, description, threshold, comparison, value, value_per_cpu_s (the speedups),
+        applies, met}]: met is judged on value (wall-clock run-images/s)
     row: members, images, timed_s, run_images_per_s, images_per_s_per_run, step_ms, warmup_s,
-        setup_s, wall_time_s, cpu_cores_used, gpu_utilisation_percent {samples, mean, max,
+        setup_s, wall_time_s, cpu_cores_used, cpu_s (timed_s x cpu_cores_used),
+        run_images_per_cpu_s, gpu_utilisation_percent {samples, mean, max,
         interval_s} or null, memory {peak_rss_mib, steps_peak_rss_mib, steps_peak_rss_scope,
         rss_before_steps_mib, peak_rss_source; CUDA: cuda_allocated_before_steps_mib,
         cuda_peak_allocated_mib, cuda_peak_reserved_mib}, mean_loss {run: loss},
@@ -544,12 +548,24 @@ def _row(worker: dict, wall: float, steps: int, load_before, load_after) -> dict
         "setup_s": worker["setup_s"],
         "wall_time_s": wall,
         "cpu_cores_used": worker["cpu_cores_used"],
+        # run-images per CPU second of the worker while timed: on a CPU shared with other work,
+        # what the steps cost, whatever share of the cores the worker was given
+        "cpu_s": worker["timed_s"] * worker["cpu_cores_used"],
+        "run_images_per_cpu_s": _per(worker["images"], worker["timed_s"] * worker["cpu_cores_used"]),
         "gpu_utilisation_percent": worker["gpu_utilisation_percent"],
         "memory": worker["memory"],
         "mean_loss": worker["mean_loss"],
         "load_average_before": list(load_before),
         "load_average_after": list(load_after),
     }
+
+
+def _per(images: float, seconds: float | None) -> float | None:
+    return images / seconds if seconds else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def _solo_total(rows: list[dict]) -> dict:
@@ -564,6 +580,8 @@ def _solo_total(rows: list[dict]) -> dict:
         "images": images,
         "timed_s": timed,
         "run_images_per_s": images / timed,
+        "cpu_s": sum(r["cpu_s"] for r in rows),
+        "run_images_per_cpu_s": _per(images, sum(r["cpu_s"] for r in rows)),
         "wall_time_s": sum(r["wall_time_s"] for r in rows),
         # averages over the timed seconds of all runs
         "cpu_cores_used": sum(r["cpu_cores_used"] * r["timed_s"] for r in rows) / timed,
@@ -605,20 +623,24 @@ def evaluate_targets(report: dict) -> list[dict]:
     reference = report.get("reference_solo")
     speedup = (auto["cohort"]["run_images_per_s"] / reference["run_images_per_s"]
                if auto is not None and reference is not None else None)
+    per_cpu = (_ratio(auto["cohort"].get("run_images_per_cpu_s"), reference.get("run_images_per_cpu_s"))
+               if auto is not None and reference is not None else None)
     values = {
-        "cohort_auto_vs_solo_float32": (speedup, on_cpu and full and native),
-        "cohort_auto_vs_solo_float32_without_native_bf16": (speedup, on_cpu and full and not native),
-        "cohort_vs_solo_float32": (eager32["cohort_vs_solo"] if eager32 else None, on_cpu and full),
+        "cohort_auto_vs_solo_float32": (speedup, on_cpu and full and native, per_cpu),
+        "cohort_auto_vs_solo_float32_without_native_bf16": (speedup, on_cpu and full and not native, per_cpu),
+        "cohort_vs_solo_float32": (eager32["cohort_vs_solo"] if eager32 else None, on_cpu and full,
+                                   eager32.get("cohort_vs_solo_per_cpu_s") if eager32 else None),
         "cohort_peak_rss_gib": ((auto["cohort"]["memory"]["peak_rss_mib"] / 1024) if auto is not None else None,
-                                on_cpu and full),
+                                on_cpu and full, None),
     }
     out = []
     for target in TARGETS:
-        value, applies = values[target["name"]]
+        value, applies, per_cpu_s = values[target["name"]]
         met = None
         if value is not None:
             met = value >= target["threshold"] if target["comparison"] == ">=" else value < target["threshold"]
-        out.append({**target, "value": value, "applies": applies, "met": met})
+        extra = {} if target["name"] == "cohort_peak_rss_gib" else {"value_per_cpu_s": per_cpu_s}
+        out.append({**target, "value": value, **extra, "applies": applies, "met": met})
     return out
 
 
@@ -628,11 +650,11 @@ def _fmt(value: float | None, digits: int = 0) -> str:
 
 def format_table(report: dict) -> str:
     cuda = report["device"]["type"] == "cuda"
-    header = ["mode", "rows", "runs", "run-img/s", "vs solo", "vs ref", "timed s",
+    header = ["mode", "rows", "runs", "run-img/s", "vs solo", "vs ref", "img/CPU-s", "vs ref", "timed s",
               "peak alloc MiB" if cuda else "peak RSS MiB", "GPU %" if cuda else "cores used", "load 1m"]
     rows = []
 
-    def add(name: str, kind: str, row: dict, vs_solo=None, vs_ref=None) -> None:
+    def add(name: str, kind: str, row: dict, vs_solo=None, vs_ref=None, vs_ref_cpu=None) -> None:
         mem = row["memory"]
         if cuda:
             util = row.get("gpu_utilisation_percent")
@@ -642,12 +664,14 @@ def format_table(report: dict) -> str:
         runs = str(len(row["members"])) if kind.startswith("cohort") else f"{len(row['members'])} x 1"
         rows.append([name, kind, runs, _fmt(row["run_images_per_s"]),
                      "" if vs_solo is None else f"x{vs_solo:.2f}", "" if vs_ref is None else f"x{vs_ref:.2f}",
+                     _fmt(row.get("run_images_per_cpu_s")), "" if vs_ref_cpu is None else f"x{vs_ref_cpu:.2f}",
                      _fmt(row["timed_s"], 2), _fmt(mem["cuda_peak_allocated_mib"] if cuda else mem["peak_rss_mib"]),
                      busy, _fmt(row["load_average_after"][0], 2)])
 
     for name, mode in report["results"].items():
         kind = "cohort" if mode["cohorts_per_device"] == 1 else f"cohort x{mode['cohorts_per_device']}"
-        add(name, kind, mode["cohort"], mode["cohort_vs_solo"], mode["cohort_vs_reference_solo"])
+        add(name, kind, mode["cohort"], mode["cohort_vs_solo"], mode["cohort_vs_reference_solo"],
+            mode.get("cohort_vs_reference_solo_per_cpu_s"))
         if mode["solo"] is not None:
             add(name, "solo", mode["solo"])
     if report.get("reference_solo") is not None:
@@ -666,8 +690,10 @@ def format_table(report: dict) -> str:
         lines.append(f"cohort at auto vs solo {REFERENCE_NAME}: x{speedups['cohort_auto_vs_solo_float32']:.2f}")
     for target in report["targets"]:
         state = {True: "met", False: "NOT met", None: "not measured"}[target["met"]]
+        per_cpu = target.get("value_per_cpu_s")
         lines.append(f"target {target['name']} {target['comparison']} {target['threshold']}: "
-                     f"{_fmt(target['value'], 2)} {state}" + ("" if target["applies"] else " (does not apply here)"))
+                     f"{_fmt(target['value'], 2)} {state}" + ("" if target["applies"] else " (does not apply here)")
+                     + ("" if per_cpu is None else f"; per CPU second {per_cpu:.2f}"))
     return "\n".join(lines)
 
 
@@ -811,7 +837,9 @@ def _measure_mode(mode: dict, specs: list[dict], base: dict, workdir: Path, solo
     solo_row = _solo_runs(specs, config, label, workdir, steps) if solo else None
     result = {**{k: mode[k] for k in ("precision", "precision_asked", "compile", "layout", "cohorts_per_device")},
               "chosen": workers[0][0]["chosen"], "cohort": cohort, "solo": solo_row,
-              "cohort_vs_solo": cohort["run_images_per_s"] / solo_row["run_images_per_s"] if solo_row else None}
+              "cohort_vs_solo": cohort["run_images_per_s"] / solo_row["run_images_per_s"] if solo_row else None,
+              "cohort_vs_solo_per_cpu_s": _ratio(cohort["run_images_per_cpu_s"], solo_row["run_images_per_cpu_s"])
+              if solo_row else None}
     return result, workers[0][0]["device"]
 
 
@@ -825,6 +853,8 @@ def _together(rows: list[dict]) -> dict:
         "images": sum(r["images"] for r in rows),
         "timed_s": max(r["timed_s"] for r in rows),
         "run_images_per_s": sum(r["run_images_per_s"] for r in rows),
+        "cpu_s": sum(r["cpu_s"] for r in rows),
+        "run_images_per_cpu_s": _per(sum(r["images"] for r in rows), sum(r["cpu_s"] for r in rows)),
         "wall_time_s": max(r["wall_time_s"] for r in rows),
         "cpu_cores_used": sum(r["cpu_cores_used"] for r in rows),
         "gpu_utilisation_percent": rows[0]["gpu_utilisation_percent"],
@@ -873,6 +903,8 @@ def main(argv: list[str] | None = None) -> dict:
                                    REFERENCE_NAME, workdir, args.steps)
     for mode in results.values():
         mode["cohort_vs_reference_solo"] = mode["cohort"]["run_images_per_s"] / reference["run_images_per_s"]
+        mode["cohort_vs_reference_solo_per_cpu_s"] = _ratio(mode["cohort"]["run_images_per_cpu_s"],
+                                                            reference["run_images_per_cpu_s"])
 
     from at.tracking import git_commit
 
@@ -909,6 +941,12 @@ def main(argv: list[str] | None = None) -> dict:
         "cohort_vs_solo": {name: m["cohort_vs_solo"] for name, m in results.items()},
         "cohort_vs_reference_solo": {name: m["cohort_vs_reference_solo"] for name, m in results.items()},
         "cohort_auto_vs_solo_float32": auto_mode["cohort_vs_reference_solo"] if auto_mode else None,
+        # the same ratios of run-images per CPU second (see the rows' run_images_per_cpu_s)
+        "per_cpu_s": {
+            "cohort_vs_solo": {name: m["cohort_vs_solo_per_cpu_s"] for name, m in results.items()},
+            "cohort_vs_reference_solo": {name: m["cohort_vs_reference_solo_per_cpu_s"] for name, m in results.items()},
+            "cohort_auto_vs_solo_float32": auto_mode["cohort_vs_reference_solo_per_cpu_s"] if auto_mode else None,
+        },
     }
     report["targets"] = evaluate_targets(report)
     output = args.output or REPO / "benchmarks" / "reports" / f"{device_kind(description)}-cohort.json"

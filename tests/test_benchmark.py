@@ -131,6 +131,10 @@ def test_rows_per_mode_are_consistent(report):
         assert cohort["run_images_per_s"] == pytest.approx(len(runs) * batch * steps / cohort["timed_s"])
         assert cohort["images_per_s_per_run"] == pytest.approx(batch * steps / cohort["timed_s"])
         assert cohort["step_ms"] == pytest.approx(1000 * cohort["timed_s"] / steps)
+        assert cohort["run_images_per_cpu_s"] == pytest.approx(cohort["images"] / cohort["cpu_s"])
+        assert cohort["cpu_s"] == pytest.approx(cohort["timed_s"] * cohort["cpu_cores_used"])
+        assert mode["cohort_vs_reference_solo_per_cpu_s"] == pytest.approx(
+            cohort["run_images_per_cpu_s"] / reference["run_images_per_cpu_s"])
         assert mode["cohort_vs_reference_solo"] == pytest.approx(cohort["run_images_per_s"]
                                                                  / reference["run_images_per_s"])
         assert report["speedups"]["cohort_vs_reference_solo"][name] == mode["cohort_vs_reference_solo"]
@@ -145,6 +149,7 @@ def test_rows_per_mode_are_consistent(report):
     total_time = sum(r["timed_s"] for r in solo["runs"])
     assert solo["timed_s"] == pytest.approx(total_time)
     assert solo["run_images_per_s"] == pytest.approx(len(runs) * batch * steps / total_time)
+    assert solo["run_images_per_cpu_s"] == pytest.approx(solo["images"] / sum(r["cpu_s"] for r in solo["runs"]))
     assert solo["memory"]["peak_rss_mib"] == max(r["memory"]["peak_rss_mib"] for r in solo["runs"])
     for row in solo["runs"]:
         _check_row(row)
@@ -186,6 +191,7 @@ def test_targets_apply_to_the_8_run_cohort_on_a_cpu_by_its_bf16():
                           "b": mode("auto", "bf16", "auto", "auto", row(500, 5000))}}
     targets = {t["name"]: t for t in bench.evaluate_targets(report)}
     assert targets["cohort_auto_vs_solo_float32"]["value"] == pytest.approx(5.0)
+    assert targets["cohort_auto_vs_solo_float32"]["value_per_cpu_s"] is None   # no CPU seconds in these rows
     assert targets["cohort_vs_solo_float32"]["value"] == pytest.approx(1.6)
     assert targets["cohort_peak_rss_gib"]["value"] == pytest.approx(5000 / 1024)
     assert [targets[n]["met"] for n in ("cohort_auto_vs_solo_float32", "cohort_vs_solo_float32",
@@ -284,6 +290,7 @@ def test_the_report_arithmetic_on_hand_built_rows():
     a 2-run cohort of 4 steps of 16 images in 2 s; the same runs alone in 1.5 s and 0.5 s."""
     cohort = bench._row(_worker(["a", "b"], 2.0, 128, 500, 1.5), 3.0, 4, (0, 0, 0), (1, 1, 1))
     assert cohort["run_images_per_s"] == 64.0            # 128 images / 2 s
+    assert cohort["cpu_s"] == 3.0 and cohort["run_images_per_cpu_s"] == pytest.approx(128 / 3.0)   # 1.5 cores x 2 s
     assert cohort["images_per_s_per_run"] == 32.0        # 64 images each / 2 s
     assert cohort["step_ms"] == 500.0                    # 2 s / 4 steps
     assert cohort["wall_time_s"] == 3.0 and cohort["load_average_after"] == [1, 1, 1]
@@ -294,6 +301,7 @@ def test_the_report_arithmetic_on_hand_built_rows():
     assert solo["timed_s"] == 2.0 and solo["run_images_per_s"] == 64.0   # 128 images / (1.5 + 0.5) s
     assert solo["wall_time_s"] == 3.0
     assert solo["cpu_cores_used"] == pytest.approx((1.0 * 1.5 + 2.0 * 0.5) / 2.0)   # time-weighted: 1.25
+    assert solo["cpu_s"] == 2.5 and solo["run_images_per_cpu_s"] == pytest.approx(128 / 2.5)
     assert solo["memory"]["peak_rss_mib"] == 400 and solo["memory"]["steps_peak_rss_mib"] == 399
     assert solo["gpu_utilisation_percent_mean"] is None and solo["load_average_after"] == [2, 2, 2]
     utilised = [dict(r, gpu_utilisation_percent={"mean": u}) for r, u in zip(alone, (90.0, 50.0))]
