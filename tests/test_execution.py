@@ -112,6 +112,17 @@ def test_explicit_options_are_not_measured_and_reduce_overhead_needs_cuda(tmp_pa
         _decider(tmp_path, measurer, layout="nhwc").decide(_workload(), steps=10)
 
 
+def test_a_real_measurement_leaves_the_global_random_state_alone(tmp_path):
+    """NIN has dropout: the measured steps draw random numbers, never from the runs' state."""
+    state = torch.get_rng_state()
+    choice = Decider(cache=tmp_path / "execution.json", compile="off").decide(
+        Workload("nin-thin", 10, (3, 32, 32), 4, "float32", True, CPU), steps=1)
+    assert choice.layout in ("contiguous", "channels_last") and choice.compile == "off"
+    assert torch.equal(state, torch.get_rng_state())
+    entry = next(iter(json.loads((tmp_path / "execution.json").read_text())["measurements"].values()))
+    assert set(entry["result"]) == {"contiguous", "channels_last"} and all(v > 0 for v in entry["result"].values())
+
+
 def test_auto_considers_cuda_graphs_on_cuda_only():
     assert execution.compile_candidates(torch.device("cpu")) == ("on",)
     assert execution.compile_candidates(torch.device("cuda")) == ("on", "reduce-overhead")
