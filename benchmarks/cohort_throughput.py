@@ -879,7 +879,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("--compile reduce-overhead needs CUDA (CUDA graphs): it has no CPU path")
     todo = modes(args, device)
 
+    from at.tracking import git_commit
+
     started = datetime.now(timezone.utc)
+    code = git_commit()   # the code the workers import: read before they start
     load_start = os.getloadavg()
     results: dict[str, dict] = {}
     reference = description = None
@@ -906,13 +909,11 @@ def main(argv: list[str] | None = None) -> dict:
         mode["cohort_vs_reference_solo_per_cpu_s"] = _ratio(mode["cohort"]["run_images_per_cpu_s"],
                                                             reference["run_images_per_cpu_s"])
 
-    from at.tracking import git_commit
-
     report = {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
         "created": started.isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
+        "git_commit": code,
         "command": [Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)],
         "note": args.note,
         "device": description,
