@@ -112,7 +112,7 @@ def cmd_train(args) -> int:
     _warn_about(specs)
     _start_processes(specs, args)
     options = Options(device=args.device, precision=args.precision, progress=not args.no_progress,
-                      threads=args.threads, backend=args.backend)
+                      threads=args.threads, backend=args.backend, layout=args.layout, compile=args.compile)
     try:
         train_cohort(specs, options, force=args.force)
     except Interrupted as e:
@@ -381,6 +381,7 @@ def cmd_tracking_init(args) -> int:
 def main(argv=None) -> int:
     from at.data.augment import AUGMENTATIONS
     from at.precision import PRECISIONS
+    from at.execution import COMPILE_MODES, LAYOUTS
 
     parser = argparse.ArgumentParser(prog="python -m at", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -433,8 +434,16 @@ def main(argv=None) -> int:
     how = p.add_argument_group("how to run it")
     how.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     how.add_argument("--precision", choices=list(PRECISIONS),
-                     help="override the protocol's precision (auto: bf16 + channels_last on CUDA and on "
-                          "CPUs with native bf16, else float32)")
+                     help="override the protocol's precision (auto: bf16 on CUDA and on CPUs with native "
+                          "bf16, else float32)")
+    how.add_argument("--layout", choices=list(LAYOUTS), default="auto",
+                     help="memory layout of the networks (auto: measured per model on this machine and "
+                          "cached in ~/.cache/attention-transfer; a tie keeps channels_last in bf16, "
+                          "contiguous in float32)")
+    how.add_argument("--compile", choices=list(COMPILE_MODES), default="auto",
+                     help="torch.compile the networks: off, on, reduce-overhead (CUDA graphs, CUDA only), or "
+                          "auto: where the measured saving over the run's steps beats the compilation "
+                          "(measured per model on this machine, cached)")
     how.add_argument("--force", action="store_true",
                      help="retrain runs that already finished with this spec (default: leave them as they are)")
     how.add_argument("--threads", type=int, help="torch CPU threads (of each process)")

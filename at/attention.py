@@ -164,6 +164,7 @@ def at_loss(
     mapping: str = "sum",
     p: float = 2,
     form: str = "code",
+    teacher_map: Tensor | None = None,
 ) -> Tensor:
     """Activation-based AT loss for one layer pair, a float32 (or float64) scalar.
 
@@ -176,12 +177,14 @@ def at_loss(
       p = 2, not squared), averaged over the batch so that beta does not scale with it.
 
     The teacher's activation is a constant (detached). Channel counts may differ, spatial
-    sizes must match.
+    sizes must match. ``teacher_map``: the teacher's map ``attention_map(teacher_act, mapping,
+    p)`` when it was computed already (a cohort computes it once per batch for every member
+    that shares the teacher, at.terms); the same tensor, so the loss is the same.
     """
     check_form(form)
     check_same_spatial(student_act, teacher_act, "at_loss")
     q_s = attention_map(student_act, mapping, p)
-    q_t = attention_map(teacher_act.detach(), mapping, p)
+    q_t = attention_map(teacher_act.detach(), mapping, p) if teacher_map is None else teacher_map
     with full_precision(q_s):
         diff = q_s - q_t
         if form == "code":

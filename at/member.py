@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from at import atomic, checkpoint, models, precision
+from at import atomic, checkpoint, execution, models, precision
 from at.objective import Objective
-from at.precision import Arithmetic
+from at.precision import STUDENT, TEACHER, Arithmetic
 from at.rng import rng_state
 from at.spec import SPEC_FILE, Protocol, RunSpec, spec_text
 from at.tracking import git_commit
@@ -39,9 +39,22 @@ class TrainingDiverged(RuntimeError):
     """The loss stopped being a finite number."""
 
 
+# SGD's multi-tensor implementation: one call per operation for all of a member's parameters
+# instead of a Python loop over them (torch picks it by itself only on CUDA). Bit-identical to
+# the loop on the CPU (checked by tests/test_speed.py); the fused one is not, so it is not used.
+SGD_IMPLEMENTATION = {"foreach": True}
+
+
 def make_optimizer(params, protocol: Protocol, lr: float) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=lr, momentum=protocol.momentum, nesterov=protocol.nesterov,
-                           weight_decay=protocol.weight_decay)
+                           weight_decay=protocol.weight_decay, **SGD_IMPLEMENTATION)
+
+
+def use_implementation(optimizer: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict`` (which brings the saved groups' settings along, those of an
+    older state included): this process's choice of implementation, not the saved one's."""
+    for group in optimizer.param_groups:
+        group.update(SGD_IMPLEMENTATION)
 
 
 def history_csv(history: list[dict]) -> str:
@@ -80,11 +93,22 @@ class Member:
         # The member's own random state starts from its seed: its initialisation is the one it
         # would have alone, whatever else the cohort builds before or after it.
         torch.manual_seed(spec.seed)
+        # how its networks execute (at.execution): its student's layout and compile mode, and
+        # its teacher's layout, which shapes the batch the teacher sees
+        self.network = (STUDENT, spec.student)
+        self.teacher_network = (TEACHER, spec.teacher) if spec.teacher else None
+        self.layout = arithmetic.layout_of(self.network)
+        self.teacher_layout = arithmetic.layout_of(self.teacher_network) if self.teacher_network else None
         self.student = arithmetic.prepare(models.build(
             spec.student, num_classes=spec.num_classes, weights=spec.weights,
-            bn_weight_init=self.protocol.bn_weight_init))
+            bn_weight_init=self.protocol.bn_weight_init), self.network)
         self.objective = Objective(spec.method, self.student, teacher,
                                    input_shape=data.input_shape).to(device)
+        # compiled once its objective has taken its shapes (an eval-mode dry run); never where
+        # the objective differentiates input gradients twice (torch.compile has no double backward)
+        compile_mode = arithmetic.compile_of(self.network)
+        if compile_mode != "off" and not self.objective.has_gradient_terms:
+            execution.compile_model(self.student, compile_mode)
         self.trainable = list(self.student.parameters()) + list(self.objective.parameters())
         self.optimizer = make_optimizer(self.trainable, self.protocol, self.protocol.learning_rate(0))
         self.rng = rng_state(device)
@@ -103,6 +127,20 @@ class Member:
     @property
     def position(self) -> tuple[int, int]:
         return (self.epoch, self.step)
+
+    @property
+    def execution(self) -> dict:
+        """How its networks execute now (a compilation that failed fell back to eager): recorded
+        in its resume state, so that it resumes as it started (at.execution)."""
+        teacher = None
+        if self.teacher_network is not None and self.objective.needs_teacher:
+            teacher = {"model": self.spec.teacher, "layout": self.teacher_layout,
+                       "compile": self.arithmetic.compile_of(self.teacher_network)
+                       if execution.is_compiled(self.teacher) else "off"}
+        return {"student": {"model": self.spec.student, "layout": self.layout,
+                            "compile": self.arithmetic.compile_of(self.network)
+                            if execution.is_compiled(self.student) else "off"},
+                "teacher": teacher}
 
     @property
     def teacher_key(self):
@@ -140,8 +178,10 @@ class Member:
             "history": self.history, "elapsed_s": self.elapsed_s, "mlflow_run_id": self.mlflow_run_id,
             # the code that trained it: outputs written again from a final state keep it
             "code_version": self.code_version,
-            # a run resumes in the arithmetic it started in (at.resume.started_precision)
+            # a run resumes in the arithmetic it started in (at.resume.started_precision), and
+            # its networks in the layouts and compile modes they started in
             "precision": self.arithmetic.precision,
+            "execution": self.execution,
         }
 
     def load_state(self, saved: dict, rank: int = 0) -> None:
@@ -156,6 +196,7 @@ class Member:
         # a state saved mid-epoch holds that epoch's lr in the optimizer; at an epoch's start the
         # loop sets the lr of the new epoch
         self.optimizer.load_state_dict(saved["optimizer"])
+        use_implementation(self.optimizer)
         self.rng = {k: v for k, v in saved["rng"].items() if k in ("torch", "cuda")}
         self.epoch, self.step = saved["epoch"], saved["step"]
         self.history, self.elapsed_s = saved["history"], saved["elapsed_s"]
@@ -215,6 +256,7 @@ class Member:
                          "epoch": self.history[-1]["epoch"], "model": self.student.state_dict(),
                          "objective": self.objective.state_dict(), "history": self.history,
                          "mlflow_run_id": self.mlflow_run_id, "precision": self.arithmetic.precision,
+                         "execution": self.execution,
                          checkpoint.OUTPUT_DIGESTS: {name: checkpoint.digest(b) for name, b in texts.items()}},
                         self.out / "checkpoint.pt")
         for name, data_bytes in texts.items():

@@ -86,11 +86,14 @@ class StepResult:
 class TeacherOutput:
     """What the frozen teacher gives for one batch: logits, taps and (for grad_at) its input
     gradient. A cohort computes it once per batch for every member that shares the teacher and
-    its `Objective.teacher_key`, and hands it to each member's objective."""
+    its `Objective.teacher_key`, and hands it to each member's objective; what the terms derive
+    from it (the teacher's attention maps) is computed once too, in `derived`."""
 
     logits: Tensor
     taps: list[Tensor]
     input_gradient: Tensor | None = None
+    # what the terms derive from these outputs (StepInputs.from_teacher), filled as they ask
+    derived: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

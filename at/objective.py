@@ -34,7 +34,8 @@ def _dry_run(model: nn.Module, input_shape: tuple[int, ...], who: str) -> tuple[
     flags = [(module, module.training) for module in model.modules()]
     try:
         model.eval()
-        with torch.no_grad():
+        # eagerly, should the model be compiled: a dry run is no reason to compile it
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             output = model(torch.zeros((2, *input_shape), device=device, dtype=dtype))
     finally:
         for module, flag in flags:
@@ -180,8 +181,9 @@ class Objective(nn.Module):
             teacher_output = self.teacher_output(x, y)
         gradients: dict[str, Tensor] = {}
         t_logits = t_taps = None
+        derived: dict = {}
         if teacher_output is not None:
-            t_logits, t_taps = teacher_output.logits, teacher_output.taps
+            t_logits, t_taps, derived = teacher_output.logits, teacher_output.taps, teacher_output.derived
             if teacher_output.input_gradient is not None:
                 gradients["teacher"] = teacher_output.input_gradient
         with self._precision(x):
@@ -196,7 +198,7 @@ class Objective(nn.Module):
                     )
             else:
                 s_logits, s_taps = _split_output(student(x), "student")
-            step = StepInputs(y, s_logits, s_taps, t_logits, t_taps, gradients)
+            step = StepInputs(y, s_logits, s_taps, t_logits, t_taps, gradients, derived)
 
             contributions: dict[str, Tensor] = {}
             for term, kind, bound in zip(self.terms, self._types, self._bound):

@@ -1,8 +1,11 @@
 """The arithmetic a run trains in: ``precision: auto | float32 | bf16`` (a protocol key).
 
-- ``float32``: everything in float32, contiguous (NCHW) tensors.
-- ``bf16``: the networks run under bf16 autocast with channels_last tensors; the losses stay in
-  float32 (at.method and at.attention cast what they need).
+- ``float32``: everything in float32, contiguous (NCHW) tensors by default.
+- ``bf16``: the networks run under bf16 autocast, channels_last tensors by default; the losses
+  stay in float32 (at.method and at.attention cast what they need).
+
+The layout (and torch.compile) of each network is an execution option chosen by measurement
+(at.execution); the defaults above are what it keeps where the layouts measure the same.
 - ``auto``: bf16 where the hardware computes it natively — CUDA, and CPUs with the avx512_bf16 or
   AMX instructions — and float32 elsewhere. On a CPU without native bf16, autocast emulates it
   and is slower than float32 (measured: 680 against 804 images/s for a WRN-16-1 step on a
@@ -72,28 +75,45 @@ def resolve(precision: str, device: torch.device, flags: set[str] | None = None)
     return "bf16" if device.type == "cpu" and cpu_has_native_bf16(flags) else "float32"
 
 
+STUDENT, TEACHER = "student", "teacher"   # the roles a network model plays in a cohort
+
+
 @dataclass(frozen=True)
 class Arithmetic:
-    """How the tensors of a step are computed, resolved for one device."""
+    """How the tensors of a step are computed, resolved for one device: the precision, and for
+    each network, keyed by (role, model name), its memory layout and compile mode (at.execution;
+    a network not listed has its precision's usual layout, eager)."""
 
     device: torch.device
     precision: str  # float32 | bf16
+    layouts: tuple[tuple[tuple[str, str], str], ...] = ()
+    compiles: tuple[tuple[tuple[str, str], str], ...] = ()
 
     @property
     def channels_last(self) -> bool:
+        """Whether the precision's usual layout is channels_last (bf16)."""
         return self.precision == "bf16"
+
+    def layout_of(self, network: tuple[str, str] | None = None) -> str:
+        return dict(self.layouts).get(network, "channels_last" if self.channels_last else "contiguous")
+
+    def compile_of(self, network: tuple[str, str] | None = None) -> str:
+        return dict(self.compiles).get(network, "off")
 
     def autocast(self):
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+    def layout(self, x: torch.Tensor, network: tuple[str, str] | None = None) -> torch.Tensor:
+        """``x`` in the layout of ``network`` (by default the precision's usual one)."""
+        if self.layout_of(network) == "channels_last":
+            return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous()
 
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Move a model to the device (and to channels_last where that is the layout)."""
+    def prepare(self, model: torch.nn.Module, network: tuple[str, str] | None = None) -> torch.nn.Module:
+        """Move a model to the device, in the layout of ``network``."""
         model.to(self.device)
-        if self.channels_last:
+        if self.layout_of(network) == "channels_last":
             model.to(memory_format=torch.channels_last)
         return model

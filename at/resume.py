@@ -119,3 +119,38 @@ def started_precision(saved: list[Saved]) -> str | None:
         raise ValueError(f"these runs were started in different precisions and cannot resume as one "
                          f"cohort: {listed}; resume them separately, or retrain with --force")
     return next(iter(started.values()), None)
+
+
+def started_execution(saved: list[Saved]) -> dict:
+    """How each network of the runs started executing, by (role, model): ``layout``,
+    ``compile`` and the ``runs`` that say so (at.execution; a resume continues as it started).
+    A state saved before the choice existed started in its precision's usual layout, eagerly.
+    Runs whose states disagree on one network cannot continue as one cohort."""
+    from at.execution import default_layout
+    from at.precision import STUDENT, TEACHER
+
+    found: dict = {}
+    for s in saved:
+        if not s.state_is_this_spec:
+            continue
+        state = s.state
+        recorded = state.get("execution")
+        if recorded is None:   # saved before layouts and compile were chosen
+            usual = default_layout(state.get("precision") or "float32")
+            recorded = {"student": {"model": s.spec.student, "layout": usual, "compile": "off"},
+                        "teacher": ({"model": s.spec.teacher, "layout": usual, "compile": "off"}
+                                    if s.spec.teacher else None)}
+        for role, key in ((STUDENT, "student"), (TEACHER, "teacher")):
+            entry = recorded.get(key)
+            if not entry:
+                continue
+            network = (role, entry["model"])
+            mode = {"layout": entry["layout"], "compile": entry["compile"]}
+            if network in found and {k: found[network][k] for k in mode} != mode:
+                raise ValueError(
+                    f"these runs were started with {role} {entry['model']} executing differently "
+                    f"({', '.join(sorted(found[network]['runs']))}: {found[network]['layout']}, compile "
+                    f"{found[network]['compile']}; {s.spec.id}: {mode['layout']}, compile {mode['compile']}) and "
+                    f"cannot resume as one cohort; resume them separately, or retrain with --force")
+            found.setdefault(network, {**mode, "runs": []})["runs"].append(s.spec.id)
+    return found

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from at import checkpoint, models
-from at.precision import Arithmetic
+from at import checkpoint, execution, models
+from at.precision import TEACHER, Arithmetic
 from at.spec import RunSpec
 
 
@@ -59,6 +59,7 @@ class Teachers:
     def __init__(self, specs: list[RunSpec], arithmetic: Arithmetic):
         self.models: dict[tuple, torch.nn.Module] = {}
         self.hashes: dict[tuple, str | None] = {}
+        self.networks: dict[tuple, tuple[str, str]] = {}
         for spec in specs:
             key = teacher_key(spec)
             if key is None or key in self.models:
@@ -70,8 +71,18 @@ class Teachers:
             model.eval()
             for p in model.parameters():
                 p.requires_grad_(False)
-            self.models[key] = arithmetic.prepare(model)
+            self.networks[key] = (TEACHER, spec.teacher)
+            self.models[key] = arithmetic.prepare(model, self.networks[key])
             self.hashes[key] = digest
+
+    def compile(self, arithmetic: Arithmetic) -> None:
+        """Compile the teachers whose model at.execution chose to compile (never one that a
+        student runs for its input gradient: it decides so per model). Called once the members'
+        objectives have taken their shapes, so that their dry runs do not compile."""
+        for key, model in self.models.items():
+            mode = arithmetic.compile_of(self.networks[key])
+            if mode != "off":
+                execution.compile_model(model, mode)
 
     def of(self, spec: RunSpec):
         """(the teacher model, its digest) of a run; (None, None) for a run without one."""

@@ -116,6 +116,17 @@ class StepInputs:
     teacher_logits: Tensor | None = None
     teacher_taps: list[Tensor] | None = None
     input_gradients: dict[str, Tensor] = field(default_factory=dict)
+    # what terms derive from the teacher's outputs alone (its attention maps, keyed by what they
+    # depend on): shared by every objective handed the same TeacherOutput, so a cohort computes
+    # each once per batch, not once per member (at.terms)
+    teacher_derived: dict = field(default_factory=dict)
+
+    def from_teacher(self, key: tuple, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()``, a function of the teacher's outputs only, computed once per ``key``
+        for everyone sharing this step's teacher output."""
+        if key not in self.teacher_derived:
+            self.teacher_derived[key] = compute()
+        return self.teacher_derived[key]
 
 
 @dataclass

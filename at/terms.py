@@ -15,6 +15,7 @@ from at.attention import (
     MAPPINGS,
     at_least_float32,
     at_loss,
+    attention_map,
     grad_at_loss,
     min_l2_loss,
     symmetry_loss,
@@ -49,10 +50,23 @@ def _kd(step: StepInputs, term: BoundTerm) -> Tensor:
     return distill.kd_loss(step.student_logits, step.teacher_logits, step.labels, T=o["T"], alpha=o["alpha"])
 
 
+def _teacher_map(step: StepInputs, i: int, mapping: str, p: float) -> Tensor:
+    """The teacher's attention map of tap ``i``, once per batch for all who share the teacher
+    output; its float32 copy of the tap (a bf16 step's) once for all mappings."""
+    def upcast():
+        return at_least_float32(step.teacher_taps[i].detach())
+
+    def compute():
+        return attention_map(step.from_teacher(("float32 tap", i), upcast), mapping, p)
+
+    return step.from_teacher(("attention map", i, mapping, p), compute)
+
+
 def _at(step: StepInputs, term: BoundTerm) -> Tensor:
     o = term.options
     return sum(
-        at_loss(step.student_taps[i], step.teacher_taps[i], mapping=o["mapping"], p=o["p"], form=o["form"])
+        at_loss(step.student_taps[i], step.teacher_taps[i], mapping=o["mapping"], p=o["p"], form=o["form"],
+                teacher_map=_teacher_map(step, i, o["mapping"], o["p"]))
         for i in term.layers
     )
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from at import console, distributed, resume, run_folder, run_lock
+from at import console, distributed, execution, resume, run_folder, run_lock
 from at.data.datasets import training_data
 from at.data.download import read_source_record
 from at.data.sources import check_batch_size
@@ -95,6 +95,13 @@ class Options:
     threads: int | None = None
     tracking: bool = True   # an MLflow run per training run (off: the benchmark, some tests)
     backend: str = "auto"   # a run on several processes: auto (nccl on CUDA, gloo on the CPU), gloo, nccl
+    # how each network executes (at.execution): auto (measured, cached per machine) or as given
+    layout: str = "auto"      # auto | contiguous | channels_last
+    compile: str = "auto"     # auto | off | on | reduce-overhead (CUDA)
+
+    def decider(self) -> execution.Decider:
+        execution.check_request(self.layout, self.compile)
+        return execution.Decider(layout=self.layout, compile=self.compile)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -167,11 +174,15 @@ class _StopFlag:
 
 
 class Cohort:
-    """Members on one data stream, with their teachers: what the loop (and the benchmark) steps."""
+    """Members on one data stream, with their teachers: what the loop (and the benchmark) steps.
 
-    def __init__(self, specs: list[RunSpec], arithmetic: Arithmetic, data=None, ranks: Ranks = SINGLE):
+    ``decider`` (Options.decider) resolves each network's layout and compile mode once the data's
+    shape is known (at.execution; ``started``: as the runs' resume states say they started);
+    without it every network has its precision's usual layout, eager."""
+
+    def __init__(self, specs: list[RunSpec], arithmetic: Arithmetic, data=None, ranks: Ranks = SINGLE,
+                 decider: execution.Decider | None = None, started: dict | None = None):
         check_shared_stream(specs)
-        self.arithmetic = arithmetic
         self.ranks = ranks
         self.data = data if data is not None else training_data(specs[0], arithmetic.device)
         protocol = specs[0].protocol
@@ -182,6 +193,12 @@ class Cohort:
         distributed.check_layout(specs[0].id, protocol.batch_size, self.data.n_train, ranks.world_size)
         self.stream = DataStream(self.data, specs[0].seed, protocol.batch_size, arithmetic.device,
                                  ranks.rank, ranks.world_size)
+        self.choices: dict = {}   # each network's execution.Choice, where a decider resolved them
+        if decider is not None:
+            arithmetic = execution.resolve(arithmetic, specs, self.data.input_shape,
+                                           self.stream.steps_per_epoch * self.epochs, decider, started,
+                                           distributed=ranks.enabled, record=self.choices)
+        self.arithmetic = arithmetic
         self.teachers = Teachers(specs, arithmetic)
         self.members = []
         for spec in specs:
@@ -195,6 +212,8 @@ class Cohort:
                     # not draw the same masks as rank 0's for its own images: a stream of its own
                     member.rng = distributed.rank_rng_state(spec.seed, ranks.rank, arithmetic.device)
             self.members.append(member)
+        self.teachers.compile(arithmetic)
+        self.cuda_graphs = "reduce-overhead" in dict(arithmetic.compiles).values()
 
     def loss_weight(self, step: int) -> float:
         """What this rank's mean loss is multiplied by before backward, so that DDP's average of
@@ -207,20 +226,60 @@ class Cohort:
         return distributed.loss_weight(n, self.ranks.rank, self.ranks.world_size)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, members: list[Member], weight: float = 1.0) -> list[torch.Tensor]:
-        """One batch for ``members``: each distinct teacher's output once, then each member's step."""
-        x = self.arithmetic.layout(x)
+        """One batch for ``members``: each distinct teacher's output once, then each member's step.
+
+        Each network sees the batch in its own layout (converted once per layout). A batch
+        shorter than the protocol's (an epoch's last) runs compiled networks eagerly: compiling
+        them again for one batch an epoch would cost more than it saves."""
+        shaped: dict[str, torch.Tensor] = {}
+
+        def laid_out(layout: str) -> torch.Tensor:
+            if layout not in shaped:
+                shaped[layout] = x.contiguous(memory_format=execution.memory_format(layout))
+            return shaped[layout]
+
         shared: dict = {}
         losses = []
-        for member in members:
-            key = member.teacher_key
-            output = None
-            if key is not None:
-                output = shared.get(key)
-                if output is None:
-                    with self.arithmetic.autocast():
-                        output = shared[key] = member.objective.teacher_output(x, y)
-            losses.append(train_step(member, x, y, output, weight))
+        full = len(y) == self.stream.batch_size
+        if self.cuda_graphs:   # the outputs of the previous step's graphs are no longer needed
+            torch.compiler.cudagraph_mark_step_begin()
+        with contextlib.nullcontext() if full else execution.eager():
+            for member in members:
+                key = member.teacher_key
+                output = None
+                if key is not None:
+                    output = shared.get(key)
+                    if output is None:
+                        output = shared[key] = self._teacher_output(member, laid_out(member.teacher_layout), y)
+                losses.append(self._train_step(member, laid_out(member.layout), y, output, weight))
         return losses
+
+    def _teacher_output(self, member: Member, x: torch.Tensor, y: torch.Tensor) -> TeacherOutput:
+        while True:
+            try:
+                with self.arithmetic.autocast():
+                    output = member.objective.teacher_output(x, y)
+                if self.arithmetic.compile_of(member.teacher_network) == "reduce-overhead":
+                    # a CUDA graph's outputs live in its pool until a later graph overwrites them:
+                    # the members' graphs run before the last of them reads the teacher's
+                    output = TeacherOutput(output.logits.clone(), [t.clone() for t in output.taps],
+                                           output.input_gradient)
+                return output
+            except Exception as e:
+                if not execution.fall_back(member.teacher, e, f"teacher {member.spec.teacher}"):
+                    raise
+
+    def _train_step(self, member: Member, x: torch.Tensor, y: torch.Tensor, output, weight: float) -> torch.Tensor:
+        while True:
+            try:
+                return train_step(member, x, y, output, weight)
+            except Exception as e:
+                if not execution.fall_back(member.student, e, f"student {member.spec.student}"):
+                    raise
+                # the others of its model would fail alike: eager too, without trying
+                for other in self.members:
+                    if other.network == member.network:
+                        execution.uncompile(other.student)
 
 
 def begin_epoch(member: Member) -> None:
@@ -284,14 +343,16 @@ def check_finite(member: Member, loss: torch.Tensor | None, since_step: int, ran
 
 
 @torch.no_grad()
-def evaluate(model, data, batch_size: int, arithmetic: Arithmetic) -> tuple[float, float]:
-    """Top-1 and top-5 test error in percent."""
+def evaluate(model, data, batch_size: int, arithmetic: Arithmetic, network: tuple[str, str] | None = None
+             ) -> tuple[float, float]:
+    """Top-1 and top-5 test error in percent (in the layout of ``network``; a compiled model
+    runs eagerly here, at.execution)."""
     model.eval()
     wrong1 = torch.zeros((), dtype=torch.int64, device=arithmetic.device)
     wrong5 = torch.zeros((), dtype=torch.int64, device=arithmetic.device)
     for x, y in data.test_batches(batch_size):
-        with arithmetic.autocast():
-            logits, _ = model(arithmetic.layout(x))
+        with arithmetic.autocast(), execution.eager():
+            logits, _ = model(arithmetic.layout(x, network))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         wrong1 += (top[:, 0] != y).sum()
         wrong5 += (top != y[:, None]).all(dim=1).sum()
@@ -306,7 +367,8 @@ def end_epoch(member: Member, data, epoch_wall_s: float, eval_batch_size: int, r
     if ranks.enabled:
         _sum_over_ranks(member.partial, ranks)
     if ranks.is_main:
-        test_error, test_error_top5 = evaluate(member.student, data, eval_batch_size, member.arithmetic)
+        test_error, test_error_top5 = evaluate(member.student, data, eval_batch_size, member.arithmetic,
+                                               member.network)
     else:
         test_error = test_error_top5 = float("nan")
     partial = member.partial
@@ -466,16 +528,18 @@ def _train_locked(specs: list[RunSpec], options: Options, force: bool, stop, cre
                 run_folder.remove_temporary(Path(spec.out_dir))   # left by a kill between a write and its rename
             saved = {spec.id: resume.Saved.read(spec, force) for spec in specs}
             started = resume.started_precision(list(saved.values()))
+            started_execution = resume.started_execution(list(saved.values()))
             if handshake is not None:
-                handshake.send((saved, started))
+                handshake.send((saved, started, started_execution))
         else:
-            saved, started = handshake.receive()
+            saved, started, started_execution = handshake.receive()
+        decider = options.decider()
         arithmetic = options.arithmetic(specs, started)
         if options.threads:
             torch.set_num_threads(options.threads)
         if arithmetic.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        cohort = Cohort(specs, arithmetic, ranks=ranks)
+        cohort = Cohort(specs, arithmetic, ranks=ranks, decider=decider, started=started_execution)
     except BaseException:
         if main:
             run_folder.remove_empty(created)   # nothing trained: no empty run folders left behind
@@ -668,6 +732,9 @@ def _start_tracking(member: Member, data, force: bool) -> None:
         "git_commit": git_commit(), "profile": spec.profile,
         "checkpoint_path": str((member.out / "checkpoint.pt").resolve()),
         "device": str(member.arithmetic.device), "precision": member.arithmetic.precision,
+        # how its networks executed (at.execution): chosen per machine, so recorded per run
+        "layout": member.layout, "compile": member.execution["student"]["compile"],
+        "teacher_layout": member.teacher_layout or "none",
     })
     member.mlflow_run_id = member.tracker.run_id
     member.tracker.log_epochs(member.history)

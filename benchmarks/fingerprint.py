@@ -1,9 +1,11 @@
 """A behaviour fingerprint of a small grid: what a refactoring of the trainer must not change.
 
 Trains every cohort of a profile (default: smoke) through the command line, on the CPU, in
-float32, then writes one JSON record per run: its metrics.json without the wall-clock fields,
-the SHA-256 of its history.csv without the timing columns, and a digest of the final
-checkpoint's weights. Two trees that train the same grid bit for bit give the same JSON.
+float32, eagerly and in contiguous tensors (``--compile off --layout contiguous``: the trainer's
+execution before those options existed, so that fingerprints of older trees compare), then
+writes one JSON record per run: its metrics.json without the wall-clock fields, the SHA-256 of
+its history.csv without the timing columns, and a digest of the final checkpoint's weights. Two
+trees that train the same grid bit for bit give the same JSON.
 
     .venv/bin/python benchmarks/fingerprint.py --out /tmp/fp-before.json   # in the old tree
     .venv/bin/python benchmarks/fingerprint.py --out /tmp/fp-after.json    # in the new tree
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
     for cohort in sorted(cohorts, key=lambda c: (c["level"], c["id"])):
         print(f"training {cohort['id']} ({len(cohort['runs'])} runs)", flush=True)
         subprocess.run(at + ["train", "--cohort", cohort["id"], "--profile", args.profile, "--device", "cpu",
-                             "--precision", "float32", "--threads", "2", "--no-progress"],
+                             "--precision", "float32", "--layout", "contiguous", "--compile", "off",
+                             "--threads", "2", "--no-progress"],
                        cwd=work, env=env, check=True, stdout=subprocess.DEVNULL)
     record = {}
     for cohort in cohorts:

@@ -5,7 +5,10 @@ On a machine with a CUDA GPU this runs, each step logged to its own file in one 
 
 1. ``tests``: the tests marked ``cuda`` (``pytest -m cuda``; they skip without a GPU);
 2. ``benchmark``: the cohort benchmark (benchmarks/cohort_throughput.py) on CUDA, in float32
-   and bf16;
+   and bf16 eager and at auto (precision, layout and compile measured as training decides them);
+   ``benchmark-modes``: bf16 eager, compiled (``--compile on``) and under CUDA graphs
+   (``reduce-overhead``), each at 1, 2 and 4 cohorts sharing the GPU: what ``auto`` weighs on
+   CUDA, measured;
 3. ``data``: the CIFAR-10 mini subset prepared by ``python -m at download cifar10``, its url
    and md5 given through AT_CIFAR10_URL / AT_CIFAR10_MD5, as a user overrides a source;
 4. ``teacher`` and 5. ``cohort``: a short real training on the GPU with ``python -m at train
@@ -93,10 +96,17 @@ def plan(folder: Path, args: argparse.Namespace) -> list[Step]:
         Step("tests", "the tests marked cuda",
              [python, "-m", "pytest", "-m", "cuda", "-q", "-rs", str(REPO / "tests"),
               "--ignore", str(REPO / "tests" / "slurm")]),
-        Step("benchmark", "the cohort benchmark on CUDA, float32 and bf16",
+        Step("benchmark", "the cohort benchmark on CUDA: float32 and bf16 eager, and auto (what training does)",
              [python, str(HERE / "cohort_throughput.py"), "--device", "cuda", "--precision", "float32", "bf16",
-              "--steps", str(args.steps), "--warmup", str(args.warmup), "--params", str(args.params),
+              "auto", "--steps", str(args.steps), "--warmup", str(args.warmup), "--params", str(args.params),
               "--output", str(folder / "benchmark-cohort.json")]),
+        # what auto considers on CUDA, measured where it can be: torch.compile with and without
+        # CUDA graphs, and several cohorts sharing the GPU (their run-images/s added up)
+        Step("benchmark-modes", "bf16 eager, compiled and under CUDA graphs, 1, 2 and 4 cohorts per GPU",
+             [python, str(HERE / "cohort_throughput.py"), "--device", "cuda", "--precision", "bf16",
+              "--compile", "off", "on", "reduce-overhead", "--cohorts-per-device", "1", "2", "4", "--solo",
+              "reference", "--steps", str(args.steps), "--warmup", str(max(args.warmup, 3)), "--params",
+              str(args.params), "--output", str(folder / "benchmark-modes.json")]),
         Step("data", "the CIFAR-10 mini subset, prepared by `python -m at download`",
              [*at_cli, "download", "cifar10", "--root", str(folder / "data" / "cifar10")],
              env={"AT_CIFAR10_URL": Path(args.mini_tarball).resolve().as_uri(), "AT_CIFAR10_MD5": MINI_MD5}),

@@ -16,6 +16,17 @@ CIFAR_MINI = SHARED / "data" / "cifar10-mini-python.tar.gz"
 CIFAR_MINI_MD5 = "1c190744c9595cc62078be24b4b038fb"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def execution_cache(tmp_path_factory):
+    """The session's own cache of layout and compile measurements (at.execution), for the tests
+    and the processes they start: what the tests choose never depends on, or writes into, the
+    user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        folder = tmp_path_factory.mktemp("execution-cache")
+        mp.setenv("AT_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def cifar_mini_tarball() -> Path:
     """The real CIFAR-10 mini archive of ../shared (a fixture, not an import: tests/slurm has a

@@ -22,7 +22,7 @@ from at.spec import RunSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-STEPS = ["tests", "benchmark", "data", "teacher", "cohort"]
+STEPS = ["tests", "benchmark", "benchmark-modes", "data", "teacher", "cohort"]
 
 
 def _load_script():
@@ -60,7 +60,7 @@ def test_dry_run_lists_the_steps_in_order_and_runs_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     listed = [line.split(":")[0].split(". ")[1] for line in proc.stdout.splitlines() if line[:1].isdigit()]
     assert listed == STEPS
-    assert "pytest -m cuda" in proc.stdout and "--device cuda --precision float32 bf16" in proc.stdout
+    assert "pytest -m cuda" in proc.stdout and "--device cuda --precision float32 bf16 auto" in proc.stdout
     assert "AT_CIFAR10_URL=file://" in proc.stdout
     assert not out.exists()
 
@@ -89,8 +89,21 @@ def test_the_benchmark_step_is_the_cohort_benchmark_on_cuda(tmp_path):
     command = steps["benchmark"].command
     assert Path(command[1]) == REPO / "benchmarks" / "cohort_throughput.py"
     args = gpu_check.cohort_throughput.parse_args(command[2:])
-    assert (args.device, args.precision, args.steps, args.warmup) == ("cuda", ["float32", "bf16"], 7, 2)
+    assert (args.device, args.precision, args.steps, args.warmup) == ("cuda", ["float32", "bf16", "auto"], 7, 2)
     assert args.output == tmp_path / "benchmark-cohort.json" and args.members is None
+
+
+def test_the_modes_step_measures_what_auto_weighs_on_cuda(tmp_path):
+    """CUDA graphs (compile reduce-overhead) and several cohorts per GPU, each against eager and
+    one cohort: measured by gpu-check, since they have no CPU path to measure them on here."""
+    steps, _ = _plan(tmp_path, "--steps", "7", "--warmup", "2")
+    command = steps["benchmark-modes"].command
+    args = gpu_check.cohort_throughput.parse_args(command[2:])
+    assert (args.device, args.precision, args.compile) == ("cuda", ["bf16"], ["off", "on", "reduce-overhead"])
+    assert args.cohorts_per_device == [1, 2, 4] and args.solo == "reference" and args.warmup == 3
+    names = [m["name"] for m in gpu_check.cohort_throughput.modes(args, __import__("torch").device("cuda"))]
+    assert "bf16 / compile reduce-overhead / layout auto / 4 cohorts" in names and len(names) == 9
+    assert args.output == tmp_path / "benchmark-modes.json"
 
 
 def test_the_data_step_prepares_the_mini_set_through_the_overrides(tmp_path, cifar_mini_tarball):
