@@ -318,9 +318,9 @@ def benchmarks(repo: Path, source: str) -> str:
                 f"{'empty' if folder.is_dir() else 'missing'}. A report written by "
                 "`benchmarks/cohort_throughput.py` (`make benchmark`) and copied there appears here "
                 "after `python scripts/render_docs.py`.\n")
-    lines = ["| report | device | precision | batch | cohort run-img/s | solo run-img/s | cohort vs solo "
-             "| cohort peak memory (MiB) | load (1 min, end) | commit |",
-             "|---|---|---|--:|--:|--:|--:|--:|--:|---|"]
+    lines = ["| report | device | mode | batch | cohort run-img/s | solo run-img/s | cohort vs solo "
+             "| vs float32 solo | cohort peak memory (MiB) | load (1 min, end) | commit |",
+             "|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|"]
     others = []
     for path in paths:
         report = json.loads(path.read_text())
@@ -329,17 +329,24 @@ def benchmarks(repo: Path, source: str) -> str:
             continue
         settings = report.get("settings", {})
         cuda = (report.get("device") or {}).get("type") == "cuda"
-        for precision, result in report["results"].items():
-            cohort, solo = result["cohort"], result["solo"]
+        for mode, result in report["results"].items():
+            # version 1: one result per precision; version 2: per mode (precision / compile / layout),
+            # its runs alone perhaps not measured (solo null) and every mode against the float32 solo
+            cohort, solo = result["cohort"], result.get("solo")
             memory = cohort["memory"].get("cuda_peak_allocated_mib" if cuda else "peak_rss_mib")
-            name = f"{precision} (auto)" if precision == settings.get("auto_precision") else precision
+            name = f"{mode} (auto)" if mode == settings.get("auto_precision") else mode
+            versus = result.get("cohort_vs_solo")
+            reference = result.get("cohort_vs_reference_solo")
             lines.append(f"| [{path.name}](../{source}/{path.name}) | {_device(report)} | {name} | "
                          f"{settings.get('batch', '—')} | {_fmt(cohort['run_images_per_s'])} | "
-                         f"{_fmt(solo['run_images_per_s'])} | x{result['cohort_vs_solo']:.2f} | {_fmt(memory)} | "
+                         f"{_fmt(solo['run_images_per_s'] if solo else None)} | "
+                         f"{'—' if versus is None else f'x{versus:.2f}'} | "
+                         f"{'—' if reference is None else f'x{reference:.2f}'} | {_fmt(memory)} | "
                          f"{_fmt((report.get('load_average') or {}).get('end', [None])[0], 2)} | "
                          f"{str(report.get('git_commit', ''))[:7]} |")
     lines += ["", "run-img/s: images trained per second summed over the runs; cohort: the runs trained as one "
-                  "cohort, solo: the same runs one after another (benchmarks/README.md). Peak memory: host "
+                  "cohort, solo: the same runs one after another; vs float32 solo: the cohort against the runs "
+                  "alone in float32, eager, contiguous (benchmarks/README.md). Peak memory: host "
                   "RSS on the CPU, `max_memory_allocated` on CUDA. A load above the thread count means other "
                   "work shared the machine."]
     if others:
