@@ -91,7 +91,7 @@ def test_the_benchmarks_page_says_when_nothing_is_committed_and_lists_what_is(tm
     (folder / "ddp.json").write_text(json.dumps({"format": "something-else"}))
     text = render_docs.benchmarks(tmp_path, "benchmarks/committed")
     assert ("| [cpu-cohort.json](../benchmarks/committed/cpu-cohort.json) | Some CPU (2 threads) | float32 (auto) | "
-            "128 | 300 | 200 | x1.50 | 1,800 | 1.50 | abcdef0 |") in text
+            "128 | 300 | 200 | x1.50 | — | 1,800 | 1.50 | abcdef0 |") in text   # a version-1 report: no reference
     assert "Not cohort reports, not shown: ddp.json (format 'something-else')." in text
 
 
