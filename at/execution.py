@@ -171,13 +171,18 @@ def _autocast(precision: str, device):
     return contextlib.nullcontext()
 
 
+# SGD's multi-tensor implementation: one call per operation for all of a member's parameters
+# instead of a Python loop over them (torch picks it by itself only on CUDA). Bit-identical to
+# the loop on the CPU (checked by tests/test_speed.py); the fused one is not, so it is not used.
+SGD_IMPLEMENTATION = {"foreach": True}
+
+
 def step_function(workload: Workload, layout: str, compile: str = "off") -> Callable[[], None]:
     """One step of the workload's model on random data: forward, and for a training step
     cross-entropy, backward and an SGD step. Built without touching the global random state."""
     import torch.nn.functional as F
 
     from at import models
-    from at.member import SGD_IMPLEMENTATION
 
     device = workload.device
     devices = [device] if device.type == "cuda" else []

@@ -39,10 +39,7 @@ class TrainingDiverged(RuntimeError):
     """The loss stopped being a finite number."""
 
 
-# SGD's multi-tensor implementation: one call per operation for all of a member's parameters
-# instead of a Python loop over them (torch picks it by itself only on CUDA). Bit-identical to
-# the loop on the CPU (checked by tests/test_speed.py); the fused one is not, so it is not used.
-SGD_IMPLEMENTATION = {"foreach": True}
+SGD_IMPLEMENTATION = execution.SGD_IMPLEMENTATION   # how SGD steps (at.execution says why)
 
 
 def make_optimizer(params, protocol: Protocol, lr: float) -> torch.optim.SGD:

@@ -39,3 +39,17 @@ def run_cli(args: list[str], cwd: Path | None = None) -> Ran:
     finally:
         os.chdir(before)
     return Ran(status, out.getvalue(), err.getvalue())
+
+
+STOP_SIGNALS = ("SIGINT", "SIGHUP", "SIGTERM")
+
+
+def default_signals() -> None:
+    """A child process's stop signals as a terminal's foreground process has them (a
+    ``preexec_fn``): a test suite started under ``nohup`` or as a background job has SIGHUP or
+    SIGINT ignored, a child inherits that, and a run keeps a signal ignored at its start (as
+    ``nohup`` asks), so a test of what a signal does must undo it."""
+    import signal
+
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_DFL)

@@ -237,12 +237,14 @@ def test_a_finished_run_is_left_alone_and_outputs_come_back_from_the_final_state
     assert {name: (out / name).stat().st_mtime_ns for name in before} == mtimes, "a finished run must not be touched"
 
     # Snakemake and DVC delete a job's outputs before re-running it (a run added to its cohort):
-    # the outputs come back from the final state, identical, without training
+    # the outputs come back as they were written (their kept copies, at.member), byte for byte,
+    # without training
     for name in before:
         (out / name).unlink()
     status, printed = _main(spec_file, capsys)
     assert status == 0
-    assert "writing its outputs again" in printed and "epoch 1/1" not in printed
+    assert "its outputs put back as they were written" in printed and "epoch 1/1" not in printed
+    assert {name: (out / name).read_bytes() for name in before} == before
     assert {name: (out / name).read_bytes() for name in ("metrics.json", "history.csv")} == \
         {name: before[name] for name in ("metrics.json", "history.csv")}
     restored, original = checkpoint.load(out / "checkpoint.pt"), torch.load(io.BytesIO(before["checkpoint.pt"]))

@@ -20,6 +20,7 @@ import pytest
 
 from at import checkpoint
 from at.train import EXIT_INTERRUPTED, Options, train, train_cohort
+from in_process import default_signals
 from test_cohort import _cli, _env, _main, _spec_file, assert_same_run, make_spec, private_mlflow, relocate  # noqa: F401
 
 
@@ -111,6 +112,7 @@ def test_sigterm_saves_every_member_mid_epoch_and_exits_for_a_retry(tmp_path, ci
 def _take_terminal() -> None:
     # in the child, after setsid (start_new_session): its stdin, a pseudo-terminal, becomes its
     # controlling terminal, as a login shell's is
+    default_signals()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
@@ -139,7 +141,7 @@ def test_ctrl_c_and_a_closed_terminal_save_like_sigterm_and_the_same_command_res
     if how == "SIGINT":
         # Ctrl-C: the terminal sends SIGINT to the process in its foreground
         proc = subprocess.Popen(_cli(spec_file), env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+                                stderr=subprocess.STDOUT, text=True, preexec_fn=default_signals)
         while not started():
             assert proc.poll() is None
             time.sleep(0.05)

@@ -132,8 +132,10 @@ def test_one_run_one_record_written_by_rank_0(uninterrupted, root):
     experiment = client.get_experiment_by_name("attention-transfer/custom")
     for spec in specs:
         out = Path(spec["out_dir"])
-        assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint.pt", "history.csv", "last.prev.pt", "last.pt",
-                                                         "metrics.json", "mlflow_run_id"]
+        # .outputs: the kept copies of the outputs (at.member); spec.json: what they are for (at.outdated)
+        assert sorted(p.name for p in out.iterdir()) == [".lock", ".outputs", "checkpoint.pt", "history.csv",
+                                                         "last.prev.pt", "last.pt", "metrics.json", "mlflow_run_id",
+                                                         "spec.json"]
         metrics = json.loads((out / "metrics.json").read_text())
         assert (metrics["train_size"], metrics["final_epoch"]) == (96, 2)
         state = checkpoint.load(out / "last.pt")

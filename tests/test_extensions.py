@@ -155,7 +155,7 @@ def test_the_grid_snakemake_and_dvc_see_the_users_runs(user_project):
     assert "python -m at download toy" in dry.stdout
     _at(root, env, "dvc", "--profile", "mine")
     stages = {**yaml.safe_load((root / "pipelines" / "mine" / "dvc.yaml").read_text())["stages"],
-              **yaml.safe_load((root / "pipelines" / "data" / "dvc.yaml").read_text())["stages"]}
+              **yaml.safe_load((root / "dvc.yaml").read_text())["stages"]}   # the root: downloads
     commands = " ".join(str(s.get("cmd")) for s in stages.values())
     assert f"--cohort {COHORT_STUDENTS}" in commands and "download toy" in commands
 

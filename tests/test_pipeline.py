@@ -93,7 +93,7 @@ def test_snakemake_and_dvc_agree_that_everything_is_up_to_date(ci_run):
     # a local job on a machine without an NVIDIA device is given no GPU: its resources say none
     if not Path("/dev/nvidiactl").exists():
         resources = [line for line in console.splitlines() if line.strip().startswith("resources:")]
-        assert resources and not [line for line in resources if "gpu=" in line], resources[:3]
+        assert resources and not [line for line in resources if "gpu=" in line and "gpu=0" not in line], resources[:3]
     for run in _ci_runs(ci_run):
         assert f"[{run['id']}] epoch 1/1 " in console, run["id"]
 
@@ -373,8 +373,11 @@ def test_a_result_another_tool_wrote_for_another_spec_is_stale_for_both(ci_run):
         params_file.write_text(original)
     planned = sorted(j["rule"] for j in _snakemake_plans(ci_run) if j["rule"] != "all")
     assert planned == sorted([grid_mod.cohort_rule_name(cohort["id"]), "report"]), planned
+    # DVC's status names the stage whose params changed; its repro runs that and the report after it
     status = _sh(["dvc", "status", CI_PIPELINE], ci_run).stdout
-    assert re.findall(r"^pipelines/ci/dvc\.yaml:(\S+):$", status, re.M) == [stage, "report-ci"], status
+    assert re.findall(r"^pipelines/ci/dvc\.yaml:(\S+):$", status, re.M) == [stage], status
+    dry = _sh(["dvc", "repro", "--dry", CI_PIPELINE], ci_run).stdout
+    assert re.findall(r"Running stage 'pipelines/ci/dvc\.yaml:([^']+)'", dry) == [stage, "report-ci"], dry
     _sh([*SNAKEMAKE_CI, "--cores", "2"], ci_run, timeout=900)
     _sh(["dvc", "commit", "-f", "-d", CI_PIPELINE], ci_run)
     assert _snakemake_plans(ci_run) == []

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from at import checkpoint
+from in_process import default_signals
 from pipeline_repo import _env, _sh, copy_repository
 
 TEACHER = "runs/ci/cifar10/wrn-16-2/baseline/seed0"
@@ -29,6 +30,7 @@ COMMAND = ["snakemake", "--snakefile", "workflow/Snakefile", "--cores", "1", f"{
 
 
 def _take_terminal() -> None:
+    default_signals()   # a suite run under nohup or in the background ignores SIGHUP/SIGINT
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)   # after setsid: the pseudo-terminal is the session's
 
 

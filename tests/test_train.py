@@ -210,7 +210,12 @@ def test_stop_signals_become_a_flag_an_ignored_one_stays_ignored_and_a_second_ct
         os.kill(os.getpid(), signum)
         time.sleep(0.01)   # Python runs a signal's handler between two bytecodes of the main thread
 
-    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)   # as under nohup
+    # the stop signals as a terminal's foreground process has them (a suite run in the background
+    # has SIGINT ignored), then SIGHUP ignored, as under nohup
+    was = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         with _StopFlag() as flag:
             assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
@@ -224,6 +229,8 @@ def test_stop_signals_become_a_flag_an_ignored_one_stays_ignored_and_a_second_ct
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGHUP, before)
+        for signum, handler in was.items():
+            signal.signal(signum, handler)
 
 
 def test_a_second_ctrl_c_leaves_the_mlflow_run_killed_and_the_command_says_one_line(
