@@ -7,9 +7,10 @@ decides what to run from its own record of its last run and from file times, so 
 another tool rewrote for another spec (a beta tried with `dvc repro`, then put back) look
 current to it. Each cohort's job therefore has one more input, a stamp file of its own, which
 is set to the present moment when a member's folder holds another spec than the one wanted:
-its outputs are then older than an input, and Snakemake plans the job. Otherwise the stamp
-keeps its time (created at the epoch), so it never makes a job run on its own, and a cohort
-whose folders match params.yaml (whoever trained them) is up to date for both tools.
+its outputs are then older than an input, and Snakemake plans the job. Otherwise the stamp is
+empty and dated at the epoch (set back so once the folders match again, e.g. after a dry run
+with an edit since undone), so it never makes a job run on its own, and a cohort whose folders
+match params.yaml (whoever trained them) is up to date for both tools.
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ def mark(params: dict, profile: str) -> list[str]:
         if outdated:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic.write_text(path, "".join(f"{run_id}\n" for run_id in outdated))
-        elif not path.exists():
+        elif not path.exists() or path.stat().st_size:
+            # new, or marked by an earlier reading (a dry run with an edit since undone): the
+            # folders match params.yaml now, so the stamp must not make the job run
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic.write_text(path, "")
             os.utime(path, (0, 0))   # never newer than any output
