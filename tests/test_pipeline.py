@@ -124,7 +124,8 @@ def test_a_result_another_tool_wrote_for_another_spec_is_stale_for_both(ci_run):
         done = _sh(["dvc", "repro", CI_PIPELINE], ci_run, timeout=900)
         retrained = json.loads(folder_spec.read_text())["method"]["terms"][1]["beta"]
         assert retrained == 300, done.stdout[-3000:]
-        assert _snakemake_plans(ci_run) == []      # outputs DVC wrote for this spec are current
+        # (Snakemake would plan the cohort once here, its own record of the spec being β = 1000's:
+        # the job would put the outputs back without training)
     finally:
         params_file.write_text(original)
     planned = sorted(j["rule"] for j in _snakemake_plans(ci_run) if j["rule"] != "all")
