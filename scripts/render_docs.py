@@ -18,7 +18,9 @@ and a test (tests/test_docs.py) fails when a part is not what its source gives t
   (metrics.json: wall time, machine, precision);
 - ``benchmarks benchmarks/committed``: the cohort benchmark reports committed there
   (benchmarks/cohort_throughput.py's JSON), one row per report and precision; a missing or empty
-  folder says so.
+  folder says so;
+- ``versus results/runs/<profile>:<cell>:<method>...``: the cells of those methods against one
+  reference cell, paired by seed, with 95% intervals.
 
     python scripts/render_docs.py           # rewrite the generated parts in place
     python scripts/render_docs.py --check   # exit 1, naming the stale files, if any part differs
@@ -289,6 +291,36 @@ def term_size(repo: Path, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def versus(repo: Path, source: str) -> str:
+    """Cells against one reference cell of the same profile, paired by seed (the same teacher,
+    initialisation and batches): ``results/runs/<profile>:<reference cell>:<method>[:<method>...]`` (a cell of a sweep as in its
+    run ids, ``at-sum-p2/beta=300``) lists every cell of those methods (their sweeps included) with its paired difference to the
+    reference and its 95% interval (at.report.statistics, as the report computes Δ base)."""
+    from at.report.statistics import paired_difference
+
+    folder, reference, *methods = source.split(":")
+    reference = reference.replace("/", ", ")   # a sweep's cell as its run ids name it: at-sum-p2/beta=300
+    records = _records(repo / folder)
+    error: dict[str, dict[int, float]] = {}
+    for run_id, (spec, metrics, _) in records.items():
+        if spec["method_name"] in methods or _cell_name(run_id) == reference:
+            error.setdefault(_cell_name(run_id), {})[spec["seed"]] = metrics["final_test_error"]
+    if reference not in error:
+        raise ValueError(f"{source}: no record of the reference cell {reference!r}")
+    lines = [f"| cell | seeds | mean error % | minus {reference} | 95% CI | per seed |", "|---|--:|--:|--:|--:|---|"]
+    for cell in sorted(error):
+        if cell == reference:
+            continue
+        d = paired_difference(error[cell], error[reference])
+        interval = "—" if d.ci_low is None else f"[{d.ci_low:+.2f}, {d.ci_high:+.2f}]"
+        per_seed = ", ".join(f"{s}: {x:+.2f}" for s, x in zip(d.seeds, d.differences))
+        lines.append(f"| {cell} | {len(d.seeds)} | {sum(error[cell].values()) / len(error[cell]):.2f} | "
+                     f"{_signed(d.mean if d.seeds else None)} | {interval} | {per_seed} |")
+    lines += ["", f"Each cell's final test error minus {reference}'s on the same seed (Student t with n − 1 "
+                  f"degrees of freedom); from the records in {folder}."]
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------
 # The committed benchmark reports (docs/benchmarks.md)
 
@@ -355,7 +387,7 @@ def benchmarks(repo: Path, source: str) -> str:
 
 
 KINDS = {"glance": glance, "table": table, "cost": cost, "precision": precision, "term-size": term_size,
-         "benchmarks": benchmarks}
+         "versus": versus, "benchmarks": benchmarks}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def test_every_generated_part_names_a_known_kind_and_an_existing_source():
     for path, kind, source in parts:
         assert kind in render_docs.KINDS, (path, kind)
         if kind != "benchmarks":   # the benchmarks' folder may be missing: the page then says so
-            assert all((REPO / s).exists() for s in source.split(",")), (path, source)
+            assert all((REPO / s.split(":")[0]).exists() for s in source.split(",")), (path, source)
     # an opening marker without its end would leave the part unchecked
     for path in DOCS:
         text = path.read_text()
@@ -399,3 +399,25 @@ def test_the_command_lines_help_names_the_profile_and_where_things_go():
         assert place in text, (sub, place)
         if sub != "download":
             assert "--profile" in text, sub
+
+
+def test_versus_pairs_cells_with_the_reference_by_seed(tmp_path):
+    """A hand-worked case: F-ActT minus AT on seeds 0-2 is -1, +0.5, -2, mean -0.83, 95% interval
+    -0.83 ± t(0.975, 2) · 1.2583 / √3 = [-3.96, +2.29]; a cell with one seed has no interval; a
+    method not asked for is left out."""
+    errors = {"at-sum-p2": {0: 30.0, 1: 31.0, 2: 32.0}, "factt": {0: 29.0, 1: 31.5, 2: 30.0},
+              "factt/beta=100": {0: 28.0}, "kd": {0: 20.0, 1: 20.0}}
+    for cell, per_seed in errors.items():
+        for seed, error in per_seed.items():
+            run_id = f"cifar10/wrn-16-1_from_wrn-16-2/{cell}/seed{seed}"
+            folder = tmp_path / "results/runs/p" / run_id
+            folder.mkdir(parents=True)
+            (folder / "spec.json").write_text(json.dumps({"id": run_id, "seed": seed, "method_name": cell.split("/")[0]}))
+            (folder / "metrics.json").write_text(json.dumps({"final_test_error": error}))
+    text = render_docs.versus(tmp_path, "results/runs/p:at-sum-p2:factt")
+    assert "| factt | 3 | 30.17 | -0.83 | [-3.96, +2.29] | 0: -1.00, 1: +0.50, 2: -2.00 |" in text
+    assert "| factt, beta=100 | 1 | 28.00 | -2.00 | — | 0: -2.00 |" in text
+    assert "kd" not in text.replace("records in", "")
+    assert "| factt | 1 | 30.17 | +1.00 | — | 0: +1.00 |" in render_docs.versus(tmp_path, "results/runs/p:factt/beta=100:factt")
+    with pytest.raises(ValueError, match="no record of the reference cell 'at-sum-p4'"):
+        render_docs.versus(tmp_path, "results/runs/p:at-sum-p4:factt")
