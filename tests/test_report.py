@@ -989,3 +989,19 @@ def test_render_draws_attention_from_the_runs_record(grid, tmp_path):
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "Not drawn: no finished AT run of WRN-16-1 from WRN-16-2 has an attention.json" in readme
     assert not (tmp_path / "out" / f"{figures.FIG_ATTENTION}.png").exists()
+def test_a_curves_panel_with_many_lines_keeps_its_legend_inside_and_its_lines_apart(tmp_path):
+    """The sensitivity table draws 23 lines in one panel: the figure grows to hold its legend,
+    and no two lines share both colour and line style."""
+    context = make_context()
+    layout = inputs.validate_context(context).tables["sensitivity"]
+    runs = [write_run(tmp_path, f"{row}/seed0", 0, [cell("sensitivity", row, "error")], 30.0 + i,
+                      method="baseline" if row == "none" else "kd")
+            for i, row in enumerate(layout.rows)]
+    assert len(runs) > 20
+    summaries, checked = summaries_of(runs, dict(context, not_run={}))
+    series, _ = figures.curve_series(summaries["sensitivity"])
+    fig = figures.curves_figure(series, checked.tables["sensitivity"], summaries["sensitivity"], FOOTER)
+    assert _legends_cover(fig) == []
+    lines = fig.get_axes()[0].get_lines()
+    assert len(lines) == len(runs)
+    assert len({(line.get_color(), line.get_linestyle()) for line in lines}) == len(lines)

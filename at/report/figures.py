@@ -70,8 +70,19 @@ def legend_outside(ax, **kwargs) -> None:
 def _colors(keys: list[str]) -> dict[str, tuple]:
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10"]
-    return {key: cmap(i % 10) for i, key in enumerate(keys)}
+    cmap = colormaps["tab10" if len(keys) <= 10 else "tab20"]
+    return {key: cmap(i % cmap.N) for i, key in enumerate(keys)}
+
+
+_LINE_STYLES = ("-", "--", ":")   # past the colours of tab20, the same colours again, dashed
+
+
+def _line_style(index: int) -> str:
+    return _LINE_STYLES[(index // 20) % len(_LINE_STYLES)]
+
+
+# About the height of one legend entry at fontsize 8, in inches (its text and the gap below it).
+_LEGEND_ENTRY_HEIGHT = 0.21
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +152,10 @@ def curves_figure(series: dict, layout: TableLayout, cells: list[CellSummary], f
         raise ValueError(f"{layout.name}: no cell has a finished run with a history.csv")
     columns = min(2, len(panels))   # one panel (one pair, Table 2) gets the whole width
     grid_rows = -(-len(panels) // columns)
-    fig = new_figure(6.5 * columns, 3.5 * grid_rows + 0.6)
+    # a panel is as tall as its legend beside it (a sweep's table draws twenty lines and more)
+    entries = max(sum(key in series for key, _ in lines) for _, lines in panels)
+    panel_height = max(3.5, _LEGEND_ENTRY_HEIGHT * entries + 1.0)
+    fig = new_figure(6.5 * columns, panel_height * grid_rows + 0.6)
     axes = fig.subplots(grid_rows, columns, squeeze=False).ravel()
     for ax in axes[len(panels):]:
         ax.set_visible(False)
@@ -151,11 +165,11 @@ def curves_figure(series: dict, layout: TableLayout, cells: list[CellSummary], f
             ax.set_title(labels.mathtext(title), fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test error (%)")
-        for key, label in lines:
+        for index, (key, label) in enumerate(lines):
             if key in series:
                 epochs, mean, n = series[key]
                 ax.plot(epochs, mean, marker="o", markersize=3, color=colors[label],
-                        label=labels.mathtext(f"{label} (n={n})"))
+                        linestyle=_line_style(index), label=labels.mathtext(f"{label} (n={n})"))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         legend_outside(ax)
