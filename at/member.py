@@ -140,10 +140,11 @@ class Member:
                 "teacher": teacher}
 
     @property
-    def teacher_key(self):
-        """Members with equal keys can share one teacher output per batch."""
-        key = self.objective.teacher_key
-        return None if key is None else (id(self.teacher), key)
+    def teacher_output_key(self):
+        """Members with equal keys can share one teacher output per batch: the same loaded
+        teacher (at.teachers), run the same way (Objective.teacher_pass). None: no teacher."""
+        teacher_pass = self.objective.teacher_pass
+        return None if teacher_pass is None else (id(self.teacher), teacher_pass)
 
     # -- the resume state -----------------------------------------------------------------------
 

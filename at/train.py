@@ -245,7 +245,7 @@ class Cohort:
             torch.compiler.cudagraph_mark_step_begin()
         with contextlib.nullcontext() if full else execution.eager():
             for member in members:
-                key = member.teacher_key
+                key = member.teacher_output_key
                 output = None
                 if key is not None:
                     output = shared.get(key)
