@@ -116,7 +116,6 @@ class Member:
         self.partial: dict | None = None   # the epoch's running sums, on the device
         self.last_terms: dict = {}   # the last step's weighted terms, for a divergence message
         self.stream_state: dict | None = None   # where the data stream stood when this state was saved
-        self.tracker = None
         # what a training step calls: the objective, or its DistributedDataParallel wrapper in
         # a run on several processes (at.distributed.wrap)
         self.forward = self.objective

@@ -42,7 +42,6 @@ from tqdm import tqdm
 
 from at import console, distributed, execution, resume, run_folder, run_lock
 from at.data.datasets import training_data
-from at.data.download import read_source_record
 from at.data.sources import check_batch_size
 from at.data.stream import DataStream, check_shared_stream
 from at.distributed import SINGLE, Ranks
@@ -52,7 +51,7 @@ from at.method import Progress, TeacherOutput
 from at.precision import Arithmetic, resolve as resolve_precision
 from at.spec import RunSpec
 from at.teachers import Teachers
-from at.tracking import RunTracker, check_store, git_commit
+from at.tracking import Recorder, check_store
 
 # The signals that stop a run the way it can resume: SIGTERM (a SLURM job preempted or at its
 # time limit gets it before SIGKILL), SIGINT (Ctrl-C) and SIGHUP (the terminal closed). Each makes
@@ -544,7 +543,7 @@ def _train_locked(specs: list[RunSpec], options: Options, force: bool, stop, cre
         if main:
             run_folder.remove_empty(created)   # nothing trained: no empty run folders left behind
         raise
-    tracking = options.tracking and main
+    recorder = Recorder(options.tracking and main, force, cohort.data.md5)
     results: dict[str, dict] = {}
     training: list[Member] = []
     for member in cohort.members:
@@ -553,7 +552,8 @@ def _train_locked(specs: list[RunSpec], options: Options, force: bool, stop, cre
         if situation == "finished":
             if main:
                 results[member.id] = _read_metrics(member)
-                if tracking and _complete_tracking(member, cohort.data, found):
+                if recorder.unfinished(member, found.final):
+                    _finish(member, cohort.data, recorder, write=False)
                     continue
             console.say(f"[{member.id}] already finished with this spec: left as it is "
                         f"(`--force` retrains it)")
@@ -567,22 +567,21 @@ def _train_locked(specs: list[RunSpec], options: Options, force: bool, stop, cre
         if situation == "final":
             if main and member.restore_outputs():
                 console.say(f"[{member.id}] finished earlier; its outputs put back as they were written")
-                results[member.id] = _finish(member, cohort.data, tracking, force, write=False)
+                results[member.id] = _finish(member, cohort.data, recorder, write=False)
                 continue
             console.say(f"[{member.id}] finished earlier; writing its outputs again from {found.state_path}")
             if main:
-                results[member.id] = _finish(member, cohort.data, tracking, force)
+                results[member.id] = _finish(member, cohort.data, recorder)
             continue
         if situation == "resume":
             console.say(f"[{member.id}] resuming from {found.state_path} at epoch {member.epoch + 1}, "
                   f"step {member.step}")
         training.append(member)
     if training:
-        diverged = _train(cohort, training, progress=options.progress and main, stop=stop,
-                          tracking=tracking, force=force)
+        diverged = _train(cohort, training, recorder, progress=options.progress and main, stop=stop)
         for member in training:
             if member.id not in diverged and main:
-                results[member.id] = _finish(member, cohort.data, tracking, force)
+                results[member.id] = _finish(member, cohort.data, recorder)
         if diverged:
             raise TrainingDiverged("; ".join(str(e) for e in diverged.values()))
     return [results[spec.id] for spec in specs] if main else []
@@ -597,8 +596,8 @@ def _label(members: list[Member]) -> str:
     return members[0].id if len(members) == 1 else f"cohort of {len(members)} ({members[0].id}, ...)"
 
 
-def _train(cohort: Cohort, members: list[Member], *, progress: bool, stop, tracking: bool,
-           force: bool) -> dict[str, TrainingDiverged]:
+def _train(cohort: Cohort, members: list[Member], recorder: Recorder, *, progress: bool, stop
+           ) -> dict[str, TrainingDiverged]:
     """The epochs of the members still training; returns the members that diverged."""
     stream, arithmetic, ranks = cohort.stream, cohort.arithmetic, cohort.ranks
     steps = stream.steps_per_epoch
@@ -611,9 +610,8 @@ def _train(cohort: Cohort, members: list[Member], *, progress: bool, stop, track
     diverged: dict[str, TrainingDiverged] = {}
     members = list(members)   # a diverged member leaves this list, the caller's stays whole
     try:
-        if tracking:
-            for member in members:
-                _start_tracking(member, cohort.data, force)
+        for member in members:
+            recorder.start(member)
         for epoch in range(start_epoch, cohort.epochs):
             step0 = start_step if epoch == start_epoch else 0
             if step0 == 0:
@@ -641,8 +639,7 @@ def _train(cohort: Cohort, members: list[Member], *, progress: bool, stop, track
                         console.say(f"error: {e}")
                         diverged[member.id] = e
                         members.remove(member)
-                        if member.tracker is not None:
-                            member.tracker.failed()
+                        recorder.failed(member)
                 if not members:
                     break
                 bar.update(1)
@@ -660,8 +657,7 @@ def _train(cohort: Cohort, members: list[Member], *, progress: bool, stop, track
                     continue  # ahead of the replayed stream: this epoch is already in its history
                 row = end_epoch(member, cohort.data, wall, cohort.eval_batch_size, ranks)
                 _save(member, state, ranks)
-                if tracking:
-                    member.tracker.log_epochs(member.history)
+                recorder.epoch(member)
                 console.say(f"[{member.id}] epoch {row['epoch']}/{cohort.epochs} lr {row['lr']:.4g} "
                       f"loss {row['train_loss']:.4f} train err {row['train_error']:.2f}% "
                       f"test err {row['test_error']:.2f}% {row['images_per_s']:.0f} img/s")
@@ -672,20 +668,17 @@ def _train(cohort: Cohort, members: list[Member], *, progress: bool, stop, track
     except Interrupted as e:
         for member in members:
             # MLflow first: after SIGHUP the terminal that the line goes to may be gone
-            if member.tracker is not None:
-                member.tracker.interrupted()
+            recorder.interrupted(member)
             console.say(f"[{member.id}] {e.signal_name}: saved {member.resume_path} at {e}; the same "
                         f"command resumes it")
         raise
     except KeyboardInterrupt:   # a second Ctrl-C (_StopFlag): stopped by a person, not failed
         for member in members:
-            if member.tracker is not None:
-                member.tracker.interrupted()
+            recorder.interrupted(member)
         raise
     except BaseException:
         for member in members:
-            if member.tracker is not None:
-                member.tracker.failed()
+            recorder.failed(member)
         raise
     return diverged
 
@@ -714,73 +707,25 @@ def _save(member: Member, stream_state: dict, ranks: Ranks) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# MLflow and the final outputs
+# The final outputs
 
 
 def _read_metrics(member: Member) -> dict:
     return json.loads((member.out / "metrics.json").read_text())
 
 
-def _start_tracking(member: Member, data, force: bool) -> None:
-    spec = member.spec
-    member.tracker = RunTracker(spec, member.out / "mlflow_run_id")
-    member.tracker.start(None if force else member.mlflow_run_id, tags={
-        "student": spec.student, "teacher": spec.teacher or "none",
-        "method": spec.method_name, "seed": spec.seed, "data_md5": data.md5,
-        # where the data came from (params.yaml's URL or an override's path), as the download recorded it
-        "data_source": read_source_record(spec.data_dir).get("url", "a folder of your own") if spec.data_dir else "none",
-        "git_commit": git_commit(), "profile": spec.profile,
-        "checkpoint_path": str((member.out / "checkpoint.pt").resolve()),
-        "device": str(member.arithmetic.device), "precision": member.arithmetic.precision,
-        # how its networks executed (at.execution): chosen per machine, so recorded per run
-        "layout": member.layout, "compile": member.execution["student"]["compile"],
-        "teacher_layout": member.teacher_layout or "none",
-    })
-    member.mlflow_run_id = member.tracker.run_id
-    member.tracker.log_epochs(member.history)
-
-
-SUMMARY_METRICS = ("final_test_error", "best_test_error", "student_params", "wall_time_s")
-OUTPUT_FILES = ("metrics.json", "history.csv", "checkpoint.pt")
-
-
-def _finish(member: Member, data, tracking: bool, force: bool, write: bool = True) -> dict:
+def _finish(member: Member, data, recorder: Recorder, write: bool = True) -> dict:
     """The final outputs, with MLflow told first (every epoch) and last (FINISHED); a failure
     here (the store, a full disk) marks the MLflow run FAILED and keeps the final state, so a
     retry writes the outputs again without training. ``write=False``: the outputs are there
     already, only MLflow is finished from them."""
     try:
-        if tracking:
-            if member.tracker is None:   # outputs written again from the final state
-                _start_tracking(member, data, force)
-            # MLflow has every epoch before the outputs exist (at.tracking's policy)
-            member.tracker.sync(member.history)
+        recorder.finishing(member)
         metrics = member.write_outputs(data) if write else _read_metrics(member)
-        if tracking:
-            member.tracker.finish({k: v for k, v in metrics.items() if k in SUMMARY_METRICS},
-                                  [member.out / name for name in OUTPUT_FILES])
+        recorder.finished(member, metrics)
     except BaseException:
-        if member.tracker is not None:
-            member.tracker.failed()
+        recorder.failed(member)
         raise
     console.say(f"[{member.id}] done: final test error {metrics['final_test_error']:.2f}% "
           f"after {metrics['final_epoch']} epochs")
     return metrics
-
-
-def _complete_tracking(member: Member, data, found: resume.Saved) -> bool:
-    """A finished run whose MLflow run did not finish (killed between writing its outputs and
-    telling MLflow; a full disk at the artifacts): finish that MLflow run from the files,
-    without training. Returns whether it did. A run recorded in another store is left alone."""
-    id_file = member.out / "mlflow_run_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() else (found.final or {}).get("mlflow_run_id")
-    if not run_id:
-        return False
-    status = RunTracker(member.spec, id_file).status(run_id)
-    if status in (None, "FINISHED"):
-        return False
-    console.say(f"[{member.id}] outputs complete but its MLflow run {run_id} is {status}: finishing it from "
-          f"the files (no training)")
-    member.history, member.mlflow_run_id = found.final["history"], run_id
-    _finish(member, data, tracking=True, force=False, write=False)
-    return True
