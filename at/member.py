@@ -10,7 +10,7 @@ it and moves its state to and from files.
 Files in the run's folder (``spec.out_dir``):
 
 - ``last.pt``: the resume state, written atomically after every epoch and, on a stop signal
-  (SIGTERM, SIGINT, SIGHUP: at.train), mid-epoch; the one it replaces stays as
+  (SIGTERM, SIGINT, SIGHUP: at.start, at.train), mid-epoch; the one it replaces stays as
   ``last.prev.pt``. After the last epoch it stays as the run's *final state*: if the final outputs are deleted (Snakemake and DVC delete a job's
   outputs before re-running it, e.g. when a run is added to its cohort) they are written again
   from it, without training.
