@@ -244,12 +244,15 @@ def _check_processes(specs: list[RunSpec], ranks: Ranks) -> None:
 
 @contextlib.contextmanager
 def _run_folders(specs: list[RunSpec], main: bool) -> Iterator[list[Path]]:
-    """Rank 0: the run folders created (yields those it created) and locked for the block: one
-    writer per run folder, from before its first read to the end (at.run_lock). A folder it
-    created is removed again when the lock is refused. Other ranks: nothing."""
+    """Rank 0: the run folders created (yields those it created), locked for the block (one
+    writer per run folder, from before its first read to the end: at.run_lock), then cleared of
+    the temporary files a kill between a write and its rename left. A folder it created is
+    removed again when the lock is refused. Other ranks: nothing."""
     created = run_folder.prepare(specs) if main else []
     try:
         with run_lock.hold({spec.id: Path(spec.out_dir) for spec in specs} if main else {}):
+            for spec in specs if main else []:
+                run_folder.remove_temporary(Path(spec.out_dir))
             yield created
     except run_lock.LockError:
         run_folder.remove_empty(created)
@@ -261,8 +264,6 @@ def _read_folders(specs: list[RunSpec], force: bool, handshake: _Handshake):
     other ranks: {run id: resume.Saved}, the precision and the execution the runs started in."""
     if not handshake.ranks.is_main:
         return handshake.receive()
-    for spec in specs:
-        run_folder.remove_temporary(Path(spec.out_dir))   # left by a kill between a write and its rename
     saved = {spec.id: resume.Saved.read(spec, force) for spec in specs}
     read = (saved, resume.started_precision(list(saved.values())), resume.started_execution(list(saved.values())))
     handshake.send(read)
