@@ -14,7 +14,7 @@ one. Reading top to bottom:
    states, arithmetic, data, teachers, members at their positions, in one order on every rank);
    runs trained earlier have their outputs put back (:func:`_trained_earlier`); then the epochs
    (:func:`_train`), each its steps (:func:`_epoch_steps`: step, check, a stop signal's save)
-   and its end (:func:`_end_epoch`: evaluate, save the resume state, MLflow told through
+   and what follows them (:func:`_after_epoch`: evaluate, save the resume state, MLflow told through
    at.tracking.Recorder); then
 4. **the final outputs** (:func:`_finish`): MLflow gets every epoch, then the outputs are written.
 
@@ -348,7 +348,7 @@ def _train(cohort: Cohort, members: list[Member], recorder: Recorder, *, progres
                                 recorder, diverged, progress=progress, stop=stop)
             if not members:
                 break
-            _end_epoch(cohort, members, epoch, wall, recorder)
+            _after_epoch(cohort, members, epoch, wall, recorder)
             if _stopping(stop, ranks) and epoch + 1 < epochs:
                 raise Interrupted(f"end of epoch {epoch + 1}", _signum(stop))
     except Interrupted as e:
@@ -417,9 +417,9 @@ def _epoch_steps(cohort: Cohort, members: list[Member], epoch: int, step0: int, 
     return time.perf_counter() - tick
 
 
-def _end_epoch(cohort: Cohort, members: list[Member], epoch: int, wall: float, recorder: Recorder) -> None:
-    """Each member at the end of ``epoch``: evaluated, its history row, its resume state saved,
-    MLflow told, one console line."""
+def _after_epoch(cohort: Cohort, members: list[Member], epoch: int, wall: float, recorder: Recorder) -> None:
+    """After the steps of ``epoch``, each member that trained them: :func:`end_epoch` (evaluated,
+    its history row), its resume state saved, MLflow told, one console line."""
     state = cohort.stream.state(mid_epoch=False)
     epochs, steps = cohort.protocol.epochs, cohort.stream.steps_per_epoch
     for member in members:
