@@ -101,7 +101,8 @@ def _warn_about(specs: list) -> None:
 
 
 def cmd_train(args) -> int:
-    from at.train import Interrupted, Options, TrainingDiverged, train_cohort
+    from at.start import Options
+    from at.train import Interrupted, TrainingDiverged, train_cohort
 
     from at import console, distributed
 
@@ -511,7 +512,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        # Ctrl-C where no run was training (a run stops by itself, saved: at.train.STOP_SIGNALS),
+        # Ctrl-C where no run was training (a run stops by itself, saved: at.start.STOP_SIGNALS),
         # or a second one that would not wait for the save
         print("error: interrupted (Ctrl-C): a run keeps what it saved last, the same command resumes it",
               file=sys.stderr)

@@ -108,10 +108,29 @@ def load_model(path: Path, map_location="cpu"):
         spec = RunSpec.resolve(payload["spec"])
     except ValueError as e:
         raise CheckpointError(f"checkpoint {path}: its run spec no longer resolves: {e}") from e
-    model = models.build(spec.student, num_classes=spec.num_classes)
+    return _trained(path, payload, spec.student, spec.num_classes), spec
+
+
+def load_network(path: Path, map_location="cpu"):
+    """The trained model of a run's checkpoint as a teacher uses it: returns ``(model, model
+    name)``, built from the name and class count its spec records, without resolving that spec.
+    The student's spec named the teacher and was resolved already; resolving the teacher's
+    spec again would check its method and import its plugins, none of which a frozen network
+    needs. The model comes back in eval mode with the checkpoint's weights."""
+    payload = load(path, map_location)
+    saved = payload["spec"]
+    name = saved.get("student") if isinstance(saved, dict) else None
+    num_classes = saved.get("num_classes") if isinstance(saved, dict) else None
+    if not isinstance(name, str) or isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise CheckpointError(f"checkpoint {path}: its run spec names no model (student and num_classes)")
+    return _trained(path, payload, name, num_classes), name
+
+
+def _trained(path: Path, payload: dict, name: str, num_classes: int):
+    model = models.build(name, num_classes=num_classes)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path}: weights do not fit model {spec.student!r}: {e}") from e
+        raise CheckpointError(f"checkpoint {path}: weights do not fit model {name!r}: {e}") from e
     model.eval()
-    return model, spec
+    return model

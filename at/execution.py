@@ -1,7 +1,7 @@
 """How a cohort's networks execute, as opposed to what they compute: memory layout and torch.compile.
 
 Two execution options, like ``--threads`` and ``--device`` (``python -m at train --layout ...
---compile ...``, ``at.train.Options``), outside the run's spec: they change speed, not the
+--compile ...``, ``at.start.Options``), outside the run's spec: they change speed, not the
 method, and a spec is what a run's record is checked against (results/runs/*/spec.json).
 
 - ``layout``: ``contiguous`` (NCHW tensors) | ``channels_last`` (NHWC) | ``auto``;

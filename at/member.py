@@ -10,7 +10,7 @@ it and moves its state to and from files.
 Files in the run's folder (``spec.out_dir``):
 
 - ``last.pt``: the resume state, written atomically after every epoch and, on a stop signal
-  (SIGTERM, SIGINT, SIGHUP: at.train), mid-epoch; the one it replaces stays as
+  (SIGTERM, SIGINT, SIGHUP: at.start, at.train), mid-epoch; the one it replaces stays as
   ``last.prev.pt``. After the last epoch it stays as the run's *final state*: if the final outputs are deleted (Snakemake and DVC delete a job's
   outputs before re-running it, e.g. when a run is added to its cohort) they are written again
   from it, without training.
@@ -116,7 +116,6 @@ class Member:
         self.partial: dict | None = None   # the epoch's running sums, on the device
         self.last_terms: dict = {}   # the last step's weighted terms, for a divergence message
         self.stream_state: dict | None = None   # where the data stream stood when this state was saved
-        self.tracker = None
         # what a training step calls: the objective, or its DistributedDataParallel wrapper in
         # a run on several processes (at.distributed.wrap)
         self.forward = self.objective
@@ -140,10 +139,11 @@ class Member:
                 "teacher": teacher}
 
     @property
-    def teacher_key(self):
-        """Members with equal keys can share one teacher output per batch."""
-        key = self.objective.teacher_key
-        return None if key is None else (id(self.teacher), key)
+    def teacher_output_key(self):
+        """Members with equal keys can share one teacher output per batch: the same loaded
+        teacher (at.teachers), run the same way (Objective.teacher_pass). None: no teacher."""
+        teacher_pass = self.objective.teacher_pass
+        return None if teacher_pass is None else (id(self.teacher), teacher_pass)
 
     # -- the resume state -----------------------------------------------------------------------
 

@@ -86,7 +86,7 @@ class StepResult:
 class TeacherOutput:
     """What the frozen teacher gives for one batch: logits, taps and (for grad_at) its input
     gradient. A cohort computes it once per batch for every member that shares the teacher and
-    its `Objective.teacher_key`, and hands it to each member's objective; what the terms derive
+    its `Objective.teacher_pass`, and hands it to each member's objective; what the terms derive
     from it (the teacher's attention maps) is computed once too, in `derived`."""
 
     logits: Tensor

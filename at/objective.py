@@ -146,10 +146,10 @@ class Objective(nn.Module):
             raise RuntimeError("the teacher must be frozen: set requires_grad_(False) on its parameters")
 
     @property
-    def teacher_key(self) -> tuple[bool, bool] | None:
-        """How this objective needs its teacher run: None (no teacher), else (input gradient
-        needed, full precision). Objectives of one cohort with the same teacher and key can
-        share one `teacher_output` per batch: it is the same computation."""
+    def teacher_pass(self) -> tuple[bool, bool] | None:
+        """How this objective runs its teacher on a batch: None (no teacher), else (input
+        gradient needed, full precision). Objectives of one cohort with the same teacher and
+        pass can share one `teacher_output` per batch: it is the same computation."""
         if not self.needs_teacher:
             return None
         return (self.needs_teacher_gradient, self.has_gradient_terms)

@@ -28,8 +28,9 @@ def weights_sha256(state_dict: dict) -> str:
     return digest.hexdigest()
 
 
-def teacher_key(spec: RunSpec):
-    """What identifies a run's teacher (None: it has none): runs with equal keys share one."""
+def teacher_source(spec: RunSpec):
+    """Where a run's teacher comes from (None: it has none): its checkpoint file, or a pretrained
+    model and its weights. Runs with equal sources share one loaded teacher."""
     if not spec.teacher:
         return None
     if spec.teacher_weights:
@@ -45,10 +46,10 @@ def _load(spec: RunSpec):
         model = models.build(spec.teacher, num_classes=spec.num_classes, weights=spec.teacher_weights)
         return model, f"pretrained:{spec.teacher_weights}"
     path = spec.teacher_checkpoint
-    model, teacher_spec = checkpoint.load_model(path)
-    if teacher_spec.student != spec.teacher:
+    model, name = checkpoint.load_network(path)
+    if name != spec.teacher:
         raise checkpoint.CheckpointError(
-            f"teacher checkpoint {path} holds a {teacher_spec.student!r}, but run {spec.id} "
+            f"teacher checkpoint {path} holds a {name!r}, but run {spec.id} "
             f"expects teacher {spec.teacher!r}")
     return model, weights_sha256(model.state_dict())
 
@@ -61,7 +62,7 @@ class Teachers:
         self.hashes: dict[tuple, str | None] = {}
         self.networks: dict[tuple, tuple[str, str]] = {}
         for spec in specs:
-            key = teacher_key(spec)
+            key = teacher_source(spec)
             if key is None or key in self.models:
                 continue
             # loading builds a model, which draws from the global RNG: keep those draws out of
@@ -86,5 +87,5 @@ class Teachers:
 
     def of(self, spec: RunSpec):
         """(the teacher model, its digest) of a run; (None, None) for a run without one."""
-        key = teacher_key(spec)
+        key = teacher_source(spec)
         return (None, None) if key is None else (self.models[key], self.hashes[key])

@@ -585,6 +585,103 @@ class RunTracker:
         self._end("FAILED")
 
 
+
+# What a training run's MLflow run gets at its end, beside its epochs: these metrics of its
+# metrics.json, and its output files as artifacts.
+SUMMARY_METRICS = ("final_test_error", "best_test_error", "student_params", "wall_time_s")
+OUTPUT_FILES = ("metrics.json", "history.csv", "checkpoint.pt")
+
+
+class Recorder:
+    """What a cohort's training tells MLflow, through the one object the loop calls: at a run's
+    start, after each epoch, around its final outputs, and at its failure or stop. One
+    :class:`RunTracker` per member. Off (``enabled`` false: tracking turned off, or a rank other
+    than 0, which never writes) every call does nothing, so the loop reads the same either way.
+
+    Reads of a member (at.member.Member) its spec, folder, history, arithmetic and execution,
+    and sets its ``mlflow_run_id``: the resume state keeps it, so that a restart continues the
+    same MLflow run (``force``: a retrained run gets a new one)."""
+
+    def __init__(self, enabled: bool, force: bool, data_md5: str):
+        self.enabled = enabled
+        self.force = force
+        self.data_md5 = data_md5
+        self.trackers: dict[str, RunTracker] = {}
+
+    def start(self, member) -> None:
+        """The member's MLflow run (continued, or new), with the epochs it has trained so far."""
+        if not self.enabled:
+            return
+        from at.data.download import read_source_record
+
+        spec = member.spec
+        tracker = self.trackers[member.id] = RunTracker(spec, member.out / "mlflow_run_id")
+        tracker.start(None if self.force else member.mlflow_run_id, tags={
+            "student": spec.student, "teacher": spec.teacher or "none",
+            "method": spec.method_name, "seed": spec.seed, "data_md5": self.data_md5,
+            # where the data came from (params.yaml's URL or an override's path), as the download recorded it
+            "data_source": read_source_record(spec.data_dir).get("url", "a folder of your own") if spec.data_dir else "none",
+            "git_commit": git_commit(), "profile": spec.profile,
+            "checkpoint_path": str((member.out / "checkpoint.pt").resolve()),
+            "device": str(member.arithmetic.device), "precision": member.arithmetic.precision,
+            # how its networks executed (at.execution): chosen per machine, so recorded per run
+            "layout": member.layout, "compile": member.execution["student"]["compile"],
+            "teacher_layout": member.teacher_layout or "none",
+        })
+        member.mlflow_run_id = tracker.run_id
+        tracker.log_epochs(member.history)
+
+    def epoch(self, member) -> None:
+        """After an epoch: the epochs MLflow lacks (training goes on if the store is away)."""
+        if self.enabled:
+            self.trackers[member.id].log_epochs(member.history)
+
+    def finishing(self, member) -> None:
+        """Before the final outputs are written: MLflow gets every epoch, or this raises (the
+        failure policy above). A run whose outputs are written again from its final state, or
+        whose MLflow run is finished from its files, starts its MLflow run here."""
+        if not self.enabled:
+            return
+        if member.id not in self.trackers:
+            self.start(member)
+        self.trackers[member.id].sync(member.history)
+
+    def finished(self, member, metrics: dict) -> None:
+        """Once the final outputs are written: the summary metrics, the files, then FINISHED."""
+        if self.enabled:
+            self.trackers[member.id].finish({k: v for k, v in metrics.items() if k in SUMMARY_METRICS},
+                                            [member.out / name for name in OUTPUT_FILES])
+
+    def failed(self, member) -> None:
+        if member.id in self.trackers:
+            self.trackers[member.id].failed()
+
+    def interrupted(self, member) -> None:
+        if member.id in self.trackers:
+            self.trackers[member.id].interrupted()
+
+    def unfinished(self, member, final: dict) -> bool:
+        """Whether a finished run's MLflow run did not finish (killed between writing its
+        outputs and telling MLflow; a full disk at the artifacts): then the member takes its
+        history and MLflow run from its final checkpoint ``final``, for the caller to finish
+        that MLflow run from the files, without training. A run recorded in another store is
+        left alone."""
+        if not self.enabled:
+            return False
+        from at import console
+
+        id_file = member.out / "mlflow_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else (final or {}).get("mlflow_run_id")
+        if not run_id:
+            return False
+        status = RunTracker(member.spec, id_file).status(run_id)
+        if status in (None, "FINISHED"):
+            return False
+        console.say(f"[{member.id}] outputs complete but its MLflow run {run_id} is {status}: finishing it from "
+                    f"the files (no training)")
+        member.history, member.mlflow_run_id = final["history"], run_id
+        return True
+
 def _search(client, experiment_id: str, filter_string: str) -> list:
     """Every run of the experiment that matches, page by page (a page holds at most 1000)."""
     found, token = [], None

@@ -11,9 +11,9 @@ cohort of one), in each mode asked for: a precision, a compile mode and a layout
 ``auto`` as ``python -m at train`` decides it, by a measurement cached per machine), at one or
 several cohorts on the device at once.
 
-Everything timed is the trainer's own code: ``at.train.Cohort`` builds the members (students,
+Everything timed is the trainer's own code: ``at.start.build_cohort`` builds the members (students,
 objectives, optimizers) and the teacher from the grid's run specs, ``Cohort.stream`` draws the
-batches and ``Cohort.step`` trains them. Only the data are stand-ins: random uint8 CIFAR-shaped
+batches and ``at.train.cohort_step`` trains them. Only the data are stand-ins: random uint8 CIFAR-shaped
 images held on the device (a step costs the same whatever the pixels are, and no download is
 needed), and a teacher checkpoint with random weights.
 
@@ -100,7 +100,8 @@ from at.precision import resolve as resolve_precision  # noqa: E402
 from at.spec import RunSpec  # noqa: E402
 from at import execution  # noqa: E402
 from at.execution import COMPILE_MODES, LAYOUTS  # noqa: E402
-from at.train import Cohort, Options, begin_epoch, check_finite  # noqa: E402
+from at.start import Options, build_cohort  # noqa: E402
+from at.train import begin_epoch, check_finite, cohort_step  # noqa: E402
 
 REPORT_FORMAT = "at-benchmark-cohort"
 REPORT_VERSION = 2
@@ -338,7 +339,7 @@ def measure(config: dict) -> dict:
     # layout and compile as `python -m at train --layout ... --compile ...` resolves them (auto:
     # measured once per machine, at.execution's cache)
     options = Options(device=config["device"], layout=config["layout"], compile=config["compile"])
-    cohort = Cohort(specs, arithmetic, data=data, decider=options.decider())
+    cohort = build_cohort(specs, arithmetic, data=data, decider=options.decider())
     batches = endless_batches(cohort.stream)
     members = cohort.members
     for member in members:
@@ -355,7 +356,7 @@ def measure(config: dict) -> dict:
     warmup_tick = time.perf_counter()
     for _ in range(config["warmup"]):
         x, y = next(batches)
-        cohort.step(x, y, members)
+        cohort_step(cohort, x, y, members)
     _sync(device)
     warmup_s = time.perf_counter() - warmup_tick
     if config.get("barrier"):
@@ -366,7 +367,7 @@ def measure(config: dict) -> dict:
         cpu_start, wall_start = time.process_time(), time.perf_counter()
         for _ in range(config["steps"]):
             x, y = next(batches)
-            cohort.step(x, y, members)
+            cohort_step(cohort, x, y, members)
             images += len(y) * len(members)
         _sync(device)   # the device has finished every timed step before the clock is read
         timed_s = time.perf_counter() - wall_start

@@ -1,9 +1,9 @@
 """Images/s of one run trained on N processes (data parallel, at.distributed) against one process.
 
 Each configuration trains the same run, a WRN-16-1 baseline (``--model``, ``--method``) at one
-global batch size, with the trainer's own code: ``at.train.Cohort`` builds the member (wrapped
+global batch size, with the trainer's own code: ``at.start.build_cohort`` builds the member (wrapped
 in DistributedDataParallel on N > 1 processes, its BatchNorm global with ``--sync-bn``), its
-``DataStream`` draws each rank's slice of every batch, ``Cohort.step`` trains it. The data are
+``DataStream`` draws each rank's slice of every batch, ``at.train.cohort_step`` trains it. The data are
 random uint8 CIFAR-shaped images (benchmarks/cohort_throughput.py's SyntheticData): a step costs
 the same whatever the pixels are. One process runs the plain one-process path (no process
 group, no DDP), started as a subprocess; N > 1 processes are started by real torchrun (gloo on
@@ -60,7 +60,8 @@ def worker(config_path: str, result_path: str) -> None:
     from at import distributed
     from at.precision import Arithmetic
     from at.spec import RunSpec
-    from at.train import Cohort, begin_epoch
+    from at.start import build_cohort
+    from at.train import begin_epoch, cohort_step, loss_weight
 
     config = json.loads(Path(config_path).read_text())
     torch.set_num_threads(config["threads"])
@@ -72,7 +73,7 @@ def worker(config_path: str, result_path: str) -> None:
     ranks.start(device)
     spec = RunSpec.resolve(_spec(config))
     data = SyntheticData(config["dataset_size"], 10, device, seed=0)
-    cohort = Cohort([spec], Arithmetic(device, config["precision"]), data=data, ranks=ranks)
+    cohort = build_cohort([spec], Arithmetic(device, config["precision"]), data=data, ranks=ranks)
     member = cohort.members[0]
     begin_epoch(member)
     batches = endless_batches(cohort.stream)
@@ -81,7 +82,7 @@ def worker(config_path: str, result_path: str) -> None:
     def run(steps: int, offset: int) -> None:
         for i in range(steps):
             x, y = next(batches)
-            cohort.step(x, y, [member], cohort.loss_weight((offset + i) % steps_per_epoch))
+            cohort_step(cohort, x, y, [member], loss_weight(cohort, (offset + i) % steps_per_epoch))
 
     run(config["warmup"], 0)
     if device.type == "cuda":

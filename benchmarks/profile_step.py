@@ -2,7 +2,7 @@
 
 Builds the cohort exactly as the throughput benchmark does (benchmarks/cohort_throughput.py: the
 grid's run specs, random CIFAR-shaped images held on the device, a teacher with random weights),
-runs ``--warmup`` untimed steps, then profiles ``--steps`` steps of ``Cohort.step`` and prints
+runs ``--warmup`` untimed steps, then profiles ``--steps`` steps of ``at.train.cohort_step`` and prints
 the operators that took the most self CPU time, with their share of the total and how many
 times each was called per step. Shares are what to read on a shared machine: absolute times
 move with the load, the breakdown much less.
@@ -37,7 +37,8 @@ from at.execution import COMPILE_MODES, LAYOUTS  # noqa: E402
 from at.precision import PRECISIONS  # noqa: E402
 from at.precision import resolve as resolve_precision  # noqa: E402
 from at.spec import RunSpec  # noqa: E402
-from at.train import Cohort, Options, begin_epoch  # noqa: E402
+from at.start import Options, build_cohort  # noqa: E402
+from at.train import begin_epoch, cohort_step  # noqa: E402
 
 
 def build(args, workdir: Path):
@@ -51,7 +52,7 @@ def build(args, workdir: Path):
     specs = [RunSpec.resolve(s) for s in specs]
     arithmetic = options.arithmetic(specs)
     data = bench.SyntheticData(args.dataset_size, specs[0].num_classes, device, specs[0].seed)
-    cohort = Cohort(specs, arithmetic, data=data, decider=options.decider())
+    cohort = build_cohort(specs, arithmetic, data=data, decider=options.decider())
     for member in cohort.members:
         begin_epoch(member)
     return cohort
@@ -83,13 +84,13 @@ def main(argv=None) -> int:
         batches = bench.endless_batches(cohort.stream)
         for _ in range(args.warmup):
             x, y = next(batches)
-            cohort.step(x, y, members)
+            cohort_step(cohort, x, y, members)
         load = os.getloadavg()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             tick = time.perf_counter()
             for _ in range(args.steps):
                 x, y = next(batches)
-                cohort.step(x, y, members)
+                cohort_step(cohort, x, y, members)
             seconds = time.perf_counter() - tick
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)

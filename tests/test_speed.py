@@ -123,17 +123,18 @@ def test_a_cohort_step_reads_nothing_back_to_the_host(tmp_path, cifar_mini_dir, 
     from test_cohort import members
 
     from at.spec import RunSpec
-    from at.train import Cohort, Options, begin_epoch
+    from at.start import Options, build_cohort
+    from at.train import begin_epoch, cohort_step
 
     specs = [RunSpec.resolve(s) for s in members(tmp_path, cifar_mini_dir, teacher)]
     options = Options(device="cpu", precision="float32", progress=False, threads=1, layout="contiguous",
                       compile="off")
-    cohort = Cohort(specs, options.arithmetic(specs), decider=options.decider())
+    cohort = build_cohort(specs, options.arithmetic(specs), decider=options.decider())
     for member in cohort.members:
         begin_epoch(member)
     cohort.stream.start_epoch()
     batches = cohort.stream.batches(0)
     x, y = next(batches)
     with _NoReadBack(monkeypatch):
-        losses = cohort.step(x, y, cohort.members)
+        losses = cohort_step(cohort, x, y, cohort.members)
     assert len(losses) == len(cohort.members) and all(torch.isfinite(loss) for loss in losses)

@@ -204,7 +204,7 @@ def test_stop_signals_become_a_flag_an_ignored_one_stays_ignored_and_a_second_ct
     import signal
     import time
 
-    from at.train import _StopFlag
+    from at.start import _StopFlag
 
     def deliver(signum):
         os.kill(os.getpid(), signum)
