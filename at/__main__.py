@@ -206,12 +206,12 @@ def cmd_runs(args) -> int:
         return 0
     runs = grid.runs(params, profile)
     if args.json:
-        print(json.dumps(runs, indent=2, sort_keys=True))
+        print(json.dumps([run.to_dict() for run in runs], indent=2, sort_keys=True))
         return 0
     for run in runs:
-        tables = ",".join(sorted({f"{c['table']}:{c['row']}:{c['column']}" for c in run["cells"]})) or "(teacher)"
-        print("\t".join([run["id"], tables, run["student"], run["teacher"] or "-", run["method_name"],
-                         str(run["seed"]), run["out_dir"]]))
+        tables = ",".join(sorted({f"{c.table}:{c.row}:{c.column}" for c in run.cells})) or "(teacher)"
+        print("\t".join([run.id, tables, run.student, run.teacher or "-", run.method_name,
+                         str(run.seed), run.out_dir]))
     return 0
 
 
@@ -244,13 +244,13 @@ def cmd_report(args) -> int:
                "references": references.load(args.references or references.path_beside(args.params)),
                "data_md5": provenance.data_md5(runs)}
     # each run with its protocol's planned epochs: the report refuses a metrics.json that differs
-    planned = [{**run, "epochs": grid.protocol_of(params, run).epochs} for run in runs]
+    planned = [{**run.to_dict(), "epochs": grid.protocol_of(params, run).epochs} for run in runs]
     written = report.render(planned, out, context)
     print(f"report: {len(written)} files in {out}")
     if args.records_only:
         return 0
     parents = tracking.record_cells(profile, _cell_summaries(runs, written), Path(out),
-                                    outside_cells=[run["id"] for run in runs if not run["cells"]])
+                                    outside_cells=[run.id for run in runs if not run.cells])
     print(f"MLflow: {len(parents)} cell runs and the report in experiment {tracking.experiment_name(profile)!r}")
     return 0
 
@@ -260,22 +260,22 @@ def _attention_run(params: dict, profile: str) -> str | None:
     from at import grid
     from at.report.attention_maps import ATTENTION_METHOD, ATTENTION_PAIR
 
-    wanted = {"table": "table1", "row": ATTENTION_PAIR, "column": ATTENTION_METHOD}
-    found = sorted((run["seed"], run["id"]) for run in grid.runs(params, profile)
-                   if any({k: c[k] for k in wanted} == wanted for c in run["cells"]))
+    wanted = ("table1", ATTENTION_PAIR, ATTENTION_METHOD)
+    found = sorted((run.seed, run.id) for run in grid.runs(params, profile)
+                   if any((c.table, c.row, c.column) == wanted for c in run.cells))
     return found[0][1] if found else None
 
 
-def _cell_summaries(runs: list[dict], written: list) -> list[dict]:
+def _cell_summaries(runs: list, written: list) -> list[dict]:
     """The report's per-cell numbers (its <table>.csv files) with each cell's metric and runs,
     in the form tracking.record_cells takes."""
     import csv
 
     members: dict[tuple, dict] = {}
     for run in runs:
-        for c in run["cells"]:
-            cell = members.setdefault((c["table"], c["row"], c["column"]), {"metric": c["metric"], "run_ids": []})
-            cell["run_ids"].append(run["id"])
+        for c in run.cells:
+            cell = members.setdefault((c.table, c.row, c.column), {"metric": c.metric, "run_ids": []})
+            cell["run_ids"].append(run.id)
     summaries = []
     for path in (Path(p) for p in written):
         if path.suffix != ".csv":

@@ -42,8 +42,8 @@ def folder_spec(out_dir: str | os.PathLike) -> dict | None:
         return {}
 
 
-def holds_another_spec(params: dict, run: dict) -> bool:
-    saved = folder_spec(run["out_dir"])
+def holds_another_spec(params: dict, run: grid.GridRun) -> bool:
+    saved = folder_spec(run.out_dir)
     return saved is not None and not grid.run_spec(params, run).same_as(saved)
 
 
@@ -54,7 +54,7 @@ def stamp(cohort: dict) -> str:
 def mark(params: dict, profile: str) -> list[str]:
     """Give every cohort of the profile its stamp, set to now for those with a member whose
     folder holds another spec; returns the ids of the runs found out of date."""
-    runs = {run["id"]: run for run in grid.runs(params, profile)}
+    runs = {run.id: run for run in grid.runs(params, profile)}
     found = []
     for cohort in grid.cohorts(params, profile):
         path = Path(stamp(cohort))

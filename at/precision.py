@@ -19,13 +19,23 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from at import lazy
+from at.choices import names
 
 torch = lazy.module("torch")   # at.lazy: the schema reads PRECISIONS without torch
 
-PRECISIONS = ("auto", "float32", "bf16")
+class Precision(StrEnum):
+    """A protocol's ``precision`` (the module docstring says what each computes in)."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BF16 = "bf16"
+
+
+PRECISIONS = names(Precision)
 # CPU flags (Linux /proc/cpuinfo) of instructions that compute bf16 natively
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -68,11 +78,10 @@ def resolve(precision: str, device: torch.device, flags: set[str] | None = None)
     """``float32`` or ``bf16``: what ``precision`` means on ``device``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision != "auto":
+    if precision != Precision.AUTO:
         return precision
-    if device.type == "cuda":
-        return "bf16"
-    return "bf16" if device.type == "cpu" and cpu_has_native_bf16(flags) else "float32"
+    native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16(flags))
+    return (Precision.BF16 if native else Precision.FLOAT32).value
 
 
 STUDENT, TEACHER = "student", "teacher"   # the roles a network model plays in a cohort
@@ -92,7 +101,7 @@ class Arithmetic:
     @property
     def channels_last(self) -> bool:
         """Whether the precision's usual layout is channels_last (bf16)."""
-        return self.precision == "bf16"
+        return self.precision == Precision.BF16
 
     def layout_of(self, network: tuple[str, str] | None = None) -> str:
         return dict(self.layouts).get(network, "channels_last" if self.channels_last else "contiguous")
@@ -101,7 +110,7 @@ class Arithmetic:
         return dict(self.compiles).get(network, "off")
 
     def autocast(self):
-        if self.precision == "bf16":
+        if self.precision == Precision.BF16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from at.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from at.data.augment import FOLDER_AUGMENTS, IMAGENET_MEAN, IMAGENET_STD, Augment
 from at.data.download import Remote, prepare_archive
 
 __all__ = [
@@ -294,9 +294,9 @@ def image_transform(train: bool, size: int = 224, resize: int = 256, augment: st
     Test images, and training images with ``augment="none"``: Resize(resize) + CenterCrop(size).
     Training images with ``augment="imagenet"``: RandomResizedCrop(size) + horizontal flip.
     """
-    if augment not in ("imagenet", "none"):
-        raise ValueError(f"image folders support augment 'imagenet' or 'none', got {augment!r}")
-    if train and augment == "imagenet":
+    if augment not in FOLDER_AUGMENTS:
+        raise ValueError(f"image folders support augment {' or '.join(map(repr, FOLDER_AUGMENTS))}, got {augment!r}")
+    if train and augment == Augment.IMAGENET:
         geometry = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
     else:
         geometry = [transforms.Resize(resize), transforms.CenterCrop(size)]
