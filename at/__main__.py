@@ -38,11 +38,12 @@ def _spec_from_args(args, params: dict):
         protocol["lr_drops"] = [int(d) for d in args.lr_drops.split(",") if d]
     teacher = None
     method_name = args.method or "baseline"
-    method = params_mod.method(params, method_name)
+    from at.method import Method
+
+    method = Method.resolve(params_mod.method(params, method_name))
     if args.teacher_checkpoint:
         from at import checkpoint
-        from at.method import requires_teacher
-        if requires_teacher(method):
+        if method.needs_teacher:
             teacher = checkpoint.load(args.teacher_checkpoint)["spec"]["student"]
     out = Path(args.out)
     source = params_mod.data_source(params, args.dataset)

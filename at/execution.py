@@ -446,10 +446,9 @@ def eager():
 # A cohort's networks
 
 
-def _has_gradient_terms(method: dict) -> bool:
-    from at.method import TERM_TYPES, resolve_method
-
-    return any(TERM_TYPES[term.type].input_gradients for term in resolve_method(method))
+def _has_gradient_terms(method) -> bool:
+    """Whether a resolved method (at.method.Method) has a term that reads input gradients."""
+    return any(term.kind.input_gradients for term in method.terms)
 
 
 def networks(specs, input_shape: tuple[int, ...], precision: str, device) -> dict[tuple[str, str], tuple[Workload, bool]]:

@@ -207,8 +207,9 @@ def _cell(params: dict, table_name: str, row: str, column: str) -> dict:
         trained, teacher = cell["teacher"], None
     else:
         trained = cell["student"]
-        teacher = cell.get("teacher") if requires_teacher(methods[cell["method"]]) else None
-        if requires_teacher(methods[cell["method"]]) and teacher is None:
+        needs_teacher = requires_teacher(methods[cell["method"]])
+        teacher = cell.get("teacher") if needs_teacher else None
+        if needs_teacher and teacher is None:
             raise _fail(key, f"method {cell['method']!r} needs a teacher, but none is given")
     return {"dataset": cell["dataset"], "protocol": cell["protocol"], "model": trained,
             "weights": cell["weights"], "teacher": teacher,

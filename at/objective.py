@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from at.attention import at_least_float32, forward_with_input_gradient, full_precision
-from at.method import TERM_TYPES, BoundTerm, Progress, StepInputs, StepResult, TeacherOutput, resolve_method
+from at.method import BoundTerm, Method, Progress, StepInputs, StepResult, TeacherOutput
 
 
 def _split_output(output: object, who: str) -> tuple[Tensor, list[Tensor]]:
@@ -63,14 +63,15 @@ class Objective(nn.Module):
 
     def __init__(
         self,
-        spec: dict,
+        spec: Method | dict,
         student: nn.Module,
         teacher: nn.Module | None = None,
         input_shape: tuple[int, ...] = (3, 32, 32),
     ) -> None:
         super().__init__()
-        self.terms = resolve_method(spec)
-        self._types = [TERM_TYPES[term.type] for term in self.terms]
+        # a run spec's method comes resolved (at.spec); a dict (a test's, a notebook's) is checked here
+        self.terms = list(Method.resolve(spec).terms)
+        self._types = [term.kind for term in self.terms]
         need_teacher = [term.name for term, kind in zip(self.terms, self._types) if kind.needs_teacher]
         if need_teacher and teacher is None:
             raise ValueError(f"method terms {need_teacher} need a teacher, but none was given")

@@ -158,6 +158,10 @@ class TermType:
     input_gradients: frozenset[str] = frozenset()
     build: Callable[[list[tuple[int, TapShape, TapShape]]], nn.Module] | None = None
 
+    def defaults(self) -> dict[str, object]:
+        """Its options' defaults (those it has), as a term that writes none of them gets them."""
+        return {key: option.default for key, option in self.options.items() if option.default is not REQUIRED}
+
     def keys(self) -> dict[str, Option]:
         """Its own keys (without the common ones), `layers` included for tap-pair types."""
         keys = dict(self.options)

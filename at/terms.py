@@ -13,6 +13,7 @@ from at import lazy
 from at.attention import (
     FORMS,
     MAPPINGS,
+    Form,
     at_least_float32,
     at_loss,
     attention_map,
@@ -102,7 +103,7 @@ KD = register_term(TermType(
 AT = register_term(TermType(
     "at", _at, beta=1000.0, needs_teacher=True, tap_pairs=True,
     options={"mapping": Option("sum", one_of(MAPPINGS)), "p": Option(2, positive_number),
-             "form": Option("code", one_of(FORMS))},
+             "form": Option(Form.CODE.value, one_of(FORMS))},
 ))
 FACTT = register_term(TermType(
     "factt", _factt, beta=1000.0, needs_teacher=True, tap_pairs=True, build=_factt_projections,

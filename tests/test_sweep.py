@@ -158,7 +158,7 @@ def test_the_spec_carries_the_swept_value_into_the_loss(params):
     assert swept.method_name == "at-sum-p2/beta=100"
     assert [t.beta for t in resolve_method(swept.method)] == [1.0, 100.0]
     # every other key as params.yaml has the method
-    assert {**swept.method["terms"][1], "beta": 1000.0} == plain.method["terms"][1]
+    assert {**swept.method.to_dict()["terms"][1], "beta": 1000.0} == plain.method.to_dict()["terms"][1]
     student, teacher = _Net(0), _Net(1).eval().requires_grad_(False)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
     progress = Progress(epoch=0, epochs=2)
