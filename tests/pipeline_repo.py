@@ -95,11 +95,14 @@ def parse_dry_run(text: str) -> list[dict]:
     """The jobs of `snakemake --dry-run --printshellcmds` output: rule, input, output, wildcards, shell.
 
     Strict on purpose: a train job without outputs, wildcards or a shell command means the output
-    format changed, and the parity test must say so instead of comparing empty sets.
+    format changed, and the parity test must say so instead of comparing empty sets. The
+    Snakefile folds Snakemake's long lines (at.snakemake_log); they are joined back first.
     """
+    from at.snakemake_log import unfold
+
     jobs: list[dict] = []
     job: dict | None = None
-    for line in text.splitlines():
+    for line in unfold(text).splitlines():
         head = line.strip()
         if head.startswith(("rule ", "localrule ")) and head.endswith(":"):
             job = {"rule": head.split()[1].rstrip(":"), "input": [], "output": [], "wildcards": {}, "shell": None,

@@ -90,6 +90,10 @@ def test_snakemake_and_dvc_agree_that_everything_is_up_to_date(ci_run):
     # (after `dvc repro`, `snakemake -n` plans nothing either: the README's commands, below)
     # the console showed each member's epoch as it finished, not only Snakemake's job lines
     console = (ci_run / "snakemake-console.txt").read_text()
+    # no console line over 300 characters: Snakemake's one-line lists (the report rule's inputs
+    # alone are ~1,000 here) come folded (at.snakemake_log), nothing dropped
+    assert max(map(len, console.splitlines())) <= 300, [line[:120] for line in console.splitlines() if len(line) > 300]
+    assert "runs/ci/" in console and "report" in console
     # a local job on a machine without an NVIDIA device is given no GPU: its resources say none
     if not Path("/dev/nvidiactl").exists():
         resources = [line for line in console.splitlines() if line.strip().startswith("resources:")]

@@ -37,6 +37,10 @@ def snakemake_paper_jobs(paper_copy) -> list[dict]:
     # --forceall: every job of the DAG, whatever already exists; --nolock: a dry run writes nothing
     done = _sh(["snakemake", "--snakefile", "workflow/Snakefile", "--config", "profile=paper",
                 "--dry-run", "--printshellcmds", "--forceall", "--nolock"], paper_copy, timeout=300)
+    # the whole paper DAG (120 runs, a report input list of thousands of characters, every rule
+    # in the reasons) prints no line over 300 characters (at.snakemake_log folds them)
+    longest = max(done.stdout.splitlines(), key=len)
+    assert len(longest) <= 300, longest[:200]
     return parse_dry_run(done.stdout)
 
 
