@@ -10,8 +10,9 @@ value names its member (``Schedule.LR``), never the string again.
 
 The lists that belong to one module live there (augmentations: at.data.augment; precisions:
 at.precision; schedules: at.method; AT loss forms: at.attention; BatchNorm inits and
-pretrained weights: at.models.catalog; execution layouts and compile modes: at.execution);
-those of the grid's cells and of the command line, below.
+pretrained weights: at.models.catalog); below, those of the grid's cells and of the command
+line's execution options (backend, layout, compile mode: at.precision reads the layouts too,
+and at.execution imports at.precision).
 """
 
 from __future__ import annotations
@@ -53,3 +54,22 @@ class Backend(StrEnum):
     AUTO = "auto"
     GLOO = "gloo"
     NCCL = "nccl"
+
+
+class Layout(StrEnum):
+    """A network's memory layout (`python -m at train --layout`): at.execution says how ``auto``
+    decides."""
+
+    AUTO = "auto"
+    CONTIGUOUS = "contiguous"
+    CHANNELS_LAST = "channels_last"
+
+
+class Compile(StrEnum):
+    """Whether and how a network is compiled (`python -m at train --compile`): at.execution says
+    what each mode does."""
+
+    AUTO = "auto"
+    OFF = "off"
+    ON = "on"
+    REDUCE_OVERHEAD = "reduce-overhead"

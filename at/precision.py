@@ -23,7 +23,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from at import lazy
-from at.choices import names
+from at.choices import Compile, Layout, names
 
 torch = lazy.module("torch")   # at.lazy: the schema reads PRECISIONS without torch
 
@@ -104,10 +104,12 @@ class Arithmetic:
         return self.precision == Precision.BF16
 
     def layout_of(self, network: tuple[str, str] | None = None) -> str:
-        return dict(self.layouts).get(network, "channels_last" if self.channels_last else "contiguous")
+        # no network, or one the cohort did not decide: the precision's usual layout
+        usual = Layout.CHANNELS_LAST if self.channels_last else Layout.CONTIGUOUS
+        return dict(self.layouts).get(network, usual.value)
 
     def compile_of(self, network: tuple[str, str] | None = None) -> str:
-        return dict(self.compiles).get(network, "off")
+        return dict(self.compiles).get(network, Compile.OFF.value)
 
     def autocast(self):
         if self.precision == Precision.BF16:
@@ -116,13 +118,13 @@ class Arithmetic:
 
     def layout(self, x: torch.Tensor, network: tuple[str, str] | None = None) -> torch.Tensor:
         """``x`` in the layout of ``network`` (by default the precision's usual one)."""
-        if self.layout_of(network) == "channels_last":
+        if self.layout_of(network) == Layout.CHANNELS_LAST:
             return x.contiguous(memory_format=torch.channels_last)
         return x.contiguous()
 
     def prepare(self, model: torch.nn.Module, network: tuple[str, str] | None = None) -> torch.nn.Module:
         """Move a model to the device, in the layout of ``network``."""
         model.to(self.device)
-        if self.layout_of(network) == "channels_last":
+        if self.layout_of(network) == Layout.CHANNELS_LAST:
             model.to(memory_format=torch.channels_last)
         return model

@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from at import console, distributed, execution, resume, run_folder, run_lock
+from at.choices import Backend, Compile, Layout
 from at.data.datasets import training_data
 from at.data.download import read_source_record
 from at.data.sources import check_batch_size
@@ -49,7 +50,7 @@ from at.distributed import SINGLE, Ranks
 from at.member import Member, TrainingDiverged, make_optimizer
 from at.rng import rng_state, set_rng_state
 from at.method import Progress, TeacherOutput
-from at.precision import Arithmetic, resolve as resolve_precision
+from at.precision import Arithmetic, Precision, resolve as resolve_precision
 from at.spec import RunSpec
 from at.teachers import Teachers
 from at.tracking import RunTracker, check_store, git_commit
@@ -94,10 +95,10 @@ class Options:
     progress: bool = True
     threads: int | None = None
     tracking: bool = True   # an MLflow run per training run (off: the benchmark, some tests)
-    backend: str = "auto"   # a run on several processes: auto (nccl on CUDA, gloo on the CPU), gloo, nccl
+    backend: str = Backend.AUTO.value   # a run on several processes: auto (nccl on CUDA, gloo on the CPU)
     # how each network executes (at.execution): auto (measured, cached per machine) or as given
-    layout: str = "auto"      # auto | contiguous | channels_last
-    compile: str = "auto"     # auto | off | on | reduce-overhead (CUDA)
+    layout: str = Layout.AUTO.value
+    compile: str = Compile.AUTO.value
 
     def decider(self) -> execution.Decider:
         execution.check_request(self.layout, self.compile)
@@ -126,7 +127,7 @@ class Options:
         wanted = self.precision or specs[0].protocol.precision
         precision = resolve_precision(wanted, device)
         if started is not None and started != precision:
-            if wanted != "auto":
+            if wanted != Precision.AUTO:
                 raise ValueError(f"run {specs[0].id} was started in {started}: resuming it in {wanted} "
                                  f"would mix two arithmetics in one run; resume with --precision "
                                  f"{started}, or retrain with --force")
@@ -213,7 +214,7 @@ class Cohort:
                     member.rng = distributed.rank_rng_state(spec.seed, ranks.rank, arithmetic.device)
             self.members.append(member)
         self.teachers.compile(arithmetic)
-        self.cuda_graphs = "reduce-overhead" in dict(arithmetic.compiles).values()
+        self.cuda_graphs = Compile.REDUCE_OVERHEAD in dict(arithmetic.compiles).values()
 
     def loss_weight(self, step: int) -> float:
         """What this rank's mean loss is multiplied by before backward, so that DDP's average of
@@ -259,7 +260,7 @@ class Cohort:
             try:
                 with self.arithmetic.autocast():
                     output = member.objective.teacher_output(x, y)
-                if self.arithmetic.compile_of(member.teacher_network) == "reduce-overhead":
+                if self.arithmetic.compile_of(member.teacher_network) == Compile.REDUCE_OVERHEAD:
                     # a CUDA graph's outputs live in its pool until a later graph overwrites them:
                     # the members' graphs run before the last of them reads the teacher's
                     output = TeacherOutput(output.logits.clone(), [t.clone() for t in output.taps],
