@@ -18,7 +18,7 @@ from at import models, names, schema, sweep as sweeps
 from at.choices import Trained, names as names_of
 from at.data import datasets as data_sets
 from at.errors import ParamsError, shown
-from at.method import requires_teacher
+from at.method import BASELINE_METHOD, requires_teacher
 from at.params import method as resolve_method
 from at.schema import CELL_DEFAULTS
 from at.spec import Protocol, RunSpec, default_data_dir
@@ -343,7 +343,7 @@ def runs(params: dict, profile: str | None = None) -> list[GridRun]:
             continue  # no teacher, or a pretrained one used as it is (ImageNet): no teacher run
         teacher_cell = {"dataset": run.dataset, "protocol": run.protocol_name, "model": run.teacher,
                         "weights": run.weights, "teacher": None, "teacher_weights": None,
-                        "method": "baseline", "method_spec": params["methods"]["baseline"],
+                        "method": BASELINE_METHOD, "method_spec": params["methods"][BASELINE_METHOD],
                         "metric": CELL_DEFAULTS["metric"]}
         key = (run.dataset, run.protocol_name, run.teacher, run.weights)
         if key not in trained_anywhere:
@@ -366,7 +366,7 @@ def _all_trained_cells(params: dict) -> set[tuple]:
         for row in spec.get("rows") or {}:
             for column in spec.get("columns") or {}:
                 cell = _cell(params, table, row, column)
-                if cell["teacher"] is None and cell["method"] == "baseline":
+                if cell["teacher"] is None and cell["method"] == BASELINE_METHOD:
                     trained.add((cell["dataset"], cell["protocol"], cell["model"], cell["weights"]))
         for model in spec.get("teachers") or []:
             trained.add((spec["dataset"], spec["protocol"], model, spec.get("weights")))

@@ -60,6 +60,10 @@ SCHEDULES = names(Schedule)
 # a term's schedule where its spec writes none
 DEFAULT_SCHEDULE = Schedule.CONSTANT.value
 SPEC_KEYS = ("terms", "plugins")
+# The method of params.yaml that trains a model alone: the grid's teachers train with it
+# (at.grid), the report's paired differences are taken to it (at.report.cells), and a run from
+# command-line arguments uses it where --method is not given.
+BASELINE_METHOD = "baseline"
 # the keys of every term beside its type and name: its weight and how the weight changes
 WEIGHT_KEYS = ("beta", "schedule")
 # A term's name keys StepResult.terms, the history.csv column loss_<name>, the MLflow metric and
@@ -295,6 +299,7 @@ def normalise_method(spec: object) -> dict:
 
 
 __all__ = [
+    "BASELINE_METHOD",
     "DEFAULT_SCHEDULE",
     "SCHEDULES",
     "TERM_TYPES",
