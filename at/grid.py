@@ -248,15 +248,15 @@ def table_rows(params: dict, table_name: str, rows: list[str]) -> list[str]:
 def cells_of(params: dict, table_name: str, row: str, column: str) -> list[tuple[str, dict]]:
     """(row, cell) of one declared row in one column: the row's own cell, then one per value of
     its sweep, whose method is the swept one (``method`` its name in run ids, ``method_spec``
-    its terms)."""
+    its terms, ``method_base`` the params.yaml method it changes)."""
     cell = _cell(params, table_name, row, column)
     found = row_sweep(params, table_name, row, column)
-    out = [(row, cell)]
+    out = [(row, {**cell, "method_base": cell["method"]})]
     for value in found.values if found is not None else ():
         out.append((found.row_of(value), {
             **cell, "method": found.method_name_of(cell["method_spec"], value),
             "method_spec": found.method(cell["method_spec"], value),
-            "swept": found.method_name}))
+            "method_base": found.method_name}))
     return out
 
 
@@ -321,7 +321,7 @@ def runs(params: dict, profile: str | None = None) -> list[GridRun]:
                 student=cell["model"], weights=cell["weights"], teacher=cell["teacher"],
                 teacher_weights=cell["teacher_weights"], teacher_run=None,
                 method_name=cell["method"], method=copy.deepcopy(cell["method_spec"]),
-                method_base=cell.get("swept", cell["method"]), seed=seed,
+                method_base=cell["method_base"], seed=seed,
                 out_dir=names.inside(RUNS_ROOT, f"{RUNS_ROOT}/{profile}/{rid}"), cells=())
             cells[rid] = []
         return found[rid]
@@ -344,6 +344,7 @@ def runs(params: dict, profile: str | None = None) -> list[GridRun]:
         teacher_cell = {"dataset": run.dataset, "protocol": run.protocol_name, "model": run.teacher,
                         "weights": run.weights, "teacher": None, "teacher_weights": None,
                         "method": BASELINE_METHOD, "method_spec": params["methods"][BASELINE_METHOD],
+                        "method_base": BASELINE_METHOD,
                         "metric": CELL_DEFAULTS["metric"]}
         key = (run.dataset, run.protocol_name, run.teacher, run.weights)
         if key not in trained_anywhere:

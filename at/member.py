@@ -202,6 +202,7 @@ class Member:
         if self.epoch >= self.protocol.epochs:
             # nothing left to train: the outputs written from this state are the ones it trained
             # to, with the commit that trained it (not a checkout edited since, `-dirty`)
+            # (a state saved before states recorded their commit has none: this checkout's)
             self.code_version = saved.get("code_version", self.code_version)
         self.stream_state = {"data": saved["rng"]["data"], "perm": saved.get("perm")}
         partial = saved.get("partial")

@@ -33,7 +33,8 @@ def data_description(dataset: str, md5: str | None, params: dict | None = None) 
     """The data of ``dataset`` whose archive has ``md5``: a known archive by name, else the md5."""
     record = datasets.get(dataset)
     if record.user_folder:
-        folder = ((params or {}).get("data") or {}).get(dataset, {}).get("folder")
+        sources = params["data"] if params else {}
+        folder = (sources.get(dataset) or {}).get("folder")
         return f"{record.title} from the folder {folder}" if folder else f"{record.title} (no folder given)"
     if md5 is None:
         return f"{record.title} (no finished run)"

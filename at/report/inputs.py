@@ -114,6 +114,7 @@ def validate_context(context: dict) -> Context:
     # footer: at.provenance.footer; without one, the figures point at the README
     footer = (_one_line("footer", context.get("footer"), required=False)
               or f"{profile} profile · provenance: README.md")
+    # full_scale and not_run are optional: a context made by hand may leave them out (false, none)
     full_scale = context.get("full_scale", False)
     if not isinstance(full_scale, bool):
         raise ReportInputError(f"context['full_scale'] must be True or False, got {full_scale!r}")
@@ -128,7 +129,7 @@ def validate_context(context: dict) -> Context:
         raise ReportInputError("context['references'] must be the tables of a references file "
                                "(at.references.load)")
     tables = layouts(grid_tables, refs)
-    not_run = context.get("not_run", {}) or {}
+    not_run = context.get("not_run") or {}
     if not isinstance(not_run, dict):
         raise ReportInputError(f"context['not_run'] must be a dict, got {type(not_run).__name__}")
     for table, reason in not_run.items():
@@ -321,13 +322,15 @@ def expected_data_md5(dataset: str, folder: str | Path) -> str | None:
     """The data_md5 a run of `dataset` trained from `folder` records in its metrics.json.
 
     The same rule as the trainer's (at.data.sources): the md5 in the folder's source.json,
-    "unknown" when that record has none, "user-folder" for ImageNet; None when the folder has
-    no source.json (nothing to check against).
+    "unknown" when that record has none, "user-folder" for a data set the user supplies as a
+    folder (ImageNet); None when the folder has no source.json (nothing to check against).
     """
+    from at.data.datasets import DATASETS
     from at.data.download import read_source_record
+    from at.data.sources import USER_FOLDER
 
-    if dataset == "imagenet":
-        return "user-folder"
+    if dataset in DATASETS and DATASETS[dataset].user_folder:
+        return USER_FOLDER
     record = read_source_record(folder)
     if not record:
         return None
