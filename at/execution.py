@@ -169,7 +169,7 @@ def workload_device(key: str) -> str:
 
 
 def _autocast(precision: str, device):
-    if precision == "bf16":
+    if precision == Precision.BF16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
