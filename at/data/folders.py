@@ -287,7 +287,7 @@ def load_imagenet(folder: str | os.PathLike) -> ImageSplits:
 # Decoding and augmentation
 
 
-def image_transform(train: bool, size: int = 224, resize: int = 256, augment: str = "imagenet",
+def image_transform(train: bool, size: int = 224, resize: int = 256, augment: str = Augment.IMAGENET.value,
                     mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Callable:
     """ImageNet-style preprocessing, scaled to 0..1 and normalised with ``mean``/``std``.
 
@@ -316,7 +316,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.transform = transform
 
     @classmethod
-    def for_split(cls, items: Sequence[tuple[str, int]], train: bool, size: int = 224, augment: str = "imagenet",
+    def for_split(cls, items: Sequence[tuple[str, int]], train: bool, size: int = 224, augment: str = Augment.IMAGENET.value,
                   mean=IMAGENET_MEAN, std=IMAGENET_STD) -> ImageDataset:
         return cls(items, image_transform(train, size=size, augment=augment, mean=mean, std=std))
 
