@@ -25,9 +25,8 @@ from at.spec import Protocol, RunSpec, default_data_dir
 
 RUNS_ROOT = "runs"
 RESULTS_ROOT = "results"
-CELL_KEYS = {"dataset", "protocol", "student", "teacher", "method", "train", "weights",
-             "teacher_weights", "metric"}
-ROW_KEYS = CELL_KEYS | {"sweep"}   # a row may sweep a key of its method (at.sweep)
+CELL_KEYS = frozenset(schema.CELL_PROPERTIES)
+ROW_KEYS = frozenset(schema.ROW_SCHEMA["properties"])   # a row may also sweep a key of its method (at.sweep)
 
 
 @dataclass(frozen=True)
@@ -457,10 +456,6 @@ def resources_of(params: dict, profile: str) -> dict:
     return dict(prof.get("resources") or (params.get("resources") or {}).get("train") or {})
 
 
-# What a training job asks for where params.yaml's resources leave a key out.
-RESOURCE_DEFAULTS = {"gpu": 0, "cpus_per_task": 1, "mem_mb": 4000, "runtime": 60}
-
-
 def job_resources(params: dict, profile: str, cohort: dict) -> dict:
     """The Snakemake resources (SLURM flags through the profile) of one cohort's training job.
 
@@ -472,7 +467,7 @@ def job_resources(params: dict, profile: str, cohort: dict) -> dict:
     instead of inside a one-task ``srun`` step, so that `python -m at train` can start its N
     tasks with ``srun`` (at.distributed.launch_command). ``threads``: every process's CPUs, what
     a local Snakemake counts against ``--cores``."""
-    base = {**RESOURCE_DEFAULTS, **resources_of(params, profile)}
+    base = {**schema.RESOURCE_DEFAULTS, **resources_of(params, profile)}
     processes = cohort["processes"]
     out = dict(base, threads=base["cpus_per_task"] * processes)
     if processes > 1:

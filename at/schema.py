@@ -90,10 +90,14 @@ PROTOCOL_SCHEMA = {"type": "object", "properties": PROTOCOL_PROPERTIES, "require
                    "additionalProperties": False}
 PROTOCOL_OVERRIDE_SCHEMA = {"type": "object", "properties": PROTOCOL_PROPERTIES, "additionalProperties": False}
 
+# What a training job asks for, per process (at.grid.job_resources), where params.yaml's
+# resources leave a key out: the defaults' one place.
+RESOURCE_DEFAULTS = {"gpu": 0, "cpus_per_task": 1, "mem_mb": 4000, "runtime": 60}
 RESOURCES_SCHEMA = {"type": "object", "additionalProperties": False, "properties": {
-    k: _int(0, "a non-negative integer") for k in ("gpu", "cpus_per_task", "mem_mb", "runtime")}}
+    k: {**_int(0, "a non-negative integer"), "default": v} for k, v in RESOURCE_DEFAULTS.items()}}
 
-# A cell's keys; the defaults of the optional ones are the grid's (at.grid reads CELL_DEFAULTS)
+# A cell's keys (a table, row or column may give any of them; at.grid merges them); the defaults
+# of the optional ones are the grid's (at.grid reads CELL_DEFAULTS)
 CELL_PROPERTIES = {
     "dataset": {"type": "string"}, "protocol": {"type": "string"}, "student": {"type": "string"},
     "teacher": {"type": "string"}, "method": {"type": "string"},
