@@ -24,6 +24,7 @@ from at.attention import (
 from at.term_type import (
     REQUIRED,
     BoundTerm,
+    GradientSource,
     Option,
     StepInputs,
     TermType,
@@ -84,15 +85,16 @@ def _factt(step: StepInputs, term: BoundTerm) -> Tensor:
 
 
 def _grad_at(step: StepInputs, term: BoundTerm) -> Tensor:
-    return grad_at_loss(step.input_gradients["student"], step.input_gradients["teacher"])
+    return grad_at_loss(step.input_gradients[GradientSource.STUDENT], step.input_gradients[GradientSource.TEACHER])
 
 
 def _symmetry(step: StepInputs, term: BoundTerm) -> Tensor:
-    return symmetry_loss(step.input_gradients["student"], step.input_gradients["student_flipped"])
+    return symmetry_loss(step.input_gradients[GradientSource.STUDENT],
+                         step.input_gradients[GradientSource.STUDENT_FLIPPED])
 
 
 def _min_l2(step: StepInputs, term: BoundTerm) -> Tensor:
-    return min_l2_loss(step.input_gradients["student"])
+    return min_l2_loss(step.input_gradients[GradientSource.STUDENT])
 
 
 CE = register_term(TermType("ce", _ce, beta=1.0))
@@ -109,12 +111,14 @@ FACTT = register_term(TermType(
     "factt", _factt, beta=1000.0, needs_teacher=True, tap_pairs=True, build=_factt_projections,
 ))
 GRAD_AT = register_term(TermType(
-    "grad_at", _grad_at, beta=REQUIRED, needs_teacher=True, input_gradients=frozenset({"student", "teacher"}),
+    "grad_at", _grad_at, beta=REQUIRED, needs_teacher=True,
+    input_gradients=frozenset({GradientSource.STUDENT, GradientSource.TEACHER}),
 ))
 SYMMETRY = register_term(TermType(
-    "symmetry", _symmetry, beta=REQUIRED, input_gradients=frozenset({"student", "student_flipped"}),
+    "symmetry", _symmetry, beta=REQUIRED,
+    input_gradients=frozenset({GradientSource.STUDENT, GradientSource.STUDENT_FLIPPED}),
 ))
-MIN_L2 = register_term(TermType("min_l2", _min_l2, beta=REQUIRED, input_gradients=frozenset({"student"})))
+MIN_L2 = register_term(TermType("min_l2", _min_l2, beta=REQUIRED, input_gradients=frozenset({GradientSource.STUDENT})))
 
 # the types registered here (their names are free as ModuleDict keys: at.method checks the others)
 BUILT_IN_TERM_TYPES = frozenset(t.name for t in (CE, KD, AT, FACTT, GRAD_AT, SYMMETRY, MIN_L2))

@@ -316,8 +316,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self.transform = transform
 
     @classmethod
-    def for_split(cls, items: Sequence[tuple[str, int]], train: bool, size: int = 224, augment: str = Augment.IMAGENET.value,
-                  mean=IMAGENET_MEAN, std=IMAGENET_STD) -> ImageDataset:
+    def for_split(cls, items: Sequence[tuple[str, int]], train: bool, size: int = 224,
+                  augment: str = Augment.IMAGENET.value, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> ImageDataset:
         return cls(items, image_transform(train, size=size, augment=augment, mean=mean, std=std))
 
     def __len__(self) -> int:
