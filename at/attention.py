@@ -134,7 +134,7 @@ register_mapping("sum", _sum_map)
 register_mapping("max", _max_map)
 
 
-def attention_map(activation: Tensor, mapping: str = "sum", p: float = 2) -> Tensor:
+def attention_map(activation: Tensor, mapping: str, p: float) -> Tensor:
     """(B, C, H, W) activation -> (B, H*W) attention map, L2-normalised per sample.
 
     Computed in at least float32 even under autocast. An all-zero map stays zero (no NaN).

@@ -132,12 +132,12 @@ def test_p_below_one_has_finite_gradient_at_exact_zeros():
 
 def test_attention_map_is_float32_for_bf16_input_and_under_autocast():
     x = torch.randn(2, 3, 4, 4).to(torch.bfloat16)
-    assert attention_map(x).dtype == torch.float32
+    assert attention_map(x, "sum", 2).dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         conv = nn.Conv2d(3, 3, 1)
         a = conv(torch.randn(2, 3, 4, 4))
         assert a.dtype == torch.bfloat16
-        assert attention_map(a).dtype == torch.float32
+        assert attention_map(a, "sum", 2).dtype == torch.float32
         assert at_loss(a, a.detach() + 1, **AT).dtype == torch.float32
 
 
@@ -147,14 +147,14 @@ def test_attention_map_is_float32_for_bf16_input_and_under_autocast():
 )
 def test_attention_map_rejects_bad_arguments(kwargs, needle):
     with pytest.raises(ValueError, match=needle) as err:
-        attention_map(HAND, **kwargs)
+        attention_map(HAND, **{"mapping": "sum", "p": 2, **kwargs})
     if "mapping" in kwargs:
         assert "sum, max" in str(err.value)
 
 
 def test_attention_map_rejects_non_4d():
     with pytest.raises(ValueError, match=r"\(B, C, H, W\).*\(2, 3\)"):
-        attention_map(torch.zeros(2, 3))
+        attention_map(torch.zeros(2, 3), "sum", 2)
 
 
 # ------------------------------------------------------------------------------ at_loss
@@ -184,7 +184,7 @@ def test_mean_or_sum_over_channels_is_the_same_after_normalisation():
     by_mean = F.normalize(s.pow(2).mean(1).flatten(1))
     by_sum = F.normalize(s.pow(2).sum(1).flatten(1))
     torch.testing.assert_close(by_mean, by_sum, rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(attention_map(s), by_mean, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(attention_map(s, "sum", 2), by_mean, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("mapping,p", [("sum", 1), ("sum", 2), ("sum", 4), ("max", 1)])
