@@ -76,7 +76,7 @@ def _train_specs(args) -> list:
         params, profile = _validated(args)
         if args.cohort:
             cohort = grid.find_cohort(params, args.cohort, profile)
-            return [grid.run_spec(params, run_id, profile) for run_id in cohort["runs"]]
+            return [grid.run_spec(params, run_id, profile) for run_id in cohort.runs]
         return [grid.run_spec(params, args.run, profile)]
     if args.spec:
         from at.spec import RunSpec
@@ -204,10 +204,10 @@ def cmd_runs(args) -> int:
     if args.cohorts:
         cohorts = grid.cohorts(params, profile)
         if args.json:
-            print(json.dumps(cohorts, indent=2, sort_keys=True))
+            print(json.dumps([cohort.to_dict() for cohort in cohorts], indent=2, sort_keys=True))
             return 0
         for cohort in cohorts:
-            print("\t".join([cohort["id"], str(len(cohort["runs"])), ",".join(cohort["runs"])]))
+            print("\t".join([cohort.id, str(len(cohort.runs)), ",".join(cohort.runs)]))
         return 0
     runs = grid.runs(params, profile)
     if args.json:

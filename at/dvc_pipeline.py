@@ -57,8 +57,8 @@ def stage_name(cohort_id: str) -> str:
     return "train-" + cohort_id.replace("/", "--")
 
 
-def train_command(cohort: dict) -> str:
-    return f"python -m at train --cohort {cohort['id']} --profile {cohort['profile']}"
+def train_command(cohort: grid.Cohort) -> str:
+    return f"python -m at train --cohort {cohort.id} --profile {cohort.profile}"
 
 
 def download_command(dataset: str) -> str:
@@ -140,14 +140,14 @@ def stages(params: dict, profile: str) -> dict:
     result: dict = {}
     by_id = {run.id: run for run in runs}
     for cohort in grid.cohorts(params, profile):
-        members = [by_id[run_id] for run_id in cohort["runs"]]
+        members = [by_id[run_id] for run_id in cohort.runs]
         datasets = sorted({run.dataset for run in members})
         deps = sorted({grid.data_dir(run.dataset, params) for run in members})
         deps += sorted({grid.teacher_checkpoint(params, run) for run in members if run.teacher_run})
         stage_params: list = sorted({key for run in members for key in train_params(params, run)})
         # the data the download fetched (URL or path, md5: an override included), as DVC params
         stage_params += [{source_record(d): ["url", "md5"]} for d in datasets if grid.needs_download(params, d)]
-        result[stage_name(cohort["id"])] = {
+        result[stage_name(cohort.id)] = {
             "cmd": train_command(cohort),
             "wdir": wdir,
             "deps": deps,

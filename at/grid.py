@@ -73,6 +73,26 @@ class GridRun:
         return values
 
 
+@dataclass(frozen=True)
+class Cohort:
+    """Runs of a profile that train together in one process (:func:`cohorts` says which): a
+    training job of Snakemake and a stage of DVC. `python -m at runs --cohorts --json` prints
+    :meth:`to_dict`."""
+
+    id: str
+    profile: str
+    level: int                    # 0: its runs teach others; 1: they learn from level 0's
+    seed: int
+    runs: tuple[str, ...]         # its members' run ids
+    teacher_runs: tuple[str, ...]   # the runs whose checkpoints its members learn from, sorted
+    dataset: str
+    processes: int                # the processes each run of it trains on (protocol key; one value per protocol)
+
+    def to_dict(self) -> dict:
+        """The cohort as JSON (`python -m at runs --cohorts --json`)."""
+        return {**dataclasses.asdict(self), "runs": list(self.runs), "teacher_runs": list(self.teacher_runs)}
+
+
 def _fail(key: str, problem: str, allowed=None) -> ParamsError:
     message = f"{key}: {problem}"
     if allowed is not None:
@@ -392,7 +412,7 @@ def cohort_max_size(params: dict) -> int:
     return int((params.get("cohort") or {}).get("max_size", schema.COHORT_DEFAULTS["max_size"]))
 
 
-def cohorts(params: dict, profile: str | None = None) -> list[dict]:
+def cohorts(params: dict, profile: str | None = None) -> list[Cohort]:
     """The runs of the profile grouped into cohorts: the jobs of Snakemake and the stages of DVC.
 
     A cohort is a set of runs that share a data stream (data set, protocol, seed: at.data.stream)
@@ -413,7 +433,7 @@ def cohorts(params: dict, profile: str | None = None) -> list[dict]:
         segment = _segment(run.dataset, run.protocol_name)
         key = (segment, _model_segment(run.student, run.weights), run.seed, level)
         groups.setdefault(key, []).append(run)
-    found: list[dict] = []
+    found: list[Cohort] = []
     counters: dict[tuple, int] = {}
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3])):
         segment, model, seed, level = key
@@ -422,16 +442,12 @@ def cohorts(params: dict, profile: str | None = None) -> list[dict]:
             n = counters.get(key[:3], 0)
             counters[key[:3]] = n + 1
             chunk = members[start:start + limit]
-            found.append({
-                "id": f"{segment}/{model}/seed{seed}/cohort{n}", "profile": profile, "level": level,
-                "seed": seed,
-                "runs": [r.id for r in chunk],
-                "teacher_runs": sorted({r.teacher_run for r in chunk if r.teacher_run}),
-                "dataset": chunk[0].dataset,
-                # the processes each run of it trains on (protocol key; one value per protocol)
-                "processes": protocol_of(params, chunk[0]).processes,
-            })
-    return sorted(found, key=lambda c: c["id"])
+            found.append(Cohort(
+                id=f"{segment}/{model}/seed{seed}/cohort{n}", profile=profile, level=level, seed=seed,
+                runs=tuple(r.id for r in chunk),
+                teacher_runs=tuple(sorted({r.teacher_run for r in chunk if r.teacher_run})),
+                dataset=chunk[0].dataset, processes=protocol_of(params, chunk[0]).processes))
+    return sorted(found, key=lambda c: c.id)
 
 
 def cohort_rule_name(cohort_id: str) -> str:
@@ -439,8 +455,8 @@ def cohort_rule_name(cohort_id: str) -> str:
     return "train_" + re.sub(r"\W", "_", cohort_id)
 
 
-def find_cohort(params: dict, cohort: str, profile: str | None = None) -> dict:
-    return _one({c["id"]: c for c in cohorts(params, profile)}, cohort, "cohort", params, profile,
+def find_cohort(params: dict, cohort: str, profile: str | None = None) -> Cohort:
+    return _one({c.id: c for c in cohorts(params, profile)}, cohort, "cohort", params, profile,
                 "python -m at runs --cohorts --profile ...")
 
 
@@ -468,7 +484,7 @@ def job_resources(params: dict, profile: str, cohort: dict) -> dict:
     tasks with ``srun`` (at.distributed.launch_command). ``threads``: every process's CPUs, what
     a local Snakemake counts against ``--cores``."""
     base = {**schema.RESOURCE_DEFAULTS, **resources_of(params, profile)}
-    processes = cohort["processes"]
+    processes = cohort.processes
     out = dict(base, threads=base["cpus_per_task"] * processes)
     if processes > 1:
         out.update(gpu=base["gpu"] * processes, mem_mb=base["mem_mb"] * processes, tasks=processes, mpi="srun",
@@ -539,7 +555,7 @@ def seed_selection(params: dict, profile: str, asked) -> list[int] | None:
         chosen = sorted({int(item) for item in items})
     except (TypeError, ValueError):
         raise ParamsError(f"seeds: expected seed numbers such as 1 or 0,2, got {shown(asked)}") from None
-    available = sorted({cohort["seed"] for cohort in cohorts(params, profile)})
+    available = sorted({cohort.seed for cohort in cohorts(params, profile)})
     unknown = [seed for seed in chosen if seed not in available]
     if unknown:
         raise ParamsError(f"seeds: profile {profile!r} has no seed {', '.join(map(str, unknown))}; "

@@ -47,8 +47,8 @@ def holds_another_spec(params: dict, run: grid.GridRun) -> bool:
     return saved is not None and not grid.run_spec(params, run).same_as(saved)
 
 
-def stamp(cohort: dict) -> str:
-    return f"{grid.RUNS_ROOT}/{cohort['profile']}/{STAMPS}/{cohort['id']}.stamp"
+def stamp(cohort: grid.Cohort) -> str:
+    return f"{grid.RUNS_ROOT}/{cohort.profile}/{STAMPS}/{cohort.id}.stamp"
 
 
 def mark(params: dict, profile: str) -> list[str]:
@@ -58,7 +58,7 @@ def mark(params: dict, profile: str) -> list[str]:
     found = []
     for cohort in grid.cohorts(params, profile):
         path = Path(stamp(cohort))
-        outdated = [run_id for run_id in cohort["runs"] if holds_another_spec(params, runs[run_id])]
+        outdated = [run_id for run_id in cohort.runs if holds_another_spec(params, runs[run_id])]
         found += outdated
         if outdated:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -221,13 +221,13 @@ def test_weighted_rank_losses_average_to_the_batch_mean(n, world):
 def test_slurm_resources_follow_the_processes_of_a_table(params):
     params = copy.deepcopy(params)
     params["profiles"]["ci"]["resources"] = {"gpu": 1, "cpus_per_task": 6, "mem_mb": 30000, "runtime": 120}
-    (one,) = [c for c in grid.cohorts(params, "ci") if c["level"] == 1][:1]
+    (one,) = [c for c in grid.cohorts(params, "ci") if c.level == 1][:1]
     assert grid.job_resources(params, "ci", one) == {"gpu": 1, "cpus_per_task": 6, "mem_mb": 30000, "runtime": 120,
                                                      "threads": 6}
     for protocol in params["protocols"].values():
         protocol["processes"] = 8
     cohorts = grid.cohorts(params, "ci")
-    assert {c["processes"] for c in cohorts} == {8}
+    assert {c.processes for c in cohorts} == {8}
     # 8 tasks of one GPU each: --gpus=8 --ntasks=8 --ntasks-per-gpu=1 --cpus-per-task=6 --mem=240000
     assert grid.job_resources(params, "ci", cohorts[0]) == {
         "gpu": 8, "tasks": 8, "tasks_per_gpu": 1, "cpus_per_task": 6, "mem_mb": 240000, "runtime": 120,

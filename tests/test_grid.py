@@ -355,9 +355,9 @@ def test_the_mini_profile_is_the_laptop_evidence_the_results_are_made_of(real_pa
         assert (protocol.epochs, protocol.lr_drops, protocol.lr_gamma, protocol.batch_size) == \
             (30, (9, 18, 24), 0.2, 128)
         assert (protocol.train_subset, protocol.test_subset, protocol.precision) == (None, None, "auto")
-    students = [c for c in grid.cohorts(real_params, "mini") if c["level"] > 0]
+    students = [c for c in grid.cohorts(real_params, "mini") if c.level > 0]
     assert len(students) == 5
     for c in students:
-        seeds = {r.seed for r in runs if r.id in c["runs"]}
-        methods = {r.method_name for r in runs if r.id in c["runs"]}
-        assert len(seeds) == 1 and "baseline" in methods and len(c["runs"]) == 8
+        seeds = {r.seed for r in runs if r.id in c.runs}
+        methods = {r.method_name for r in runs if r.id in c.runs}
+        assert len(seeds) == 1 and "baseline" in methods and len(c.runs) == 8

@@ -56,8 +56,8 @@ def trained(tmp_path_factory, cifar_mini_dir, mlflow_template) -> Path:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlruns.db'}")
         params = yaml.safe_load((project / "params.yaml").read_text())
         # teachers first (a cohort's level: how many teachers stand before it)
-        for cohort in sorted(grid.cohorts(params, PROFILE), key=lambda c: c["level"]):
-            done = _cli(project, "train", "--cohort", cohort["id"], "--profile", PROFILE,
+        for cohort in sorted(grid.cohorts(params, PROFILE), key=lambda c: c.level):
+            done = _cli(project, "train", "--cohort", cohort.id, "--profile", PROFILE,
                         "--threads", "1", "--device", "cpu")
             assert done.returncode == 0, done.stdout + done.stderr
         done = _cli(project, "report", "--profile", PROFILE)

@@ -59,11 +59,11 @@ def test_every_protocol_default_is_declared_once_in_the_schema():
 def test_a_protocol_that_leaves_augment_out_shares_the_cohort_of_one_that_writes_it(real_params):
     """The grid: two protocols differing only in a written-out default give the same specs and cohorts."""
     params = copy.deepcopy(real_params)
-    before = {c["id"]: c["runs"] for c in grid.cohorts(params, "ci")}
+    before = {c.id: c.runs for c in grid.cohorts(params, "ci")}
     specs_before = {r.id: grid.run_spec(params, r) for r in grid.runs(params, "ci")}
     del params["protocols"]["cifar"]["augment"]
     del params["protocols"]["cifar"]["momentum"]
-    assert {c["id"]: c["runs"] for c in grid.cohorts(params, "ci")} == before
+    assert {c.id: c.runs for c in grid.cohorts(params, "ci")} == before
     assert {r.id: grid.run_spec(params, r) for r in grid.runs(params, "ci")} == specs_before
 
 

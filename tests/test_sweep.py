@@ -129,9 +129,9 @@ def test_the_methods_own_value_shares_the_run_however_it_is_written(params):
 
 
 def test_a_sweep_run_joins_its_stream_s_cohort(params):
-    [cohort] = [c for c in grid.cohorts(params, PROFILE) if SWEPT_RUN in c["runs"]]
-    assert cohort["id"] == "cifar10/wrn-16-1/seed0/cohort0"
-    assert sorted(cohort["runs"]) == sorted([AT_RUN, SWEPT_RUN, STUDENT_RUN])
+    [cohort] = [c for c in grid.cohorts(params, PROFILE) if SWEPT_RUN in c.runs]
+    assert cohort.id == "cifar10/wrn-16-1/seed0/cohort0"
+    assert sorted(cohort.runs) == sorted([AT_RUN, SWEPT_RUN, STUDENT_RUN])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def test_ci_grid_runs_as_slurm_gpu_jobs_and_a_preempted_job_resumes_without_loss
     copied = params_io.load(root / "params.yaml")
     runs, cohorts = grid.runs(copied, "ci"), grid.cohorts(copied, "ci")
     # the WRN-16-2 teacher, then its five students together
-    assert [len(c["runs"]) for c in cohorts] == [5, 1], cohorts
+    assert [len(c.runs) for c in cohorts] == [5, 1], cohorts
     teacher_id = "cifar10/wrn-16-2/baseline/seed0"
     teacher_dir = root / "runs" / "ci" / teacher_id
     start = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
