@@ -146,6 +146,15 @@ def test_the_documented_schedules_and_their_default_are_the_codes():
     assert f"`{DEFAULT_SCHEDULE}` (default)" in sentence
 
 
+def test_the_documented_metrics_of_a_cell_are_the_codes():
+    from at.choices import METRIC_KEYS, Metric, names
+
+    listed = re.search(r"carry `metric` \(([\w |]+) -> metrics\.json ([`\w |]+)\)",
+                       _bullet("- `runs`: at.grid.runs")).groups()
+    assert tuple(listed[0].split(" | ")) == names(Metric)
+    assert listed[1].replace("`", "").split(" | ") == [METRIC_KEYS[m] for m in Metric]
+
+
 def test_the_documented_batchnorm_inits_are_the_codes():
     from at.choices import names
     from at.models.catalog import BnWeightInit
