@@ -26,10 +26,15 @@ from at import params as params_mod
 
 
 def _spec_from_args(args, params: dict):
+    """A run from plain arguments; what they leave out is params.yaml's (its first data set, its
+    first seed), the data set's record's (its usual protocol) or the baseline method."""
     from at import grid
+    from at.data import datasets
+    from at.method import BASELINE_METHOD, Method
     from at.spec import RunSpec
 
-    protocol = params_mod.protocol(params, args.protocol)
+    dataset = args.dataset or next(iter(params["data"]))
+    protocol = params_mod.protocol(params, args.protocol or datasets.get(dataset).protocol)
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                  "train_subset": args.train_subset, "test_subset": args.test_subset,
                  "augment": args.augment}
@@ -37,25 +42,24 @@ def _spec_from_args(args, params: dict):
     if args.lr_drops is not None:
         protocol["lr_drops"] = [int(d) for d in args.lr_drops.split(",") if d]
     teacher = None
-    method_name = args.method or "baseline"
-    method = params_mod.method(params, method_name)
+    method_name = args.method or BASELINE_METHOD
+    method = Method.resolve(params_mod.method(params, method_name))
     if args.teacher_checkpoint:
         from at import checkpoint
-        from at.method import requires_teacher
-        if requires_teacher(method):
+        if method.needs_teacher:
             teacher = checkpoint.load(args.teacher_checkpoint)["spec"]["student"]
     out = Path(args.out)
-    source = params_mod.data_source(params, args.dataset)
+    source = params_mod.data_source(params, dataset)
     return RunSpec.resolve({
         "id": args.id or out.as_posix(),
-        "dataset": args.dataset,
-        "data_dir": args.data_dir or grid.data_dir(args.dataset, params),
+        "dataset": dataset,
+        "data_dir": args.data_dir or grid.data_dir(dataset, params),
         "student": args.student,
         "teacher": teacher,
         "teacher_checkpoint": args.teacher_checkpoint,
         "method_name": method_name,
         "method": method,
-        "seed": args.seed,
+        "seed": params["seeds"][0] if args.seed is None else args.seed,
         "out_dir": out.as_posix(),
         "num_classes": source["num_classes"],
         "protocol": protocol,
@@ -72,7 +76,7 @@ def _train_specs(args) -> list:
         params, profile = _validated(args)
         if args.cohort:
             cohort = grid.find_cohort(params, args.cohort, profile)
-            return [grid.run_spec(params, run_id, profile) for run_id in cohort["runs"]]
+            return [grid.run_spec(params, run_id, profile) for run_id in cohort.runs]
         return [grid.run_spec(params, args.run, profile)]
     if args.spec:
         from at.spec import RunSpec
@@ -112,8 +116,9 @@ def cmd_train(args) -> int:
     specs = _train_specs(args)
     _warn_about(specs)
     _start_processes(specs, args)
-    options = Options(device=args.device, precision=args.precision, progress=not args.no_progress,
-                      threads=args.threads, backend=args.backend, layout=args.layout, compile=args.compile)
+    # an option left out is Options's default
+    given = {k: getattr(args, k) for k in ("device", "precision", "threads", "backend", "layout", "compile")}
+    options = Options(progress=not args.no_progress, **{k: v for k, v in given.items() if v is not None})
     try:
         train_cohort(specs, options, force=args.force)
     except Interrupted as e:
@@ -200,19 +205,19 @@ def cmd_runs(args) -> int:
     if args.cohorts:
         cohorts = grid.cohorts(params, profile)
         if args.json:
-            print(json.dumps(cohorts, indent=2, sort_keys=True))
+            print(json.dumps([cohort.to_dict() for cohort in cohorts], indent=2, sort_keys=True))
             return 0
         for cohort in cohorts:
-            print("\t".join([cohort["id"], str(len(cohort["runs"])), ",".join(cohort["runs"])]))
+            print("\t".join([cohort.id, str(len(cohort.runs)), ",".join(cohort.runs)]))
         return 0
     runs = grid.runs(params, profile)
     if args.json:
-        print(json.dumps(runs, indent=2, sort_keys=True))
+        print(json.dumps([run.to_dict() for run in runs], indent=2, sort_keys=True))
         return 0
     for run in runs:
-        tables = ",".join(sorted({f"{c['table']}:{c['row']}:{c['column']}" for c in run["cells"]})) or "(teacher)"
-        print("\t".join([run["id"], tables, run["student"], run["teacher"] or "-", run["method_name"],
-                         str(run["seed"]), run["out_dir"]]))
+        tables = ",".join(sorted({f"{c.table}:{c.row}:{c.column}" for c in run.cells})) or "(teacher)"
+        print("\t".join([run.id, tables, run.student, run.teacher or "-", run.method_name,
+                         str(run.seed), run.out_dir]))
     return 0
 
 
@@ -245,13 +250,13 @@ def cmd_report(args) -> int:
                "references": references.load(args.references or references.path_beside(args.params)),
                "data_md5": provenance.data_md5(runs)}
     # each run with its protocol's planned epochs: the report refuses a metrics.json that differs
-    planned = [{**run, "epochs": grid.protocol_of(params, run).epochs} for run in runs]
+    planned = [{**run.to_dict(), "epochs": grid.protocol_of(params, run).epochs} for run in runs]
     written = report.render(planned, out, context)
     print(f"report: {len(written)} files in {out}")
     if args.records_only:
         return 0
     parents = tracking.record_cells(profile, _cell_summaries(runs, written), Path(out),
-                                    outside_cells=[run["id"] for run in runs if not run["cells"]])
+                                    outside_cells=[run.id for run in runs if not run.cells])
     print(f"MLflow: {len(parents)} cell runs and the report in experiment {tracking.experiment_name(profile)!r}")
     return 0
 
@@ -261,22 +266,22 @@ def _attention_run(params: dict, profile: str) -> str | None:
     from at import grid
     from at.report.attention_maps import ATTENTION_METHOD, ATTENTION_PAIR
 
-    wanted = {"table": "table1", "row": ATTENTION_PAIR, "column": ATTENTION_METHOD}
-    found = sorted((run["seed"], run["id"]) for run in grid.runs(params, profile)
-                   if any({k: c[k] for k in wanted} == wanted for c in run["cells"]))
+    wanted = ("table1", ATTENTION_PAIR, ATTENTION_METHOD)
+    found = sorted((run.seed, run.id) for run in grid.runs(params, profile)
+                   if any((c.table, c.row, c.column) == wanted for c in run.cells))
     return found[0][1] if found else None
 
 
-def _cell_summaries(runs: list[dict], written: list) -> list[dict]:
+def _cell_summaries(runs: list, written: list) -> list[dict]:
     """The report's per-cell numbers (its <table>.csv files) with each cell's metric and runs,
     in the form tracking.record_cells takes."""
     import csv
 
     members: dict[tuple, dict] = {}
     for run in runs:
-        for c in run["cells"]:
-            cell = members.setdefault((c["table"], c["row"], c["column"]), {"metric": c["metric"], "run_ids": []})
-            cell["run_ids"].append(run["id"])
+        for c in run.cells:
+            cell = members.setdefault((c.table, c.row, c.column), {"metric": c.metric, "run_ids": []})
+            cell["run_ids"].append(run.id)
     summaries = []
     for path in (Path(p) for p in written):
         if path.suffix != ".csv":
@@ -367,9 +372,10 @@ def cmd_dvc(args) -> int:
 
 def cmd_tracking_init(args) -> int:
     from at import tracking
+    from at.spec import RUN_DEFAULTS
 
     profile = args.profile
-    if profile != "custom":  # `custom`: runs trained from command-line arguments, not the grid
+    if profile != RUN_DEFAULTS["profile"]:  # runs trained from command-line arguments, not the grid
         from at import grid
         profile = grid.profile_name(params_mod.load(args.params), profile)
     tracking.check_store()   # the whole check once, before the jobs fan out
@@ -380,13 +386,13 @@ def cmd_tracking_init(args) -> int:
 
 
 def main(argv=None) -> int:
+    from at.choices import Backend, Compile, Layout, names
     from at.data.augment import AUGMENTATIONS
     from at.precision import PRECISIONS
-    from at.execution import COMPILE_MODES, LAYOUTS
 
     parser = argparse.ArgumentParser(prog="python -m at", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml",
+    parser.add_argument("--params", default=str(params_mod.DEFAULT_PATH),
                         help="the experiment definition (default: params.yaml of the current folder)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -417,14 +423,14 @@ def main(argv=None) -> int:
                                      "specs sharing a data stream")
     what.add_argument("--student", help="model name, e.g. wrn-16-1")
     what.add_argument("--teacher-checkpoint", help="checkpoint.pt of a trained teacher run")
-    what.add_argument("--method", help="a method of params.yaml (default: baseline)")
+    what.add_argument("--method", help="a method of params.yaml (default: baseline, a model trained alone)")
     what.add_argument("--out", help="the run's folder, e.g. runs/my-run (a run from arguments)")
     what.add_argument("--id", help="run id (default: the folder)")
-    what.add_argument("--dataset", default="cifar10",
-                      help="a data set of params.yaml's data section (default: cifar10)")
+    what.add_argument("--dataset", help="a data set of params.yaml's data section (default: the first listed there)")
     what.add_argument("--data-dir", help="the prepared data folder (default: data/<dataset>)")
-    what.add_argument("--seed", type=int, default=0, help="the run's seed (default: 0)")
-    what.add_argument("--protocol", default="cifar", help="a protocol of params.yaml (default: cifar)")
+    what.add_argument("--seed", type=int, help="the run's seed (default: the first of params.yaml's seeds)")
+    what.add_argument("--protocol", help="a protocol of params.yaml (default: the data set's usual one, "
+                                         "cifar for CIFAR; at.data.datasets)")
     what.add_argument("--epochs", type=int, help="override the protocol's epochs")
     what.add_argument("--batch-size", type=int, help="override the protocol's batch size")
     what.add_argument("--lr", type=float, help="override the protocol's initial learning rate")
@@ -433,24 +439,24 @@ def main(argv=None) -> int:
     what.add_argument("--test-subset", type=int, help="test on the first N test images")
     what.add_argument("--augment", choices=list(AUGMENTATIONS))
     how = p.add_argument_group("how to run it")
-    how.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    how.add_argument("--device", help="auto (the default: CUDA if present), cpu, cuda, cuda:1, ...")
     how.add_argument("--precision", choices=list(PRECISIONS),
                      help="override the protocol's precision (auto: bf16 on CUDA and on CPUs with native "
                           "bf16, else float32)")
-    how.add_argument("--layout", choices=list(LAYOUTS), default="auto",
-                     help="memory layout of the networks (auto: measured per model on this machine and "
-                          "cached in ~/.cache/attention-transfer; a tie keeps channels_last in bf16, "
-                          "contiguous in float32)")
-    how.add_argument("--compile", choices=list(COMPILE_MODES), default="auto",
+    how.add_argument("--layout", choices=names(Layout),
+                     help="memory layout of the networks (auto, the default: measured per model on this "
+                          "machine and cached in ~/.cache/attention-transfer; a tie keeps channels_last in "
+                          "bf16, contiguous in float32)")
+    how.add_argument("--compile", choices=names(Compile),
                      help="torch.compile the networks: off, on, reduce-overhead (CUDA graphs, CUDA only), or "
-                          "auto: where the measured saving over the run's steps beats the compilation "
-                          "(measured per model on this machine, cached)")
+                          "auto (the default): where the measured saving over the run's steps beats the "
+                          "compilation (measured per model on this machine, cached)")
     how.add_argument("--force", action="store_true",
                      help="retrain runs that already finished with this spec (default: leave them as they are)")
     how.add_argument("--threads", type=int, help="torch CPU threads (of each process)")
-    how.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
+    how.add_argument("--backend", choices=names(Backend),
                      help="torch.distributed backend of a run on several processes (protocol.processes): "
-                          "auto (nccl on CUDA, gloo on the CPU)")
+                          "auto (the default: nccl on CUDA, gloo on the CPU)")
     how.add_argument("--no-progress", action="store_true", help="no progress bar")
     how.add_argument("--log", metavar="FILE",
                      help="write all output to FILE; the terminal gets one line per finished epoch of each run")

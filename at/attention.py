@@ -22,10 +22,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable
-
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from at import lazy
+from at.choices import names
 from at.registry import Registry
 
 if TYPE_CHECKING:
@@ -35,7 +36,14 @@ if TYPE_CHECKING:
 torch = lazy.module("torch")
 F = lazy.module("torch.nn.functional")
 
-FORMS = ("code", "paper")
+class Form(StrEnum):
+    """How the AT loss compares two attention maps (at_loss says what each computes)."""
+
+    CODE = "code"
+    PAPER = "paper"
+
+
+FORMS = names(Form)
 
 # Same floor as F.normalize's default: an all-zero map stays all-zero instead of 0/0 = NaN.
 NORM_EPS = 1e-12
@@ -126,7 +134,7 @@ register_mapping("sum", _sum_map)
 register_mapping("max", _max_map)
 
 
-def attention_map(activation: Tensor, mapping: str = "sum", p: float = 2) -> Tensor:
+def attention_map(activation: Tensor, mapping: str, p: float) -> Tensor:
     """(B, C, H, W) activation -> (B, H*W) attention map, L2-normalised per sample.
 
     Computed in at least float32 even under autocast. An all-zero map stays zero (no NaN).
@@ -161,16 +169,16 @@ def check_same_spatial(student_act: Tensor, teacher_act: Tensor, what: str) -> N
 def at_loss(
     student_act: Tensor,
     teacher_act: Tensor,
-    mapping: str = "sum",
-    p: float = 2,
-    form: str = "code",
+    mapping: str,
+    p: float,
+    form: str,
     teacher_map: Tensor | None = None,
 ) -> Tensor:
     """Activation-based AT loss for one layer pair, a float32 (or float64) scalar.
 
     The objective is CE + beta * sum_j at_loss_j. With Q the normalised attention maps:
 
-    - form="code" (authors' code, default): mean over batch and H*W of (Q_s - Q_t)^2;
+    - form="code" (authors' code, the at term's default: at.terms holds the options' defaults): mean over batch and H*W of (Q_s - Q_t)^2;
       with beta = 1000 this is the paper's "10^3 divided by the number of elements in the
       attention map and batch size".
     - form="paper": 0.5 * mean over the batch of ||Q_s - Q_t||_2 (the paper's beta/2 * ||.||_p,
@@ -187,7 +195,7 @@ def at_loss(
     q_t = attention_map(teacher_act.detach(), mapping, p) if teacher_map is None else teacher_map
     with full_precision(q_s):
         diff = q_s - q_t
-        if form == "code":
+        if form == Form.CODE:
             return diff.pow(2).mean()
         return 0.5 * torch.linalg.vector_norm(diff, ord=2, dim=1).mean()
 
@@ -277,6 +285,7 @@ def min_l2_loss(j: Tensor) -> Tensor:
 
 __all__ = [
     "FORMS",
+    "Form",
     "MAPPINGS",
     "abs_pow",
     "at_loss",

@@ -22,8 +22,8 @@ def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     labels: Tensor,
-    T: float = 4.0,
-    alpha: float = 0.9,
+    T: float,
+    alpha: float,
 ) -> Tensor:
     """Knowledge distillation (Hinton et al. 2015) as in the authors' code:
 
@@ -31,6 +31,8 @@ def kd_loss(
 
     with p = softmax(z / T). T^2 keeps the soft term's gradient scale independent of T. The
     teacher's logits are constants (detached). Computed in at least float32 under autocast.
+    T and alpha have no default here: the kd term's record holds them (at.terms, T=4 and
+    alpha=0.9 as the authors' code), and a term passes its resolved options.
     """
     check_kd_params(T, alpha)
     if student_logits.ndim != 2 or student_logits.shape != teacher_logits.shape:

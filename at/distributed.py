@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from at.choices import Backend, names
+
 __all__ = ["RankLost", "Ranks", "SINGLE", "bounds", "check_layout", "first_host", "from_environment",
            "launch_command", "lost_contact", "loss_weight", "rank_rng_state", "slurm_port", "wrap"]
 
@@ -43,7 +45,7 @@ __all__ = ["RankLost", "Ranks", "SINGLE", "bounds", "check_layout", "first_host"
 SLURM_PORT_BASE = 12000
 SLURM_PORT_SPAN = 20000
 
-BACKENDS = ("auto", "gloo", "nccl")
+BACKENDS = names(Backend)
 
 
 def first_host(nodelist: str) -> str:
@@ -179,15 +181,15 @@ class Ranks:
                              f"per node")
         return torch.device("cuda", self.local_rank)
 
-    def start(self, device: torch.device, backend: str = "auto") -> None:
+    def start(self, device: torch.device, backend: str = Backend.AUTO.value) -> None:
         """Join the process group: nccl on CUDA, gloo on the CPU (``backend`` may insist)."""
         if not self.enabled:
             return
         if backend not in BACKENDS:
             raise ValueError(f"--backend {backend}: allowed: {', '.join(BACKENDS)}")
-        if backend == "auto":
-            backend = "nccl" if device.type == "cuda" else "gloo"
-        if backend == "nccl" and device.type != "cuda":
+        if backend == Backend.AUTO:
+            backend = (Backend.NCCL if device.type == "cuda" else Backend.GLOO).value
+        if backend == Backend.NCCL and device.type != "cuda":
             raise ValueError(f"--backend nccl needs CUDA devices, but this run trains on {device}: use "
                              f"--backend gloo (or auto) on the CPU")
         import torch.distributed as dist
@@ -203,7 +205,7 @@ class Ranks:
                                 device_id=device if device.type == "cuda" else None)
         # Python objects (resume states, RNG states, decisions) and the stop flag travel over a
         # gloo group on the CPU: with nccl they would need a copy to the GPU and a device sync
-        _GROUPS["cpu"] = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+        _GROUPS["cpu"] = dist.new_group(backend=Backend.GLOO.value) if backend != Backend.GLOO else dist.group.WORLD
 
     def stop(self) -> None:
         if self.enabled:

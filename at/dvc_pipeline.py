@@ -57,8 +57,8 @@ def stage_name(cohort_id: str) -> str:
     return "train-" + cohort_id.replace("/", "--")
 
 
-def train_command(cohort: dict) -> str:
-    return f"python -m at train --cohort {cohort['id']} --profile {cohort['profile']}"
+def train_command(cohort: grid.Cohort) -> str:
+    return f"python -m at train --cohort {cohort.id} --profile {cohort.profile}"
 
 
 def download_command(dataset: str) -> str:
@@ -81,7 +81,7 @@ def source_record(dataset: str) -> str:
     return f"{grid.data_dir(dataset)}/{SOURCE_RECORD}"
 
 
-def train_params(params: dict, run: dict) -> list[str]:
+def train_params(params: dict, run: grid.GridRun) -> list[str]:
     """The keys of params.yaml that a run's spec is made of: a change re-runs exactly its stage.
 
     Only these, not the whole profile: changing a profile's tables, resources or not_run
@@ -91,10 +91,10 @@ def train_params(params: dict, run: dict) -> list[str]:
     (``method_base``), whose every other key stays as params.yaml has it. The table's sweep list
     is not a parameter: adding a value adds a stage, and must not re-run the other values'.
     """
-    keys = [f"methods.{run['method_base']}", f"protocols.{run['protocol_name']}",
-            f"data.{run['dataset']}.num_classes"]
-    if "protocol" in (params["profiles"][run["profile"]] or {}):
-        keys.append(f"profiles.{run['profile']}.protocol")
+    keys = [f"methods.{run.method_base}", f"protocols.{run.protocol_name}",
+            f"data.{run.dataset}.num_classes"]
+    if "protocol" in (params["profiles"][run.profile] or {}):
+        keys.append(f"profiles.{run.profile}.protocol")
     if params.get("plugins"):   # the user's modules are part of every spec (at.spec.RunSpec.plugins)
         keys.append("plugins")
     return keys
@@ -117,13 +117,13 @@ def data_stages(params: dict) -> dict:
     } for dataset in downloaded(params)}
 
 
-def _table_plots(params: dict, profile: str, runs: list[dict], wdir: str) -> list[dict]:
+def _table_plots(params: dict, profile: str, runs: list[grid.GridRun], wdir: str) -> list[dict]:
     """One DVC plot per table: every cell's test error per epoch (its lowest seed), in one view,
     so ``dvc plots diff`` compares a table's methods across commits side by side."""
     first_seed: dict[tuple, dict] = {}
-    for run in sorted(runs, key=lambda r: r["seed"]):
-        for cell in run["cells"]:
-            first_seed.setdefault((cell["table"], cell["row"], cell["column"]), run)
+    for run in sorted(runs, key=lambda r: r.seed):
+        for cell in run.cells:
+            first_seed.setdefault((cell.table, cell.row, cell.column), run)
     plots = []
     for table in sorted({key[0] for key in first_seed}):
         histories = sorted({grid.outputs(run)["history"] for key, run in first_seed.items() if key[0] == table})
@@ -138,16 +138,16 @@ def stages(params: dict, profile: str) -> dict:
     runs = grid.runs(params, profile)
     wdir = _wdir(params, profile)
     result: dict = {}
-    by_id = {run["id"]: run for run in runs}
+    by_id = {run.id: run for run in runs}
     for cohort in grid.cohorts(params, profile):
-        members = [by_id[run_id] for run_id in cohort["runs"]]
-        datasets = sorted({run["dataset"] for run in members})
-        deps = sorted({grid.data_dir(run["dataset"], params) for run in members})
-        deps += sorted({grid.teacher_checkpoint(params, run) for run in members if run["teacher_run"]})
+        members = [by_id[run_id] for run_id in cohort.runs]
+        datasets = sorted({run.dataset for run in members})
+        deps = sorted({grid.data_dir(run.dataset, params) for run in members})
+        deps += sorted({grid.teacher_checkpoint(params, run) for run in members if run.teacher_run})
         stage_params: list = sorted({key for run in members for key in train_params(params, run)})
         # the data the download fetched (URL or path, md5: an override included), as DVC params
         stage_params += [{source_record(d): ["url", "md5"]} for d in datasets if grid.needs_download(params, d)]
-        result[stage_name(cohort["id"])] = {
+        result[stage_name(cohort.id)] = {
             "cmd": train_command(cohort),
             "wdir": wdir,
             "deps": deps,

@@ -50,11 +50,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from at import console, lazy
+from at.choices import Compile, Layout, names
+from at.precision import Precision
 
 torch = lazy.module("torch")
 
-LAYOUTS = ("auto", "contiguous", "channels_last")
-COMPILE_MODES = ("auto", "off", "on", "reduce-overhead")
+
+LAYOUTS = names(Layout)
+COMPILE_MODES = names(Compile)
 # Layouts within this fraction of each other are a tie: the precision's usual layout stays.
 TIE = 0.03
 # A run whose eager steps on a model take less than this cannot pay for measuring a compilation
@@ -67,11 +70,11 @@ MEASURE_ROUNDS = 5
 
 def default_layout(precision: str) -> str:
     """The layout of a precision before the choice existed: what a tie keeps."""
-    return "channels_last" if precision == "bf16" else "contiguous"
+    return (Layout.CHANNELS_LAST if precision == Precision.BF16 else Layout.CONTIGUOUS).value
 
 
 def memory_format(layout: str):
-    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    return torch.channels_last if layout == Layout.CHANNELS_LAST else torch.contiguous_format
 
 
 def check_request(layout: str, compile: str) -> None:
@@ -166,7 +169,7 @@ def workload_device(key: str) -> str:
 
 
 def _autocast(precision: str, device):
-    if precision == "bf16":
+    if precision == Precision.BF16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -177,7 +180,7 @@ def _autocast(precision: str, device):
 SGD_IMPLEMENTATION = {"foreach": True}
 
 
-def step_function(workload: Workload, layout: str, compile: str = "off") -> Callable[[], None]:
+def step_function(workload: Workload, layout: str, compile: str = Compile.OFF.value) -> Callable[[], None]:
     """One step of the workload's model on random data: forward, and for a training step
     cross-entropy, backward and an SGD step. Built without touching the global random state."""
     import torch.nn.functional as F
@@ -198,7 +201,7 @@ def step_function(workload: Workload, layout: str, compile: str = "off") -> Call
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, **SGD_IMPLEMENTATION)
     else:
         model.eval().requires_grad_(False)
-    if compile != "off":
+    if compile != Compile.OFF:
         compile_model(model, compile)
 
     def step() -> None:
@@ -237,7 +240,7 @@ def time_interleaved(candidates: Mapping[str, Callable[[], None]], rounds: int, 
 
 def measure_layouts(workload: Workload, rounds: int = MEASURE_ROUNDS) -> dict[str, float]:
     """Seconds per step in each layout, eager."""
-    layouts = [layout for layout in LAYOUTS if layout != "auto"]
+    layouts = [layout for layout in LAYOUTS if layout != Layout.AUTO]
     return time_interleaved({layout: step_function(workload, layout) for layout in layouts}, rounds,
                             workload.device)
 
@@ -254,7 +257,7 @@ def measure_compile(workload: Workload, layout: str, modes: Iterable[str],
     eager()
     _sync(workload.device)
     eager_once = time.perf_counter() - tick
-    candidates, results = {"off": eager}, {}
+    candidates, results = {Compile.OFF.value: eager}, {}
     for mode in modes:
         run = step_function(workload, layout, mode)
         tick = time.perf_counter()
@@ -269,7 +272,7 @@ def measure_compile(workload: Workload, layout: str, modes: Iterable[str],
         results[mode] = {"compile_s": max(0.0, time.perf_counter() - tick - eager_once)}
         candidates[mode] = run
     times = time_interleaved(candidates, rounds, workload.device)
-    out = {"off": {"step_s": times["off"], "compile_s": 0.0}}
+    out = {Compile.OFF.value: {"step_s": times[Compile.OFF], "compile_s": 0.0}}
     for mode, result in results.items():
         out[mode] = {**result, "step_s": times[mode]} if mode in times else result
     return out
@@ -296,12 +299,13 @@ def choose_compile(modes: Mapping[str, Mapping], steps: int) -> str:
         return m.get("compile_s", 0.0) + steps * m["step_s"]
 
     usable = [mode for mode, m in modes.items() if "step_s" in m]
-    return min(usable, key=lambda mode: (total(mode), mode != "off"))
+    return min(usable, key=lambda mode: (total(mode), mode != Compile.OFF))
 
 
 def compile_candidates(device) -> tuple[str, ...]:
     """The compile modes ``auto`` measures against eager on a device: CUDA graphs only on CUDA."""
-    return ("on", "reduce-overhead") if device.type == "cuda" else ("on",)
+    cuda_graphs = (Compile.REDUCE_OVERHEAD.value,) if device.type == "cuda" else ()
+    return (Compile.ON.value, *cuda_graphs)
 
 
 @dataclass(frozen=True)
@@ -318,8 +322,8 @@ class Decider:
     """Resolves ``--layout`` and ``--compile`` for the workloads of a cohort. ``measure_*`` can be
     replaced (tests); measurements go to, and come from, the cache."""
 
-    layout: str = "auto"
-    compile: str = "auto"
+    layout: str = Layout.AUTO.value
+    compile: str = Compile.AUTO.value
     cache: Path | None = None
     measure_layouts: Callable = measure_layouts
     measure_compile: Callable = measure_compile
@@ -348,17 +352,17 @@ class Decider:
         check_request(self.layout, self.compile)
         notes = []
         layout = self.layout
-        if layout == "auto":
+        if layout == Layout.AUTO:
             times, hit = self._cached(workload.key() + " | layouts", lambda: self.measure_layouts(workload))
             layout = choose_layout(times, workload.precision)
             notes.append(f"layout {layout} ({'cached' if hit else 'measured'}: "
                          + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in sorted(times.items())) + ")")
         mode = self.compile
-        if mode == "reduce-overhead" and workload.device.type != "cuda":
+        if mode == Compile.REDUCE_OVERHEAD and workload.device.type != "cuda":
             raise ValueError("--compile reduce-overhead needs a CUDA device (CUDA graphs); use --compile on")
         if not compilable:
-            mode = "off"
-        elif mode == "auto":
+            mode = Compile.OFF.value
+        elif mode == Compile.AUTO:
             mode, note = self._auto_compile(workload, layout, steps)
             notes.append(note)
         choice = Choice(layout, mode, "; ".join(notes) or "asked")
@@ -370,7 +374,7 @@ class Decider:
         if not (isinstance(entry, dict) and "result" in entry):
             eager = self._eager_step(workload, layout)
             if eager is not None and steps * eager < COMPILE_WORTH_MEASURING_S:
-                return "off", (f"compile off: {steps} steps x {1000 * eager:.0f} ms eager cannot pay for measuring "
+                return Compile.OFF.value, (f"compile off: {steps} steps x {1000 * eager:.0f} ms eager cannot pay for measuring "
                                f"a compilation")
         modes, hit = self._cached(key, lambda: self.measure_compile(workload, layout,
                                                                     compile_candidates(workload.device)))
@@ -391,7 +395,7 @@ class Decider:
 
 def compile_model(model, mode: str) -> None:
     """torch.compile ``model`` in place (its state dict keeps its keys)."""
-    model.compile(mode=None if mode == "on" else mode)
+    model.compile(mode=None if mode == Compile.ON else mode)
 
 
 def is_compiled(model) -> bool:
@@ -446,10 +450,9 @@ def eager():
 # A cohort's networks
 
 
-def _has_gradient_terms(method: dict) -> bool:
-    from at.method import TERM_TYPES, resolve_method
-
-    return any(TERM_TYPES[term.type].input_gradients for term in resolve_method(method))
+def _has_gradient_terms(method) -> bool:
+    """Whether a resolved method (at.method.Method) has a term that reads input gradients."""
+    return any(term.kind.input_gradients for term in method.terms)
 
 
 def networks(specs, input_shape: tuple[int, ...], precision: str, device) -> dict[tuple[str, str], tuple[Workload, bool]]:
@@ -486,23 +489,24 @@ def resolve(arithmetic, specs, input_shape: tuple[int, ...], steps: int, decider
         role, model = network
         if network in started:
             was = started[network]
-            for what, asked in (("layout", decider.layout), ("compile", decider.compile)):
-                if asked != "auto" and asked != was[what]:
+            for what, asked, auto in (("layout", decider.layout, Layout.AUTO),
+                                      ("compile", decider.compile, Compile.AUTO)):
+                if asked != auto and asked != was[what]:
                     runs = ", ".join(sorted(was["runs"]))
                     raise ValueError(f"{runs}: started with {role} {model} in {what} {was[what]}: resuming with "
                                      f"--{what} {asked} would mix two executions in one run; resume with --{what} "
                                      f"{was[what]} (or auto), or retrain with --force")
             choice = Choice(was["layout"], was["compile"], "as the run started")
         elif distributed:
-            layout = default_layout(arithmetic.precision) if decider.layout == "auto" else decider.layout
-            if decider.compile not in ("auto", "off"):
+            layout = default_layout(arithmetic.precision) if decider.layout == Layout.AUTO else decider.layout
+            if decider.compile not in (Compile.AUTO, Compile.OFF):
                 console.say(f"execution: --compile {decider.compile} is not used in a run on several processes")
-            choice = Choice(layout, "off", "a run on several processes: the precision's usual layout, eager"
-                            if decider.layout == "auto" else "asked; eager on several processes")
+            choice = Choice(layout, Compile.OFF.value, "a run on several processes: the precision's usual layout, eager"
+                            if decider.layout == Layout.AUTO else "asked; eager on several processes")
         else:
             choice = decider.decide(workload, steps, compilable)
-        if not compilable and choice.compile != "off" and network not in started:
-            choice = Choice(choice.layout, "off", choice.how + "; not compiled (gradient terms)")
+        if not compilable and choice.compile != Compile.OFF and network not in started:
+            choice = Choice(choice.layout, Compile.OFF.value, choice.how + "; not compiled (gradient terms)")
         layouts[network], compiles[network] = choice.layout, choice.compile
         if record is not None:
             record[network] = choice

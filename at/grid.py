@@ -9,21 +9,88 @@ spec: the same params give the same ids and paths (docs/interfaces.md).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from at import models, names, schema, sweep as sweeps
+from at.choices import Trained, names as names_of
 from at.data import datasets as data_sets
 from at.errors import ParamsError, shown
-from at.method import requires_teacher
+from at.method import BASELINE_METHOD, requires_teacher
 from at.params import method as resolve_method
+from at.schema import CELL_DEFAULTS
 from at.spec import Protocol, RunSpec, default_data_dir
 
 RUNS_ROOT = "runs"
 RESULTS_ROOT = "results"
-CELL_KEYS = {"dataset", "protocol", "student", "teacher", "method", "train", "weights",
-             "teacher_weights", "metric"}
-ROW_KEYS = CELL_KEYS | {"sweep"}   # a row may sweep a key of its method (at.sweep)
+CELL_KEYS = frozenset(schema.CELL_PROPERTIES)
+ROW_KEYS = frozenset(schema.ROW_SCHEMA["properties"])   # a row may also sweep a key of its method (at.sweep)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A table cell that a run fills, and the metric the cell reports."""
+
+    table: str
+    row: str
+    column: str
+    metric: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """One run of a profile's grid: what it computes as params.yaml spells it (the names its
+    spec is resolved from, :func:`run_spec`), and what the grid adds to it: its id, folder,
+    teacher run and the table cells it fills. Every layer after the grid (Snakemake, DVC, the
+    records, the report) reads these fields; `python -m at runs --json` prints :meth:`to_dict`."""
+
+    id: str
+    profile: str
+    dataset: str
+    protocol_name: str
+    student: str
+    weights: str | None
+    teacher: str | None
+    teacher_weights: str | None
+    teacher_run: str | None       # the id of the run that trains its teacher (None: no such run)
+    method_name: str              # as run ids spell it (a sweep's value included)
+    method: dict = field(hash=False)   # the method's terms as params.yaml writes them (a sweep's value set)
+    method_base: str              # the params.yaml method a sweep's run changes (at.sweep); its own name otherwise
+    seed: int
+    out_dir: str
+    cells: tuple[Cell, ...]       # sorted by (table, row, column); none for a teacher outside the tables
+
+    def to_dict(self) -> dict:
+        """The run as JSON (`python -m at runs --json`)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["method"] = copy.deepcopy(self.method)
+        values["cells"] = [cell.to_dict() for cell in self.cells]
+        return values
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """Runs of a profile that train together in one process (:func:`cohorts` says which): a
+    training job of Snakemake and a stage of DVC. `python -m at runs --cohorts --json` prints
+    :meth:`to_dict`."""
+
+    id: str
+    profile: str
+    level: int                    # 0: its runs teach others; 1: they learn from level 0's
+    seed: int
+    runs: tuple[str, ...]         # its members' run ids
+    teacher_runs: tuple[str, ...]   # the runs whose checkpoints its members learn from, sorted
+    dataset: str
+    processes: int                # the processes each run of it trains on (protocol key; one value per protocol)
+
+    def to_dict(self) -> dict:
+        """The cohort as JSON (`python -m at runs --cohorts --json`)."""
+        return {**dataclasses.asdict(self), "runs": list(self.runs), "teacher_runs": list(self.teacher_runs)}
 
 
 def _fail(key: str, problem: str, allowed=None) -> ParamsError:
@@ -42,7 +109,7 @@ def profile_name(params: dict, profile: str | None) -> str:
             raise ParamsError(f"profile {profile!r} is not defined in params.yaml (key profiles); "
                               f"allowed: {', '.join(sorted(profiles))}")
         return profile
-    name = params.get("default_profile", "paper")
+    name = params.get("default_profile", schema.DEFAULT_PROFILE)
     if name not in profiles:
         raise _fail("default_profile", f"unknown profile {name!r}", profiles)
     return name
@@ -144,28 +211,30 @@ def _cell(params: dict, table_name: str, row: str, column: str) -> dict:
         raise _fail(f"{key}.protocol", f"unknown protocol {cell['protocol']!r}", protocols)
     if cell["method"] not in methods:
         raise _fail(f"{key}.method", f"unknown method {cell['method']!r}", methods)
-    if cell.get("train", "student") not in ("student", "teacher"):
-        raise _fail(f"{key}.train", f"unknown value {cell['train']!r}", ["student", "teacher"])
+    cell = {**CELL_DEFAULTS, **cell}
+    if cell["train"] not in names_of(Trained):
+        raise _fail(f"{key}.train", f"unknown value {cell['train']!r}", names_of(Trained))
     for k, weights in (("student", "weights"), ("teacher", "teacher_weights")):
         if k in cell:
             try:
-                models.check(cell[k], cell.get(weights))
+                models.check(cell[k], cell[weights])
             except ValueError as e:
                 raise _fail(f"{key}.{k}", str(e)) from None
-    if cell.get("train") == "teacher":
+    if cell["train"] == Trained.TEACHER:
         if "teacher" not in cell:
             raise _fail(key, "train: teacher, but no teacher model is given")
         trained, teacher = cell["teacher"], None
     else:
         trained = cell["student"]
-        teacher = cell.get("teacher") if requires_teacher(methods[cell["method"]]) else None
-        if requires_teacher(methods[cell["method"]]) and teacher is None:
+        needs_teacher = requires_teacher(methods[cell["method"]])
+        teacher = cell.get("teacher") if needs_teacher else None
+        if needs_teacher and teacher is None:
             raise _fail(key, f"method {cell['method']!r} needs a teacher, but none is given")
     return {"dataset": cell["dataset"], "protocol": cell["protocol"], "model": trained,
-            "weights": cell.get("weights"), "teacher": teacher,
-            "teacher_weights": cell.get("teacher_weights") if teacher else None,
+            "weights": cell["weights"], "teacher": teacher,
+            "teacher_weights": cell["teacher_weights"] if teacher else None,
             "method": cell["method"], "method_spec": methods[cell["method"]],
-            "metric": cell.get("metric", "top1")}
+            "metric": cell["metric"]}
 
 
 def row_sweep(params: dict, table_name: str, row: str, column: str) -> sweeps.Sweep | None:
@@ -198,15 +267,15 @@ def table_rows(params: dict, table_name: str, rows: list[str]) -> list[str]:
 def cells_of(params: dict, table_name: str, row: str, column: str) -> list[tuple[str, dict]]:
     """(row, cell) of one declared row in one column: the row's own cell, then one per value of
     its sweep, whose method is the swept one (``method`` its name in run ids, ``method_spec``
-    its terms)."""
+    its terms, ``method_base`` the params.yaml method it changes)."""
     cell = _cell(params, table_name, row, column)
     found = row_sweep(params, table_name, row, column)
-    out = [(row, cell)]
+    out = [(row, {**cell, "method_base": cell["method"]})]
     for value in found.values if found is not None else ():
         out.append((found.row_of(value), {
             **cell, "method": found.method_name_of(cell["method_spec"], value),
             "method_spec": found.method(cell["method_spec"], value),
-            "swept": found.method_name}))
+            "method_base": found.method_name}))
     return out
 
 
@@ -255,27 +324,26 @@ def not_run(params: dict, profile: str) -> dict[str, str]:
     return reasons
 
 
-def runs(params: dict, profile: str | None = None) -> list[dict]:
+def runs(params: dict, profile: str | None = None) -> list[GridRun]:
     """Every run of the profile's grid, each once, sorted by id, teachers included."""
     profile = profile_name(params, profile)
     prof = params["profiles"][profile] or {}
-    found: dict[str, dict] = {}
+    found: dict[str, GridRun] = {}
+    cells: dict[str, list[Cell]] = {}
 
-    def add(cell: dict, seed: int, table: str | None, row: str | None, column: str | None) -> dict:
+    def add(cell: dict, seed: int) -> GridRun:
         rid = run_id(cell["dataset"], cell["protocol"], cell["model"], cell["weights"],
                      cell["teacher"], cell["teacher_weights"], cell["method"], seed)
-        run = found.setdefault(rid, {
-            "id": rid, "profile": profile, "dataset": cell["dataset"], "protocol_name": cell["protocol"],
-            "student": cell["model"], "weights": cell["weights"], "teacher": cell["teacher"],
-            "teacher_weights": cell["teacher_weights"], "teacher_run": None,
-            "method_name": cell["method"], "method": copy.deepcopy(cell["method_spec"]),
-            # the params.yaml method a sweep's run changes (at.sweep); its own name otherwise
-            "method_base": cell.get("swept", cell["method"]), "seed": seed,
-            "out_dir": names.inside(RUNS_ROOT, f"{RUNS_ROOT}/{profile}/{rid}"), "cells": [],
-        })
-        if table is not None:
-            run["cells"].append({"table": table, "row": row, "column": column, "metric": cell["metric"]})
-        return run
+        if rid not in found:
+            found[rid] = GridRun(
+                id=rid, profile=profile, dataset=cell["dataset"], protocol_name=cell["protocol"],
+                student=cell["model"], weights=cell["weights"], teacher=cell["teacher"],
+                teacher_weights=cell["teacher_weights"], teacher_run=None,
+                method_name=cell["method"], method=copy.deepcopy(cell["method_spec"]),
+                method_base=cell["method_base"], seed=seed,
+                out_dir=names.inside(RUNS_ROOT, f"{RUNS_ROOT}/{profile}/{rid}"), cells=())
+            cells[rid] = []
+        return found[rid]
 
     for table in _tables_of(params, profile):
         spec = params["tables"][table]
@@ -284,30 +352,32 @@ def runs(params: dict, profile: str | None = None) -> list[dict]:
             for column in spec["columns"]:
                 for row, cell in cells_of(params, table, declared, column):
                     for seed in seeds:
-                        add(cell, seed, table, row, column)
+                        run = add(cell, seed)
+                        cells[run.id].append(Cell(table=table, row=row, column=column, metric=cell["metric"]))
 
     # every student's teacher must be a run that some cell of the grid trains
     trained_anywhere = _all_trained_cells(params)
     for run in list(found.values()):
-        if run["teacher"] is None or run["teacher_weights"]:
+        if run.teacher is None or run.teacher_weights:
             continue  # no teacher, or a pretrained one used as it is (ImageNet): no teacher run
-        teacher_cell = {"dataset": run["dataset"], "protocol": run["protocol_name"], "model": run["teacher"],
-                        "weights": run["weights"], "teacher": None, "teacher_weights": None,
-                        "method": "baseline", "method_spec": params["methods"]["baseline"], "metric": "top1"}
-        key = (run["dataset"], run["protocol_name"], run["teacher"], run["weights"])
+        teacher_cell = {"dataset": run.dataset, "protocol": run.protocol_name, "model": run.teacher,
+                        "weights": run.weights, "teacher": None, "teacher_weights": None,
+                        "method": BASELINE_METHOD, "method_spec": params["methods"][BASELINE_METHOD],
+                        "method_base": BASELINE_METHOD,
+                        "metric": CELL_DEFAULTS["metric"]}
+        key = (run.dataset, run.protocol_name, run.teacher, run.weights)
         if key not in trained_anywhere:
-            cell = run["cells"][0]
+            cell = cells[run.id][0]
             trained = sorted(m for d, p, m, w in trained_anywhere
-                             if (d, p, w) == (run["dataset"], run["protocol_name"], run["weights"]))
-            raise _fail(f"tables.{cell['table']} cell ({cell['row']}, {cell['column']}).teacher",
-                        f"teacher {run['teacher']!r} of run {run['id']} is not trained by any cell of the "
-                        f"grid (as a baseline on {run['dataset']} with protocol {run['protocol_name']}); "
+                             if (d, p, w) == (run.dataset, run.protocol_name, run.weights))
+            raise _fail(f"tables.{cell.table} cell ({cell.row}, {cell.column}).teacher",
+                        f"teacher {run.teacher!r} of run {run.id} is not trained by any cell of the "
+                        f"grid (as a baseline on {run.dataset} with protocol {run.protocol_name}); "
                         f"add a cell with `train: teacher` for it, or pick a trained one",
                         trained or ["(none trained for this data set and protocol)"])
-        run["teacher_run"] = add(teacher_cell, run["seed"], None, None, None)["id"]
-    for run in found.values():
-        run["cells"].sort(key=lambda c: (c["table"], c["row"], c["column"]))
-    return [found[k] for k in sorted(found)]
+        found[run.id] = dataclasses.replace(run, teacher_run=add(teacher_cell, run.seed).id)
+    return [dataclasses.replace(found[k], cells=tuple(sorted(cells[k], key=lambda c: (c.table, c.row, c.column))))
+            for k in sorted(found)]
 
 
 def _all_trained_cells(params: dict) -> set[tuple]:
@@ -316,34 +386,33 @@ def _all_trained_cells(params: dict) -> set[tuple]:
         for row in spec.get("rows") or {}:
             for column in spec.get("columns") or {}:
                 cell = _cell(params, table, row, column)
-                if cell["teacher"] is None and cell["method"] == "baseline":
+                if cell["teacher"] is None and cell["method"] == BASELINE_METHOD:
                     trained.add((cell["dataset"], cell["protocol"], cell["model"], cell["weights"]))
         for model in spec.get("teachers") or []:
             trained.add((spec["dataset"], spec["protocol"], model, spec.get("weights")))
     return trained
 
 
-def _one(items: list[dict], wanted: str, what: str, params: dict, profile: str | None, lister: str) -> dict:
-    by_id = {item["id"]: item for item in items}
+def _one(by_id: dict, wanted: str, what: str, params: dict, profile: str | None, lister: str):
     if wanted not in by_id:
         raise ParamsError(f"{what} {wanted!r} is not in the {profile_name(params, profile)} profile's grid "
                           f"(`{lister}` lists them)")
     return by_id[wanted]
 
 
-def find(params: dict, run: str, profile: str | None = None) -> dict:
-    return _one(runs(params, profile), run, "run", params, profile, "python -m at runs --profile ...")
+def find(params: dict, run: str, profile: str | None = None) -> GridRun:
+    return _one({r.id: r for r in runs(params, profile)}, run, "run", params, profile, "python -m at runs --profile ...")
 
 
-def teacher_runs(runs_: list[dict]) -> set[str]:
-    return {r["teacher_run"] for r in runs_ if r["teacher_run"]}
+def teacher_runs(runs_: list[GridRun]) -> set[str]:
+    return {r.teacher_run for r in runs_ if r.teacher_run}
 
 
 def cohort_max_size(params: dict) -> int:
-    return int((params.get("cohort") or {}).get("max_size", 8))
+    return int((params.get("cohort") or {}).get("max_size", schema.COHORT_DEFAULTS["max_size"]))
 
 
-def cohorts(params: dict, profile: str | None = None) -> list[dict]:
+def cohorts(params: dict, profile: str | None = None) -> list[Cohort]:
     """The runs of the profile grouped into cohorts: the jobs of Snakemake and the stages of DVC.
 
     A cohort is a set of runs that share a data stream (data set, protocol, seed: at.data.stream)
@@ -358,31 +427,27 @@ def cohorts(params: dict, profile: str | None = None) -> list[dict]:
     selected = runs(params, profile)
     teachers = teacher_runs(selected)
     limit = cohort_max_size(params)
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[tuple, list[GridRun]] = {}
     for run in selected:
-        level = 0 if run["id"] in teachers else 1
-        segment = _segment(run["dataset"], run["protocol_name"])
-        key = (segment, _model_segment(run["student"], run["weights"]), run["seed"], level)
+        level = 0 if run.id in teachers else 1
+        segment = _segment(run.dataset, run.protocol_name)
+        key = (segment, _model_segment(run.student, run.weights), run.seed, level)
         groups.setdefault(key, []).append(run)
-    found: list[dict] = []
+    found: list[Cohort] = []
     counters: dict[tuple, int] = {}
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3])):
         segment, model, seed, level = key
-        members = sorted(groups[key], key=lambda r: (r["teacher_run"] or "", r["id"]))
+        members = sorted(groups[key], key=lambda r: (r.teacher_run or "", r.id))
         for start in range(0, len(members), limit):
             n = counters.get(key[:3], 0)
             counters[key[:3]] = n + 1
             chunk = members[start:start + limit]
-            found.append({
-                "id": f"{segment}/{model}/seed{seed}/cohort{n}", "profile": profile, "level": level,
-                "seed": seed,
-                "runs": [r["id"] for r in chunk],
-                "teacher_runs": sorted({r["teacher_run"] for r in chunk if r["teacher_run"]}),
-                "dataset": chunk[0]["dataset"],
-                # the processes each run of it trains on (protocol key; one value per protocol)
-                "processes": protocol_of(params, chunk[0]).processes,
-            })
-    return sorted(found, key=lambda c: c["id"])
+            found.append(Cohort(
+                id=f"{segment}/{model}/seed{seed}/cohort{n}", profile=profile, level=level, seed=seed,
+                runs=tuple(r.id for r in chunk),
+                teacher_runs=tuple(sorted({r.teacher_run for r in chunk if r.teacher_run})),
+                dataset=chunk[0].dataset, processes=protocol_of(params, chunk[0]).processes))
+    return sorted(found, key=lambda c: c.id)
 
 
 def cohort_rule_name(cohort_id: str) -> str:
@@ -390,25 +455,21 @@ def cohort_rule_name(cohort_id: str) -> str:
     return "train_" + re.sub(r"\W", "_", cohort_id)
 
 
-def find_cohort(params: dict, cohort: str, profile: str | None = None) -> dict:
-    return _one(cohorts(params, profile), cohort, "cohort", params, profile,
+def find_cohort(params: dict, cohort: str, profile: str | None = None) -> Cohort:
+    return _one({c.id: c for c in cohorts(params, profile)}, cohort, "cohort", params, profile,
                 "python -m at runs --cohorts --profile ...")
 
 
-def protocol_of(params: dict, run: dict) -> Protocol:
+def protocol_of(params: dict, run: GridRun) -> Protocol:
     """A run's protocol: its params.yaml protocol, the profile's overrides on top, resolved."""
-    protocol = copy.deepcopy(params["protocols"][run["protocol_name"]])
-    protocol.update((params["profiles"][run["profile"]] or {}).get("protocol") or {})
-    return Protocol.resolve(protocol, f"protocols.{run['protocol_name']} (profile {run['profile']})")
+    protocol = copy.deepcopy(params["protocols"][run.protocol_name])
+    protocol.update((params["profiles"][run.profile] or {}).get("protocol") or {})
+    return Protocol.resolve(protocol, f"protocols.{run.protocol_name} (profile {run.profile})")
 
 
 def resources_of(params: dict, profile: str) -> dict:
     prof = params["profiles"][profile] or {}
     return dict(prof.get("resources") or (params.get("resources") or {}).get("train") or {})
-
-
-# What a training job asks for where params.yaml's resources leave a key out.
-RESOURCE_DEFAULTS = {"gpu": 0, "cpus_per_task": 1, "mem_mb": 4000, "runtime": 60}
 
 
 def job_resources(params: dict, profile: str, cohort: dict) -> dict:
@@ -422,8 +483,8 @@ def job_resources(params: dict, profile: str, cohort: dict) -> dict:
     instead of inside a one-task ``srun`` step, so that `python -m at train` can start its N
     tasks with ``srun`` (at.distributed.launch_command). ``threads``: every process's CPUs, what
     a local Snakemake counts against ``--cores``."""
-    base = {**RESOURCE_DEFAULTS, **resources_of(params, profile)}
-    processes = cohort["processes"]
+    base = {**schema.RESOURCE_DEFAULTS, **resources_of(params, profile)}
+    processes = cohort.processes
     out = dict(base, threads=base["cpus_per_task"] * processes)
     if processes > 1:
         out.update(gpu=base["gpu"] * processes, mem_mb=base["mem_mb"] * processes, tasks=processes, mpi="srun",
@@ -454,30 +515,30 @@ def needs_download(params: dict, dataset: str) -> bool:
     return not data_sets.get(dataset).user_folder
 
 
-def teacher_checkpoint(params: dict, run: dict) -> str | None:
-    if not run["teacher_run"]:
+def teacher_checkpoint(params: dict, run: GridRun) -> str | None:
+    if not run.teacher_run:
         return None
-    return f"{RUNS_ROOT}/{run['profile']}/{run['teacher_run']}/checkpoint.pt"
+    return f"{RUNS_ROOT}/{run.profile}/{run.teacher_run}/checkpoint.pt"
 
 
-def run_spec(params: dict, run: str | dict, profile: str | None = None) -> RunSpec:
+def run_spec(params: dict, run: str | GridRun, profile: str | None = None) -> RunSpec:
     """The resolved spec that `python -m at train` runs (docs/interfaces.md)."""
     r = find(params, run, profile) if isinstance(run, str) else run
     return RunSpec.resolve({
-        "id": r["id"], "dataset": r["dataset"], "data_dir": data_dir(r["dataset"], params),
-        "student": r["student"], "weights": r["weights"],
-        "teacher": r["teacher"], "teacher_weights": r["teacher_weights"],
+        "id": r.id, "dataset": r.dataset, "data_dir": data_dir(r.dataset, params),
+        "student": r.student, "weights": r.weights,
+        "teacher": r.teacher, "teacher_weights": r.teacher_weights,
         "teacher_checkpoint": teacher_checkpoint(params, r),
-        "method_name": r["method_name"], "method": r["method"],
-        "seed": r["seed"], "out_dir": r["out_dir"],
-        "num_classes": params["data"][r["dataset"]]["num_classes"],
-        "protocol": protocol_of(params, r).to_dict(), "profile": r["profile"],
+        "method_name": r.method_name, "method": r.method,
+        "seed": r.seed, "out_dir": r.out_dir,
+        "num_classes": params["data"][r.dataset]["num_classes"],
+        "protocol": protocol_of(params, r).to_dict(), "profile": r.profile,
         "plugins": params.get("plugins") or [],
     })
 
 
-def outputs(run: dict) -> dict[str, str]:
-    out = Path(run["out_dir"])
+def outputs(run: GridRun) -> dict[str, str]:
+    out = Path(run.out_dir)
     return {"checkpoint": str(out / "checkpoint.pt"), "metrics": str(out / "metrics.json"),
             "history": str(out / "history.csv")}
 
@@ -494,7 +555,7 @@ def seed_selection(params: dict, profile: str, asked) -> list[int] | None:
         chosen = sorted({int(item) for item in items})
     except (TypeError, ValueError):
         raise ParamsError(f"seeds: expected seed numbers such as 1 or 0,2, got {shown(asked)}") from None
-    available = sorted({cohort["seed"] for cohort in cohorts(params, profile)})
+    available = sorted({cohort.seed for cohort in cohorts(params, profile)})
     unknown = [seed for seed in chosen if seed not in available]
     if unknown:
         raise ParamsError(f"seeds: profile {profile!r} has no seed {', '.join(map(str, unknown))}; "
@@ -504,7 +565,7 @@ def seed_selection(params: dict, profile: str, asked) -> list[int] | None:
 
 def seed_outputs(params: dict, profile: str, seeds: list[int]) -> list[str]:
     """Every file the runs of these seeds write: a partial run's Snakemake targets."""
-    return sorted(path for run in runs(params, profile) if run["seed"] in seeds for path in outputs(run).values())
+    return sorted(path for run in runs(params, profile) if run.seed in seeds for path in outputs(run).values())
 
 
 def report_inputs(params: dict, profile: str) -> list[str]:
@@ -516,11 +577,11 @@ def report_inputs(params: dict, profile: str) -> list[str]:
     files = [path for run in selected for path in outputs(run).values()]
     # the published numbers the tables are rendered beside: a corrected reference re-renders
     references = ["references.yaml"]
-    return sorted(files) + [data_dir(d, params) for d in sorted({r["dataset"] for r in selected})] + references
+    return sorted(files) + [data_dir(d, params) for d in sorted({r.dataset for r in selected})] + references
 
 
 def datasets(params: dict, profile: str | None = None) -> list[str]:
-    return sorted({r["dataset"] for r in runs(params, profile)})
+    return sorted({r.dataset for r in runs(params, profile)})
 
 
 def report_dir(profile: str) -> str:

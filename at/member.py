@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from at import atomic, checkpoint, execution, models, precision
+from at.choices import Compile
 from at.objective import Objective
 from at.precision import STUDENT, TEACHER, Arithmetic
 from at.rng import rng_state
@@ -104,7 +105,7 @@ class Member:
         # compiled once its objective has taken its shapes (an eval-mode dry run); never where
         # the objective differentiates input gradients twice (torch.compile has no double backward)
         compile_mode = arithmetic.compile_of(self.network)
-        if compile_mode != "off" and not self.objective.has_gradient_terms:
+        if compile_mode != Compile.OFF and not self.objective.has_gradient_terms:
             execution.compile_model(self.student, compile_mode)
         self.trainable = list(self.student.parameters()) + list(self.objective.parameters())
         self.optimizer = make_optimizer(self.trainable, self.protocol, self.protocol.learning_rate(0))
@@ -132,10 +133,10 @@ class Member:
         if self.teacher_network is not None and self.objective.needs_teacher:
             teacher = {"model": self.spec.teacher, "layout": self.teacher_layout,
                        "compile": self.arithmetic.compile_of(self.teacher_network)
-                       if execution.is_compiled(self.teacher) else "off"}
+                       if execution.is_compiled(self.teacher) else Compile.OFF.value}
         return {"student": {"model": self.spec.student, "layout": self.layout,
                             "compile": self.arithmetic.compile_of(self.network)
-                            if execution.is_compiled(self.student) else "off"},
+                            if execution.is_compiled(self.student) else Compile.OFF.value},
                 "teacher": teacher}
 
     @property
@@ -201,6 +202,7 @@ class Member:
         if self.epoch >= self.protocol.epochs:
             # nothing left to train: the outputs written from this state are the ones it trained
             # to, with the commit that trained it (not a checkout edited since, `-dirty`)
+            # (a state saved before states recorded their commit has none: this checkout's)
             self.code_version = saved.get("code_version", self.code_version)
         self.stream_state = {"data": saved["rng"]["data"], "perm": saved.get("perm")}
         partial = saved.get("partial")

@@ -27,9 +27,12 @@ from __future__ import annotations
 import copy
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from at.choices import names
 from at.errors import shown
 from at.registry import import_plugins
 from at.terms import BUILT_IN_TERM_TYPES  # importing at.terms registers the built-in term types
@@ -45,8 +48,24 @@ from at.term_type import (
     register_term,
 )
 
-SCHEDULES = ("constant", "lr", "linear")
+class Schedule(StrEnum):
+    """How a term's weight changes over training (the module docstring says how)."""
+
+    CONSTANT = "constant"
+    LR = "lr"
+    LINEAR = "linear"
+
+
+SCHEDULES = names(Schedule)
+# a term's schedule where its spec writes none
+DEFAULT_SCHEDULE = Schedule.CONSTANT.value
 SPEC_KEYS = ("terms", "plugins")
+# The method of params.yaml that trains a model alone: the grid's teachers train with it
+# (at.grid), the report's paired differences are taken to it (at.report.cells), and a run from
+# command-line arguments uses it where --method is not given.
+BASELINE_METHOD = "baseline"
+# the keys of every term beside its type and name: its weight and how the weight changes
+WEIGHT_KEYS = ("beta", "schedule")
 # A term's name keys StepResult.terms, the history.csv column loss_<name>, the MLflow metric and
 # (for terms with state) a submodule of the Objective: letters, digits, _ and -, not a dot.
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
@@ -99,25 +118,71 @@ class TeacherOutput:
 @dataclass(frozen=True)
 class Term:
     """One resolved term of a method: its name (unique in the method; default: its type), type,
-    weight, schedule and type-specific options (defaults filled in)."""
+    weight, schedule and type-specific options (defaults filled in, each checked by its type's
+    record). Built once by :func:`resolve_method`; what reads a term reads these fields."""
 
     name: str
     type: str
     beta: float
     schedule: str
-    options: dict
+    options: dict = field(hash=False)
+
+    @property
+    def kind(self) -> TermType:
+        """The term's type record (at.term_type): what it reads and how it computes."""
+        return TERM_TYPES[self.type]
 
     def factor(self, progress: Progress) -> float:
         return schedule_factor(self.schedule, progress)
 
+    def value(self, key: str) -> object:
+        """The term's value of ``key``: beta, schedule or one of its type's options."""
+        return getattr(self, key) if key in WEIGHT_KEYS else self.options[key]
+
+    def to_dict(self) -> dict:
+        """The term with every default written out, as a spec file holds it."""
+        return {"name": self.name, "type": self.type, "beta": self.beta, "schedule": self.schedule,
+                **copy.deepcopy(self.options)}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method's terms, resolved and checked once (:meth:`resolve`), and the plugins that
+    register their types. A run spec holds one (at.spec.RunSpec.method); the objective, the
+    sweep and the grid read its terms instead of checking a dict again."""
+
+    terms: tuple[Term, ...]
+    plugins: tuple[str, ...] = ()
+
+    @classmethod
+    def resolve(cls, spec: object) -> Method:
+        """The method of a spec dict (params.yaml's, a spec file's), checked, with every
+        default filled in; a Method as it is. ValueError naming the term and key otherwise."""
+        if isinstance(spec, Method):
+            return spec
+        terms = tuple(resolve_method(spec))
+        plugins = spec.get("plugins") if isinstance(spec, Mapping) else None
+        return cls(terms=terms, plugins=tuple(plugins or ()))
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether a term's type needs a teacher (kd, at, factt, grad_at, ...)."""
+        return any(term.kind.needs_teacher for term in self.terms)
+
+    def to_dict(self) -> dict:
+        """The JSON form (docs/interfaces.md): two specs that differ only in defaults left out
+        or written out give the same dict."""
+        terms = [term.to_dict() for term in self.terms]
+        return {"plugins": list(self.plugins), "terms": terms} if self.plugins else {"terms": terms}
+
 
 def schedule_factor(schedule: str, progress: Progress) -> float:
     """The multiplier of beta at `progress`."""
-    if schedule == "constant":
+    if schedule == Schedule.CONSTANT:
         return 1.0
-    if schedule == "lr":
+    if schedule == Schedule.LR:
         return float(progress.lr_factor)
-    if schedule == "linear":
+    if schedule == Schedule.LINEAR:
         return 1.0 - progress.epoch / progress.epochs
     raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
 
@@ -159,8 +224,8 @@ def _check_term(index: int, raw: object) -> Term:
         if "beta" not in raw and record.beta is REQUIRED:
             raise ValueError(f"key 'beta' is required (term type {record.name!r} has no default weight)")
         beta = non_negative_number("beta", raw.get("beta", record.beta))
-        schedule = one_of(SCHEDULES)("schedule", raw.get("schedule", "constant"))
-        name = raw.get("name", record.name)
+        schedule = one_of(SCHEDULES)("schedule", raw.get("schedule", DEFAULT_SCHEDULE))
+        name = term_name(raw)
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             raise ValueError(
                 f"name must be letters, digits, '_' or '-' (not starting with a digit or '-'), got {shown(name)}"
@@ -173,6 +238,11 @@ def _check_term(index: int, raw: object) -> Term:
     return Term(name=name, type=record.name, beta=float(beta), schedule=schedule, options=options)
 
 
+def term_name(raw: Mapping) -> object:
+    """The name of a term as its spec writes it: its ``name``, else its type."""
+    return raw.get("name", raw.get("type"))
+
+
 def _known_type(where: str, kind: object) -> TermType:
     try:
         return TERM_TYPES.get_or_raise(kind)
@@ -182,7 +252,10 @@ def _known_type(where: str, kind: object) -> TermType:
 
 def resolve_method(spec: object) -> list[Term]:
     """Check a method spec and return its terms with defaults filled in (importing its plugins
-    first, so that the term types they register are known)."""
+    first, so that the term types they register are known). A resolved :class:`Method`'s terms
+    as they are."""
+    if isinstance(spec, Method):
+        return list(spec.terms)
     if not isinstance(spec, dict):
         raise ValueError(f"a method spec must be a mapping with key 'terms', got {shown(spec)}")
     for key in spec:
@@ -214,23 +287,25 @@ def validate_method(spec: object) -> None:
 
 
 def requires_teacher(spec: object) -> bool:
-    """Whether the method has a term whose type needs a teacher (kd, at, factt, grad_at, ...)."""
-    return any(TERM_TYPES[term.type].needs_teacher for term in resolve_method(spec))
+    """Whether the method (a spec dict, checked, or a resolved :class:`Method`) has a term whose
+    type needs a teacher."""
+    return Method.resolve(spec).needs_teacher
 
 
 def normalise_method(spec: object) -> dict:
     """The method spec with every term's defaults written out (name, beta, schedule, options):
     two specs that differ only in defaults left out or written out give the same dict."""
-    terms = [{"name": term.name, "type": term.type, "beta": term.beta, "schedule": term.schedule,
-              **copy.deepcopy(term.options)} for term in resolve_method(spec)]
-    plugins = spec.get("plugins") if isinstance(spec, dict) else None
-    return {"plugins": list(plugins), "terms": terms} if plugins else {"terms": terms}
+    return Method.resolve(spec).to_dict()
 
 
 __all__ = [
+    "BASELINE_METHOD",
+    "DEFAULT_SCHEDULE",
     "SCHEDULES",
     "TERM_TYPES",
     "BoundTerm",
+    "Method",
+    "Schedule",
     "Progress",
     "StepInputs",
     "StepResult",

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from at.attention import at_least_float32, forward_with_input_gradient, full_precision
-from at.method import TERM_TYPES, BoundTerm, Progress, StepInputs, StepResult, TeacherOutput, resolve_method
+from at.method import BoundTerm, Method, Progress, StepInputs, StepResult, TeacherOutput
+from at.term_type import GradientSource
 
 
 def _split_output(output: object, who: str) -> tuple[Tensor, list[Tensor]]:
@@ -63,20 +64,21 @@ class Objective(nn.Module):
 
     def __init__(
         self,
-        spec: dict,
+        spec: Method | dict,
         student: nn.Module,
         teacher: nn.Module | None = None,
         input_shape: tuple[int, ...] = (3, 32, 32),
     ) -> None:
         super().__init__()
-        self.terms = resolve_method(spec)
-        self._types = [TERM_TYPES[term.type] for term in self.terms]
+        # a run spec's method comes resolved (at.spec); a dict (a test's, a notebook's) is checked here
+        self.terms = list(Method.resolve(spec).terms)
+        self._types = [term.kind for term in self.terms]
         need_teacher = [term.name for term, kind in zip(self.terms, self._types) if kind.needs_teacher]
         if need_teacher and teacher is None:
             raise ValueError(f"method terms {need_teacher} need a teacher, but none was given")
         self.needs_teacher = bool(need_teacher)
         self._gradients = frozenset().union(*(kind.input_gradients for kind in self._types))
-        self.needs_teacher_gradient = "teacher" in self._gradients
+        self.needs_teacher_gradient = GradientSource.TEACHER in self._gradients
         self.has_gradient_terms = bool(self._gradients)
         # A plain tuple: nn.Module does not register what it holds as submodules.
         self._nets = (student, teacher if self.needs_teacher else None)
@@ -185,15 +187,15 @@ class Objective(nn.Module):
         if teacher_output is not None:
             t_logits, t_taps, derived = teacher_output.logits, teacher_output.taps, teacher_output.derived
             if teacher_output.input_gradient is not None:
-                gradients["teacher"] = teacher_output.input_gradient
+                gradients[GradientSource.TEACHER] = teacher_output.input_gradient
         with self._precision(x):
             if self.has_gradient_terms:
                 x = at_least_float32(x)
-            if self._gradients & {"student", "student_flipped"}:
-                output, gradients["student"] = forward_with_input_gradient(student, x, y, create_graph=True)
+            if self._gradients & {GradientSource.STUDENT, GradientSource.STUDENT_FLIPPED}:
+                output, gradients[GradientSource.STUDENT] = forward_with_input_gradient(student, x, y, create_graph=True)
                 s_logits, s_taps = _split_output(output, "student")
-                if "student_flipped" in self._gradients:
-                    _, gradients["student_flipped"] = forward_with_input_gradient(
+                if GradientSource.STUDENT_FLIPPED in self._gradients:
+                    _, gradients[GradientSource.STUDENT_FLIPPED] = forward_with_input_gradient(
                         student, x.flip(-1), y, create_graph=True
                     )
             else:

@@ -42,23 +42,23 @@ def folder_spec(out_dir: str | os.PathLike) -> dict | None:
         return {}
 
 
-def holds_another_spec(params: dict, run: dict) -> bool:
-    saved = folder_spec(run["out_dir"])
+def holds_another_spec(params: dict, run: grid.GridRun) -> bool:
+    saved = folder_spec(run.out_dir)
     return saved is not None and not grid.run_spec(params, run).same_as(saved)
 
 
-def stamp(cohort: dict) -> str:
-    return f"{grid.RUNS_ROOT}/{cohort['profile']}/{STAMPS}/{cohort['id']}.stamp"
+def stamp(cohort: grid.Cohort) -> str:
+    return f"{grid.RUNS_ROOT}/{cohort.profile}/{STAMPS}/{cohort.id}.stamp"
 
 
 def mark(params: dict, profile: str) -> list[str]:
     """Give every cohort of the profile its stamp, set to now for those with a member whose
     folder holds another spec; returns the ids of the runs found out of date."""
-    runs = {run["id"]: run for run in grid.runs(params, profile)}
+    runs = {run.id: run for run in grid.runs(params, profile)}
     found = []
     for cohort in grid.cohorts(params, profile):
         path = Path(stamp(cohort))
-        outdated = [run_id for run_id in cohort["runs"] if holds_another_spec(params, runs[run_id])]
+        outdated = [run_id for run_id in cohort.runs if holds_another_spec(params, runs[run_id])]
         found += outdated
         if outdated:
             path.parent.mkdir(parents=True, exist_ok=True)

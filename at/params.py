@@ -55,7 +55,7 @@ def data_source(params: dict, dataset: str, root: str | os.PathLike | None = Non
     source it was fetched for (its source.json's ``configured``): a shell without the variables
     does not switch (and re-download) the data that an override brought.
     """
-    sources = params.get("data", {})
+    sources = params["data"]
     if dataset not in sources:
         raise ParamsError(f"data.{dataset}: unknown data set; defined: {', '.join(sorted(sources))}")
     source = dict(sources[dataset])
@@ -77,12 +77,12 @@ def data_source(params: dict, dataset: str, root: str | os.PathLike | None = Non
 
 def configured_source(params: dict, dataset: str) -> dict:
     """The url and md5 that params.yaml itself names for ``dataset`` (no override)."""
-    entry = (params.get("data") or {}).get(dataset) or {}
+    entry = params["data"][dataset]
     return {"url": entry.get("url"), "md5": entry.get("md5")}
 
 
 def method(params: dict, name: str) -> dict:
-    methods = params.get("methods", {})
+    methods = params["methods"]
     if name not in methods:
         raise ParamsError(f"methods.{name}: unknown method; defined: {', '.join(sorted(methods))}")
     try:
@@ -93,7 +93,7 @@ def method(params: dict, name: str) -> dict:
 
 
 def protocol(params: dict, name: str) -> dict:
-    protocols = params.get("protocols", {})
+    protocols = params["protocols"]
     if name not in protocols:
         raise ParamsError(f"protocols.{name}: unknown protocol; defined: {', '.join(sorted(protocols))}")
     return dict(protocols[name])

@@ -19,13 +19,23 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from at import lazy
+from at.choices import Compile, Layout, names
 
 torch = lazy.module("torch")   # at.lazy: the schema reads PRECISIONS without torch
 
-PRECISIONS = ("auto", "float32", "bf16")
+class Precision(StrEnum):
+    """A protocol's ``precision`` (the module docstring says what each computes in)."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BF16 = "bf16"
+
+
+PRECISIONS = names(Precision)
 # CPU flags (Linux /proc/cpuinfo) of instructions that compute bf16 natively
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -68,11 +78,10 @@ def resolve(precision: str, device: torch.device, flags: set[str] | None = None)
     """``float32`` or ``bf16``: what ``precision`` means on ``device``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision != "auto":
+    if precision != Precision.AUTO:
         return precision
-    if device.type == "cuda":
-        return "bf16"
-    return "bf16" if device.type == "cpu" and cpu_has_native_bf16(flags) else "float32"
+    native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16(flags))
+    return (Precision.BF16 if native else Precision.FLOAT32).value
 
 
 STUDENT, TEACHER = "student", "teacher"   # the roles a network model plays in a cohort
@@ -92,28 +101,30 @@ class Arithmetic:
     @property
     def channels_last(self) -> bool:
         """Whether the precision's usual layout is channels_last (bf16)."""
-        return self.precision == "bf16"
+        return self.precision == Precision.BF16
 
     def layout_of(self, network: tuple[str, str] | None = None) -> str:
-        return dict(self.layouts).get(network, "channels_last" if self.channels_last else "contiguous")
+        # no network, or one the cohort did not decide: the precision's usual layout
+        usual = Layout.CHANNELS_LAST if self.channels_last else Layout.CONTIGUOUS
+        return dict(self.layouts).get(network, usual.value)
 
     def compile_of(self, network: tuple[str, str] | None = None) -> str:
-        return dict(self.compiles).get(network, "off")
+        return dict(self.compiles).get(network, Compile.OFF.value)
 
     def autocast(self):
-        if self.precision == "bf16":
+        if self.precision == Precision.BF16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def layout(self, x: torch.Tensor, network: tuple[str, str] | None = None) -> torch.Tensor:
         """``x`` in the layout of ``network`` (by default the precision's usual one)."""
-        if self.layout_of(network) == "channels_last":
+        if self.layout_of(network) == Layout.CHANNELS_LAST:
             return x.contiguous(memory_format=torch.channels_last)
         return x.contiguous()
 
     def prepare(self, model: torch.nn.Module, network: tuple[str, str] | None = None) -> torch.nn.Module:
         """Move a model to the device, in the layout of ``network``."""
         model.to(self.device)
-        if self.layout_of(network) == "channels_last":
+        if self.layout_of(network) == Layout.CHANNELS_LAST:
             model.to(memory_format=torch.channels_last)
         return model

@@ -16,12 +16,12 @@ from at import grid, records
 from at.data import datasets
 
 
-def data_md5(runs: list[dict]) -> dict[str, str | None]:
+def data_md5(runs: list[grid.GridRun]) -> dict[str, str | None]:
     """{data set: the md5 of the data its finished runs trained on}; None where none finished.
     Runs of one data set that trained on different data cannot share a report."""
     found: dict[str, str | None] = {}
-    for dataset in sorted({r["dataset"] for r in runs}):
-        md5s = records.recorded([r for r in runs if r["dataset"] == dataset], "data_md5")
+    for dataset in sorted({r.dataset for r in runs}):
+        md5s = records.recorded([r for r in runs if r.dataset == dataset], "data_md5")
         if len(md5s) > 1:
             raise records.RecordError(f"the {dataset} runs were trained on different data (md5 "
                                       f"{', '.join(map(str, md5s))}): they cannot share one report")
@@ -33,7 +33,8 @@ def data_description(dataset: str, md5: str | None, params: dict | None = None) 
     """The data of ``dataset`` whose archive has ``md5``: a known archive by name, else the md5."""
     record = datasets.get(dataset)
     if record.user_folder:
-        folder = ((params or {}).get("data") or {}).get(dataset, {}).get("folder")
+        sources = params["data"] if params else {}
+        folder = (sources.get(dataset) or {}).get("folder")
         return f"{record.title} from the folder {folder}" if folder else f"{record.title} (no folder given)"
     if md5 is None:
         return f"{record.title} (no finished run)"
@@ -41,7 +42,7 @@ def data_description(dataset: str, md5: str | None, params: dict | None = None) 
     return f"{known} (md5 {md5})" if known else f"{record.title} from an archive with md5 {md5}"
 
 
-def _commits(runs: list[dict], short: bool) -> str | None:
+def _commits(runs: list[grid.GridRun], short: bool) -> str | None:
     found = records.recorded(runs, "git_commit")
     if not found:
         return None
@@ -52,13 +53,13 @@ def _commits(runs: list[dict], short: bool) -> str | None:
     return ", ".join(c[:7] + ("-dirty" if c.endswith("-dirty") else "") for c in found)
 
 
-def describe(params: dict, profile: str, runs: list[dict]) -> str:
+def describe(params: dict, profile: str, runs: list[grid.GridRun]) -> str:
     if not runs:
         return f"{profile} profile: no runs"
     protocols = [grid.protocol_of(params, r) for r in runs]
     epochs = sorted({p.epochs for p in protocols})
     subsets = sorted({(p.train_subset, p.test_subset) for p in protocols}, key=str)
-    seeds = sorted({r["seed"] for r in runs})
+    seeds = sorted({r.seed for r in runs})
     parts = [f"{profile} profile", "; ".join(data_description(d, md5, params) for d, md5 in data_md5(runs).items())]
     for train, test in subsets:
         if train or test:
@@ -85,7 +86,7 @@ def short_data_name(dataset: str, md5: str | None) -> str:
     return known.split(" (")[0] if known else record.title
 
 
-def footer(params: dict, profile: str, runs: list[dict]) -> str:
+def footer(params: dict, profile: str, runs: list[grid.GridRun]) -> str:
     """One short line for the foot of a figure: profile · data · epochs · code (7 characters).
     No seed count: a figure says which seeds it shows (n per line, or the seed it draws)."""
     if not runs:
@@ -101,7 +102,7 @@ def footer(params: dict, profile: str, runs: list[dict]) -> str:
 _SCALE_FREE_KEYS = ("precision", "eval_batch_size")
 
 
-def full_scale(params: dict, profile: str, runs: list[dict]) -> bool:
+def full_scale(params: dict, profile: str, runs: list[grid.GridRun]) -> bool:
     """Whether the profile's runs are on the published numbers' scale: each run's protocol is
     its params.yaml protocol without the profile's changes (epochs, subsets, schedule; precision
     aside), and its records say it trained on the archive params.yaml names (its md5; a data set
@@ -112,7 +113,7 @@ def full_scale(params: dict, profile: str, runs: list[dict]) -> bool:
 
     for run in runs:
         ours = grid.protocol_of(params, run)
-        paper = Protocol.resolve(params["protocols"][run["protocol_name"]], f"protocols.{run['protocol_name']}")
+        paper = Protocol.resolve(params["protocols"][run.protocol_name], f"protocols.{run.protocol_name}")
         free = {k: getattr(paper, k) for k in _SCALE_FREE_KEYS}
         if dataclasses.replace(ours, **free) != paper:
             return False

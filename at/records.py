@@ -41,6 +41,7 @@ leaves its run missing, which the report's README says.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -113,12 +114,12 @@ class Exported:
     removed: list[str]    # records of runs that params.yaml no longer defines
 
 
-def _finished_outputs(params: dict, run: dict, spec: RunSpec) -> dict[str, bytes] | None:
+def _finished_outputs(params: dict, run: grid.GridRun, spec: RunSpec) -> dict[str, bytes] | None:
     """The run's metrics.json and history.csv as it wrote them; None when it has not finished
     here (no metrics.json). Refused: files of another run or profile, a run without its
     checkpoint.pt, outputs of another spec or that are not the ones the run wrote (the sha256
     its checkpoint names), and runs trained on other data than the data folder holds."""
-    out = Path(run["out_dir"])
+    out = Path(run.out_dir)
     if not (out / "metrics.json").is_file():
         return None
     # history.csv as far as it is there (the report draws no curve without it)
@@ -126,41 +127,41 @@ def _finished_outputs(params: dict, run: dict, spec: RunSpec) -> dict[str, bytes
     try:
         metrics = json.loads(files["metrics.json"])
     except ValueError as e:
-        raise RecordError(f"run {run['id']}: cannot read {out / 'metrics.json'}: {e}") from None
-    for key, expected in (("run_id", run["id"]), ("profile", run["profile"])):
+        raise RecordError(f"run {run.id}: cannot read {out / 'metrics.json'}: {e}") from None
+    for key, expected in (("run_id", run.id), ("profile", run.profile)):
         if not isinstance(metrics, dict) or metrics.get(key) != expected:
             found = metrics.get(key) if isinstance(metrics, dict) else None
-            raise RecordError(f"run {run['id']!r}: {out / 'metrics.json'}: {key} is {found!r}, not "
+            raise RecordError(f"run {run.id!r}: {out / 'metrics.json'}: {key} is {found!r}, not "
                               f"{expected!r}: the file belongs to another run")
     # only a run's checkpoint says which outputs it wrote: without one, nothing is exported
     final = out / "checkpoint.pt"
     if not final.is_file():
-        raise RecordError(f"run {run['id']}: {out / 'metrics.json'} has no checkpoint.pt beside it to show "
+        raise RecordError(f"run {run.id}: {out / 'metrics.json'} has no checkpoint.pt beside it to show "
                           "that the run wrote it: restore the checkpoint (`dvc pull`, `dvc checkout`) "
                           "or retrain the run with --force")
     try:
         saved = checkpoint.load(final, required=("spec",), mmap=True)
     except checkpoint.CheckpointError as e:
-        raise RecordError(f"run {run['id']}: {e}") from None
+        raise RecordError(f"run {run.id}: {e}") from None
     if not spec.same_as(saved["spec"]):
-        raise RecordError(f"run {run['id']}: {final} was trained from another spec than "
+        raise RecordError(f"run {run.id}: {final} was trained from another spec than "
                           "params.yaml now defines: retrain it (--force) or restore params.yaml")
     unnamed = [name for name in files if name not in (saved.get(checkpoint.OUTPUT_DIGESTS) or {})]
     if unnamed:
-        raise RecordError(f"run {run['id']}: {final} holds no sha256 of its {' and '.join(unnamed)}: "
+        raise RecordError(f"run {run.id}: {final} holds no sha256 of its {' and '.join(unnamed)}: "
                           "retrain the run with --force")
     # the report's own check: the bytes against the checkpoint's digests, the numbers against history.csv
     from at.report.inputs import expected_data_md5, unbound
 
     problem = unbound(out, metrics)
     if problem:
-        raise RecordError(f"run {run['id']}: {out / 'metrics.json'}: {problem}")
+        raise RecordError(f"run {run.id}: {out / 'metrics.json'}: {problem}")
     # the data it trained on is the data folder's (the report renders one data set per md5)
 
-    expected = expected_data_md5(run["dataset"], grid.data_dir(run["dataset"], params))
+    expected = expected_data_md5(run.dataset, grid.data_dir(run.dataset, params))
     if expected is not None and metrics.get("data_md5") != expected:
-        raise RecordError(f"run {run['id']}: trained on data with md5 {metrics.get('data_md5')}, but "
-                          f"the {run['dataset']} data folder holds {expected}: retrain it on this data")
+        raise RecordError(f"run {run.id}: trained on data with md5 {metrics.get('data_md5')}, but "
+                          f"the {run.dataset} data folder holds {expected}: retrain it on this data")
     return files
 
 
@@ -191,16 +192,16 @@ def export(params: dict, profile: str, attention_run: str | None = None) -> Expo
     for run in runs:
         spec = grid.run_spec(params, run)
         outputs = _finished_outputs(params, run, spec)
-        target = folder(profile, run["id"])
+        target = folder(profile, run.id)
         if outputs is None:
             if (target / SPEC_FILE).is_file():
-                kept.append(run["id"])
-            if run["id"] in earlier:
-                listed[run["id"]] = earlier[run["id"]]
+                kept.append(run.id)
+            if run.id in earlier:
+                listed[run.id] = earlier[run.id]
             continue
         files = {SPEC_FILE: spec_text(spec).encode(), **outputs}
-        if run["id"] == attention_run:
-            maps = attention_maps.record(Path(run["out_dir"]))
+        if run.id == attention_run:
+            maps = attention_maps.record(Path(run.out_dir))
             if maps is not None:
                 files[ATTENTION_FILE] = (json.dumps(maps, separators=(",", ":")) + "\n").encode()
         changed = [_write_if_changed(target / name, data) for name, data in sorted(files.items())]
@@ -210,9 +211,9 @@ def export(params: dict, profile: str, attention_run: str | None = None) -> Expo
                 (target / name).unlink()
                 changed.append(True)
         if any(changed):
-            written.append(run["id"])
-        listed[run["id"]] = {name: checkpoint.digest(data) for name, data in files.items()}
-    wanted = {folder(profile, run["id"]).resolve() for run in runs}
+            written.append(run.id)
+        listed[run.id] = {name: checkpoint.digest(data) for name, data in files.items()}
+    wanted = {folder(profile, run.id).resolve() for run in runs}
     removed = []
     for stale in _record_folders(base):
         if stale.resolve() not in wanted:
@@ -258,7 +259,7 @@ def _checked(run_id: str, target: Path, manifest: dict[str, dict[str, str]] | No
     return True
 
 
-def runs(params: dict, profile: str) -> list[dict]:
+def runs(params: dict, profile: str) -> list[grid.GridRun]:
     """The grid's runs of ``profile`` with ``out_dir`` at their records (the report reads those);
     a run without a record is missing. Refused (RecordError): a record that is not the one the
     export wrote (the profile's manifest), one without spec.json, one of another spec than
@@ -266,28 +267,28 @@ def runs(params: dict, profile: str) -> list[dict]:
     manifest = read_manifest(profile)
     found = []
     for run in grid.runs(params, profile):
-        target = folder(profile, run["id"])
-        if _checked(run["id"], target, manifest, manifest_path(profile)):
+        target = folder(profile, run.id)
+        if _checked(run.id, target, manifest, manifest_path(profile)):
             spec_path = target / SPEC_FILE
             try:
                 recorded = json.loads(spec_path.read_text())
             except (OSError, ValueError) as e:
-                raise RecordError(f"run {run['id']}: cannot read {spec_path}: {e}") from None
+                raise RecordError(f"run {run.id}: cannot read {spec_path}: {e}") from None
             if not grid.run_spec(params, run).same_as(recorded):
                 raise RecordError(
-                    f"run {run['id']}: its record {spec_path} holds another spec than params.yaml "
+                    f"run {run.id}: its record {spec_path} holds another spec than params.yaml "
                     "now defines: the committed numbers stand for another experiment; retrain the "
                     "run and export it (`python -m at report`), or restore params.yaml")
-        found.append({**run, "out_dir": str(target)})
+        found.append(dataclasses.replace(run, out_dir=str(target)))
     return found
 
 
-def recorded(runs_: list[dict], key: str) -> list:
+def recorded(runs_: list[grid.GridRun], key: str) -> list:
     """The distinct values of ``key`` in the runs' metrics.json (records), sorted; runs without
     one are left out. A record missing the key counts as "unrecorded"."""
     values = set()
     for run in runs_:
-        path = Path(run["out_dir"]) / "metrics.json"
+        path = Path(run.out_dir) / "metrics.json"
         if path.is_file():
             try:
                 values.add(json.loads(path.read_text()).get(key) or "unrecorded")

@@ -21,11 +21,12 @@ import math
 
 import jsonschema
 
-from at.data.augment import AUGMENTATIONS
+from at.choices import Metric, Trained, names
+from at.data.augment import Augment
 from at.errors import SHOWN_MAX, ParamsError, shown
 from at.names import NAME_PATTERN, NAME_RULE
-from at.models.catalog import BN_WEIGHT_INITS
-from at.precision import PRECISIONS
+from at.models.catalog import PRETRAINED_WEIGHTS, BnWeightInit
+from at.precision import Precision
 
 
 def _int(minimum: int, expect: str) -> dict:
@@ -70,10 +71,10 @@ PROTOCOL_PROPERTIES = {
     "reset_momentum_at_drops": {"type": "boolean", "x-expect": "true or false", "default": True},
     "train_subset": {**OPTIONAL_POSITIVE_INT, "default": None},
     "test_subset": {**OPTIONAL_POSITIVE_INT, "default": None},
-    "augment": {"enum": list(AUGMENTATIONS), "default": "crop_flip"},
+    "augment": {"enum": list(names(Augment)), "default": Augment.CROP_FLIP.value},
     # BatchNorm weights of WRNs at init: the authors' code draws them from U(0, 1)
-    "bn_weight_init": {"enum": list(BN_WEIGHT_INITS), "default": "uniform"},
-    "precision": {"enum": list(PRECISIONS), "default": "auto"},
+    "bn_weight_init": {"enum": list(names(BnWeightInit)), "default": BnWeightInit.UNIFORM.value},
+    "precision": {"enum": list(names(Precision)), "default": Precision.AUTO.value},
     # data parallelism (at.distributed): how many processes (one per GPU) a run trains on, the
     # global batch split across them; and whether BatchNorm normalises over the global batch
     # (at.sync_batchnorm) or over each process's slice
@@ -89,16 +90,23 @@ PROTOCOL_SCHEMA = {"type": "object", "properties": PROTOCOL_PROPERTIES, "require
                    "additionalProperties": False}
 PROTOCOL_OVERRIDE_SCHEMA = {"type": "object", "properties": PROTOCOL_PROPERTIES, "additionalProperties": False}
 
+# What a training job asks for, per process (at.grid.job_resources), where params.yaml's
+# resources leave a key out: the defaults' one place.
+RESOURCE_DEFAULTS = {"gpu": 0, "cpus_per_task": 1, "mem_mb": 4000, "runtime": 60}
 RESOURCES_SCHEMA = {"type": "object", "additionalProperties": False, "properties": {
-    k: _int(0, "a non-negative integer") for k in ("gpu", "cpus_per_task", "mem_mb", "runtime")}}
+    k: {**_int(0, "a non-negative integer"), "default": v} for k, v in RESOURCE_DEFAULTS.items()}}
 
+# A cell's keys (a table, row or column may give any of them; at.grid merges them); the defaults
+# of the optional ones are the grid's (at.grid reads CELL_DEFAULTS)
 CELL_PROPERTIES = {
     "dataset": {"type": "string"}, "protocol": {"type": "string"}, "student": {"type": "string"},
     "teacher": {"type": "string"}, "method": {"type": "string"},
-    "train": {"enum": ["student", "teacher"]},
-    "weights": {"enum": [None, "imagenet"]}, "teacher_weights": {"enum": [None, "imagenet"]},
-    "metric": {"enum": ["top1", "top5"]},
+    "train": {"enum": list(names(Trained)), "default": Trained.STUDENT.value},
+    "weights": {"enum": list(PRETRAINED_WEIGHTS), "default": None},
+    "teacher_weights": {"enum": list(PRETRAINED_WEIGHTS), "default": None},
+    "metric": {"enum": list(names(Metric)), "default": Metric.TOP1.value},
 }
+CELL_DEFAULTS = {k: v["default"] for k, v in CELL_PROPERTIES.items() if "default" in v}
 CELL_SCHEMA = {"type": ["object", "null"], "properties": CELL_PROPERTIES, "additionalProperties": False}
 # A row may sweep one key of a term of its method over values (at.sweep checks that the method
 # has the key and that each value passes the term's own check): {beta: [100, 300]}, {at.beta: ...}
@@ -156,7 +164,7 @@ PARAMS_SCHEMA = {
     "additionalProperties": False,
     "required": ["seeds", "data", "protocols", "methods", "tables", "profiles"],
     "properties": {
-        "default_profile": NAME,
+        "default_profile": {**NAME, "default": "paper"},
         "plugins": PLUGINS,
         "seeds": SEEDS,
         "data": _named(DATA_SCHEMA, DVC_KEY_NAME),
@@ -170,7 +178,8 @@ PARAMS_SCHEMA = {
         "resources": {"type": "object", "additionalProperties": False, "properties": {"train": RESOURCES_SCHEMA}},
         "profiles": _named(PROFILE_SCHEMA, DVC_KEY_NAME, minProperties=1),
         # runs sharing a data stream train in one process (at.grid.cohorts)
-        "cohort": {"type": "object", "additionalProperties": False, "properties": {"max_size": POSITIVE_INT}},
+        "cohort": {"type": "object", "additionalProperties": False,
+                   "properties": {"max_size": {**POSITIVE_INT, "default": 8}}},
     },
 }
 
@@ -183,6 +192,9 @@ def _is_finite_number(checker, instance) -> bool:
 _BASE = jsonschema.Draft202012Validator
 _Validator = jsonschema.validators.extend(
     _BASE, type_checker=_BASE.TYPE_CHECKER.redefine("number", _is_finite_number))
+COHORT_DEFAULTS = {k: v["default"] for k, v in PARAMS_SCHEMA["properties"]["cohort"]["properties"].items()}
+DEFAULT_PROFILE = PARAMS_SCHEMA["properties"]["default_profile"]["default"]
+
 _Validator.check_schema(PARAMS_SCHEMA)
 _PARAMS_VALIDATOR = _Validator(PARAMS_SCHEMA)
 _PROTOCOL_VALIDATOR = _Validator(PROTOCOL_SCHEMA)

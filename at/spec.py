@@ -21,13 +21,13 @@ import json
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from at import models, schema
 from at.data import datasets
 from at.errors import ParamsError, shown
-from at.method import normalise_method, requires_teacher
+from at.method import Method
 from at.registry import import_plugins
 
 
@@ -111,7 +111,7 @@ class RunSpec:
     teacher_weights: str | None
     teacher_checkpoint: str | None
     method_name: str
-    method: dict = field(hash=False)   # the method's terms, every default written out
+    method: Method   # the method's terms as typed records, every default filled in
     seed: int
     out_dir: str
     num_classes: int
@@ -167,7 +167,7 @@ class RunSpec:
             except ValueError as e:
                 raise ParamsError(f"{where}.{key}: {e}") from None
         try:
-            values["method"] = normalise_method(values["method"])
+            values["method"] = Method.resolve(values["method"])
         except ValueError as e:
             raise ParamsError(f"{where}.method ({values['method_name']}): {e}") from None
         protocol = Protocol.resolve(values["protocol"], f"{where}: protocol")
@@ -176,7 +176,7 @@ class RunSpec:
         except ParamsError as e:
             raise ParamsError(f"{where}: protocol.augment: {e}") from None
         values["protocol"] = protocol
-        if requires_teacher(values["method"]) and values["teacher"] is None:
+        if values["method"].needs_teacher and values["teacher"] is None:
             raise ParamsError(f"{where}: method {values['method_name']!r} needs a teacher, but none is given")
         return cls(**values)
 
@@ -184,6 +184,7 @@ class RunSpec:
         """The JSON form (docs/interfaces.md): what files and job parameters hold."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         values["protocol"] = self.protocol.to_dict()
+        values["method"] = self.method.to_dict()
         values["plugins"] = list(self.plugins)
         return values
 

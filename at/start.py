@@ -39,7 +39,8 @@ from at.data.sources import check_batch_size
 from at.data.stream import DataStream, check_shared_stream
 from at.distributed import SINGLE, Ranks
 from at.member import Member
-from at.precision import Arithmetic, resolve as resolve_precision
+from at.choices import Backend, Compile, Layout
+from at.precision import Arithmetic, Precision, resolve as resolve_precision
 from at.spec import RunSpec
 from at.teachers import Teachers
 from at.tracking import check_store
@@ -59,10 +60,10 @@ class Options:
     progress: bool = True
     threads: int | None = None
     tracking: bool = True   # an MLflow run per training run (off: the benchmark, some tests)
-    backend: str = "auto"   # a run on several processes: auto (nccl on CUDA, gloo on the CPU), gloo, nccl
+    backend: str = Backend.AUTO.value   # a run on several processes: auto (nccl on CUDA, gloo on the CPU)
     # how each network executes (at.execution): auto (measured, cached per machine) or as given
-    layout: str = "auto"      # auto | contiguous | channels_last
-    compile: str = "auto"     # auto | off | on | reduce-overhead (CUDA)
+    layout: str = Layout.AUTO.value
+    compile: str = Compile.AUTO.value
 
     def decider(self) -> execution.Decider:
         execution.check_request(self.layout, self.compile)
@@ -91,7 +92,7 @@ class Options:
         wanted = self.precision or specs[0].protocol.precision
         precision = resolve_precision(wanted, device)
         if started is not None and started != precision:
-            if wanted != "auto":
+            if wanted != Precision.AUTO:
                 raise ValueError(f"run {specs[0].id} was started in {started}: resuming it in {wanted} "
                                  f"would mix two arithmetics in one run; resume with --precision "
                                  f"{started}, or retrain with --force")
@@ -122,7 +123,7 @@ class Cohort:
 
     @property
     def cuda_graphs(self) -> bool:
-        return "reduce-overhead" in dict(self.arithmetic.compiles).values()
+        return Compile.REDUCE_OVERHEAD in dict(self.arithmetic.compiles).values()
 
 
 def build_cohort(specs: list[RunSpec], arithmetic: Arithmetic, data=None, ranks: Ranks = SINGLE,

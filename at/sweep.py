@@ -26,17 +26,17 @@ from dataclasses import dataclass
 
 from at import names
 from at.errors import shown
-from at.method import normalise_method, resolve_method
+from at.method import WEIGHT_KEYS, Method, term_name
 from at.term_type import TERM_TYPES
 
 # keys of a term that a sweep may set besides its type's own (its type and name are what the
 # term is, not hyperparameters)
-COMMON_SWEEP_KEYS = ("beta", "schedule")
+COMMON_SWEEP_KEYS = WEIGHT_KEYS
 
 
 def sweepable_keys(term) -> list[str]:
     """The keys of one resolved term (at.method.Term) that a sweep may set."""
-    return [*COMMON_SWEEP_KEYS, *TERM_TYPES[term.type].keys()]
+    return [*COMMON_SWEEP_KEYS, *term.kind.keys()]
 
 
 def value_text(value) -> str:
@@ -67,14 +67,14 @@ class Sweep:
         """The method spec with the swept key of the swept term set to ``value``."""
         swept = copy.deepcopy(spec)
         for raw in swept["terms"]:
-            if raw.get("name", raw.get("type")) == self.term:
+            if term_name(raw) == self.term:
                 raw[self.key] = value
         return swept
 
     def method_name_of(self, spec: dict, value) -> str:
         """The method name in the ids of a value's runs: the method's own where the value
         changes nothing (so those runs are the unswept row's), else at-sum-p4/beta=300."""
-        if normalise_method(self.method(spec, value)) == normalise_method(spec):
+        if Method.resolve(self.method(spec, value)) == Method.resolve(spec):
             return self.method_name
         return f"{self.method_name}/{self.label}={value_text(value)}"
 
@@ -91,7 +91,7 @@ def resolve(where: str, row: str, method_name: str, spec: dict, declared: dict) 
     """The sweep ``declared`` on ``row`` ({key: [values]}), for a cell whose method is
     ``method_name`` (``spec``); ValueError naming ``where``, the method and the keys it has."""
     (written_key, values), = declared.items()   # the schema allows one key per row
-    terms = resolve_method(spec)
+    terms = list(Method.resolve(spec).terms)
     raw_terms = spec["terms"]
     every = ", ".join(f"{t.name}.{k}" for t in terms for k in sweepable_keys(t))
     if "." in written_key:
@@ -114,7 +114,7 @@ def resolve(where: str, row: str, method_name: str, spec: dict, declared: dict) 
                              f"{', '.join(t.name for t in candidates)} of method {method_name!r}: "
                              f"write term.key, e.g. {candidates[-1].name}.{key}")
     label = key if _term_of(key, terms, raw_terms)[0] is term else f"{term.name}.{key}"
-    own = {"beta": term.beta, "schedule": term.schedule}.get(key, term.options.get(key))
+    own = term.value(key)
     sweep = Sweep(row=row, method_name=method_name, term=term.name, key=key, label=label,
                   values=tuple(values), own=own)
     seen: dict[str, object] = {}
@@ -131,7 +131,7 @@ def resolve(where: str, row: str, method_name: str, spec: dict, declared: dict) 
             raise ValueError(f"{where}: values {shown(seen[text])} and {shown(value)} are the same value")
         seen[text] = value
         try:
-            normalise_method(sweep.method(spec, value))   # the term's own check of the value
+            Method.resolve(sweep.method(spec, value))   # the term's own check of the value
         except ValueError as e:
             raise ValueError(f"{where}: value {shown(value)} of {written_key}: {e}") from None
     return sweep

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from at import checkpoint, execution, models
+from at.choices import Compile
 from at.precision import TEACHER, Arithmetic
 from at.spec import RunSpec
 
@@ -82,7 +83,7 @@ class Teachers:
         objectives have taken their shapes, so that their dry runs do not compile."""
         for key, model in self.models.items():
             mode = arithmetic.compile_of(self.networks[key])
-            if mode != "off":
+            if mode != Compile.OFF:
                 execution.compile_model(model, mode)
 
     def of(self, spec: RunSpec):

@@ -23,9 +23,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from at.choices import names
 from at.errors import shown
 from at.registry import Registry
 
@@ -34,7 +35,18 @@ if TYPE_CHECKING:
 
 REQUIRED = object()  # the default of a key without default: the spec must give it
 
-GRADIENT_SOURCES = ("student", "student_flipped", "teacher")
+
+
+class GradientSource(StrEnum):
+    """An input gradient J = dL/dx that a term type may read (its ``input_gradients``): of the
+    student, of the student on the horizontally flipped batch, of the teacher."""
+
+    STUDENT = "student"
+    STUDENT_FLIPPED = "student_flipped"
+    TEACHER = "teacher"
+
+
+GRADIENT_SOURCES = names(GradientSource)
 COMMON_KEYS = ("type", "name", "schedule", "beta")  # every term has them; at.method handles them
 LAYERS_KEY = "layers"  # added to the keys of every term type with tap_pairs
 
@@ -158,6 +170,10 @@ class TermType:
     input_gradients: frozenset[str] = frozenset()
     build: Callable[[list[tuple[int, TapShape, TapShape]]], nn.Module] | None = None
 
+    def defaults(self) -> dict[str, object]:
+        """Its options' defaults (those it has), as a term that writes none of them gets them."""
+        return {key: option.default for key, option in self.options.items() if option.default is not REQUIRED}
+
     def keys(self) -> dict[str, Option]:
         """Its own keys (without the common ones), `layers` included for tap-pair types."""
         keys = dict(self.options)
@@ -186,7 +202,7 @@ def _check_term_type(name: str, record: object) -> None:
     unknown = set(record.input_gradients) - set(GRADIENT_SOURCES)
     if unknown:
         raise ValueError(f"{where}: unknown input gradients {sorted(unknown)}; allowed: {', '.join(GRADIENT_SOURCES)}")
-    reads_teacher = record.compares_logits or record.tap_pairs or "teacher" in record.input_gradients
+    reads_teacher = record.compares_logits or record.tap_pairs or GradientSource.TEACHER in record.input_gradients
     if reads_teacher and not record.needs_teacher:
         raise ValueError(f"{where}: it reads the teacher's logits, taps or input gradient: set needs_teacher=True")
     if record.build is not None and not record.tap_pairs:
@@ -210,6 +226,7 @@ def register_term(record: TermType) -> TermType:
 
 __all__ = [
     "GRADIENT_SOURCES",
+    "GradientSource",
     "REQUIRED",
     "TERM_TYPES",
     "BoundTerm",

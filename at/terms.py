@@ -13,6 +13,7 @@ from at import lazy
 from at.attention import (
     FORMS,
     MAPPINGS,
+    Form,
     at_least_float32,
     at_loss,
     attention_map,
@@ -23,6 +24,7 @@ from at.attention import (
 from at.term_type import (
     REQUIRED,
     BoundTerm,
+    GradientSource,
     Option,
     StepInputs,
     TermType,
@@ -83,15 +85,16 @@ def _factt(step: StepInputs, term: BoundTerm) -> Tensor:
 
 
 def _grad_at(step: StepInputs, term: BoundTerm) -> Tensor:
-    return grad_at_loss(step.input_gradients["student"], step.input_gradients["teacher"])
+    return grad_at_loss(step.input_gradients[GradientSource.STUDENT], step.input_gradients[GradientSource.TEACHER])
 
 
 def _symmetry(step: StepInputs, term: BoundTerm) -> Tensor:
-    return symmetry_loss(step.input_gradients["student"], step.input_gradients["student_flipped"])
+    return symmetry_loss(step.input_gradients[GradientSource.STUDENT],
+                         step.input_gradients[GradientSource.STUDENT_FLIPPED])
 
 
 def _min_l2(step: StepInputs, term: BoundTerm) -> Tensor:
-    return min_l2_loss(step.input_gradients["student"])
+    return min_l2_loss(step.input_gradients[GradientSource.STUDENT])
 
 
 CE = register_term(TermType("ce", _ce, beta=1.0))
@@ -102,18 +105,20 @@ KD = register_term(TermType(
 AT = register_term(TermType(
     "at", _at, beta=1000.0, needs_teacher=True, tap_pairs=True,
     options={"mapping": Option("sum", one_of(MAPPINGS)), "p": Option(2, positive_number),
-             "form": Option("code", one_of(FORMS))},
+             "form": Option(Form.CODE.value, one_of(FORMS))},
 ))
 FACTT = register_term(TermType(
     "factt", _factt, beta=1000.0, needs_teacher=True, tap_pairs=True, build=_factt_projections,
 ))
 GRAD_AT = register_term(TermType(
-    "grad_at", _grad_at, beta=REQUIRED, needs_teacher=True, input_gradients=frozenset({"student", "teacher"}),
+    "grad_at", _grad_at, beta=REQUIRED, needs_teacher=True,
+    input_gradients=frozenset({GradientSource.STUDENT, GradientSource.TEACHER}),
 ))
 SYMMETRY = register_term(TermType(
-    "symmetry", _symmetry, beta=REQUIRED, input_gradients=frozenset({"student", "student_flipped"}),
+    "symmetry", _symmetry, beta=REQUIRED,
+    input_gradients=frozenset({GradientSource.STUDENT, GradientSource.STUDENT_FLIPPED}),
 ))
-MIN_L2 = register_term(TermType("min_l2", _min_l2, beta=REQUIRED, input_gradients=frozenset({"student"})))
+MIN_L2 = register_term(TermType("min_l2", _min_l2, beta=REQUIRED, input_gradients=frozenset({GradientSource.STUDENT})))
 
 # the types registered here (their names are free as ModuleDict keys: at.method checks the others)
 BUILT_IN_TERM_TYPES = frozenset(t.name for t in (CE, KD, AT, FACTT, GRAD_AT, SYMMETRY, MIN_L2))

@@ -43,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 from at import console, distributed, execution
+from at.choices import Compile
 from at.distributed import SINGLE, Ranks
 from at.member import Member, TrainingDiverged, make_optimizer
 from at.method import Progress, TeacherOutput
@@ -135,7 +136,7 @@ def _teacher_output(cohort: Cohort, member: Member, x: torch.Tensor, y: torch.Te
         try:
             with cohort.arithmetic.autocast():
                 output = member.objective.teacher_output(x, y)
-            if cohort.arithmetic.compile_of(member.teacher_network) == "reduce-overhead":
+            if cohort.arithmetic.compile_of(member.teacher_network) == Compile.REDUCE_OVERHEAD:
                 # a CUDA graph's outputs live in its pool until a later graph overwrites them:
                 # the members' graphs run before the last of them reads the teacher's
                 output = TeacherOutput(output.logits.clone(), [t.clone() for t in output.taps],

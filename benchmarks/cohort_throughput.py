@@ -454,7 +454,7 @@ def cohort_specs(params: dict, cohort_id: str, profile: str, methods: list[str] 
     """The run specs of a cohort of the grid, exactly as the pipeline trains them, optionally
     narrowed to some of its methods (in the order given)."""
     found = grid.find_cohort(params, cohort_id, profile)
-    specs = [grid.run_spec(params, run, profile).to_dict() for run in found["runs"]]
+    specs = [grid.run_spec(params, run, profile).to_dict() for run in found.runs]
     if not methods:
         return specs
     by_method = {s["method_name"]: s for s in specs}

@@ -124,13 +124,18 @@ def measure(config: dict, workdir: Path) -> dict:
 
 
 def main(argv=None) -> int:
+    from at.method import BASELINE_METHOD
+    from at.precision import PRECISIONS, Precision
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="wrn-16-1")
-    parser.add_argument("--method", default="baseline")
+    parser.add_argument("--method", default=BASELINE_METHOD)
     parser.add_argument("--batch", type=int, default=128, help="the global batch size")
-    parser.add_argument("--precision", default="float32", choices=["float32", "bf16"])
+    # a precision that names its arithmetic (auto would be whichever this machine picks)
+    parser.add_argument("--precision", default=Precision.FLOAT32.value,
+                        choices=[p for p in PRECISIONS if p != Precision.AUTO])
     parser.add_argument("--sync-bn", action="store_true")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)

@@ -68,7 +68,7 @@ def training_specs(folder: Path, epochs: int, params_path: Path) -> tuple[dict, 
 
     params = at_params.load(params_path)
     found = grid.find_cohort(params, cohort_throughput.COHORT, cohort_throughput.PROFILE)
-    (teacher_run,) = found["teacher_runs"]
+    (teacher_run,) = found.teacher_runs
     data_dir = str(folder / "data" / "cifar10")
 
     def local(spec: dict) -> dict:
@@ -79,7 +79,7 @@ def training_specs(folder: Path, epochs: int, params_path: Path) -> tuple[dict, 
         return spec
 
     teacher = local(grid.run_spec(params, teacher_run, cohort_throughput.PROFILE).to_dict())
-    members = [local(grid.run_spec(params, run, cohort_throughput.PROFILE).to_dict()) for run in found["runs"]]
+    members = [local(grid.run_spec(params, run, cohort_throughput.PROFILE).to_dict()) for run in found.runs]
     for spec in members:
         if spec["teacher_checkpoint"]:
             spec["teacher_checkpoint"] = str(Path(teacher["out_dir"]) / "checkpoint.pt")

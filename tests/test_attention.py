@@ -11,6 +11,7 @@ from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 from torch.func import functional_call
 
+from at import terms
 from at.attention import (
     MAPPINGS,
     abs_pow,
@@ -34,6 +35,9 @@ HAND_EXPECTED = {
     ("max", 1): [2, 2, 1, 3],  # norm sqrt(18)
     ("max", 2): [4, 4, 1, 9],  # norm sqrt(114)
 }
+
+# the at term's options where a term writes none (its record holds them, not at_loss)
+AT = terms.AT.defaults()
 
 
 @pytest.mark.parametrize("mapping,p", list(HAND_EXPECTED))
@@ -122,19 +126,19 @@ def test_p_below_one_has_finite_gradient_at_exact_zeros():
     x = torch.relu(torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)))
     x.requires_grad_(True)
     t = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2))
-    at_loss(x, t, "sum", 0.5).backward()
+    at_loss(x, t, "sum", 0.5, "code").backward()
     assert (x == 0).any() and torch.isfinite(x.grad).all()
 
 
 def test_attention_map_is_float32_for_bf16_input_and_under_autocast():
     x = torch.randn(2, 3, 4, 4).to(torch.bfloat16)
-    assert attention_map(x).dtype == torch.float32
+    assert attention_map(x, "sum", 2).dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         conv = nn.Conv2d(3, 3, 1)
         a = conv(torch.randn(2, 3, 4, 4))
         assert a.dtype == torch.bfloat16
-        assert attention_map(a).dtype == torch.float32
-        assert at_loss(a, a.detach() + 1).dtype == torch.float32
+        assert attention_map(a, "sum", 2).dtype == torch.float32
+        assert at_loss(a, a.detach() + 1, **AT).dtype == torch.float32
 
 
 @pytest.mark.parametrize(
@@ -143,14 +147,14 @@ def test_attention_map_is_float32_for_bf16_input_and_under_autocast():
 )
 def test_attention_map_rejects_bad_arguments(kwargs, needle):
     with pytest.raises(ValueError, match=needle) as err:
-        attention_map(HAND, **kwargs)
+        attention_map(HAND, **{"mapping": "sum", "p": 2, **kwargs})
     if "mapping" in kwargs:
         assert "sum, max" in str(err.value)
 
 
 def test_attention_map_rejects_non_4d():
     with pytest.raises(ValueError, match=r"\(B, C, H, W\).*\(2, 3\)"):
-        attention_map(torch.zeros(2, 3))
+        attention_map(torch.zeros(2, 3), "sum", 2)
 
 
 # ------------------------------------------------------------------------------ at_loss
@@ -180,7 +184,7 @@ def test_mean_or_sum_over_channels_is_the_same_after_normalisation():
     by_mean = F.normalize(s.pow(2).mean(1).flatten(1))
     by_sum = F.normalize(s.pow(2).sum(1).flatten(1))
     torch.testing.assert_close(by_mean, by_sum, rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(attention_map(s), by_mean, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(attention_map(s, "sum", 2), by_mean, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("mapping,p", [("sum", 1), ("sum", 2), ("sum", 4), ("max", 1)])
@@ -206,7 +210,7 @@ def test_at_loss_identical_maps_is_zero_with_finite_gradient():
     s, _ = _pair()
     s.requires_grad_(True)
     for form in ("code", "paper"):
-        loss = at_loss(s, s.detach() * 2, form=form)  # same map: scale drops out
+        loss = at_loss(s, s.detach() * 2, **{**AT, "form": form})  # same map: scale drops out
         assert loss.item() < 1e-20
         (g,) = torch.autograd.grad(loss, s)
         assert torch.isfinite(g).all()
@@ -216,20 +220,20 @@ def test_at_loss_spatial_mismatch_names_both_shapes():
     s = torch.zeros(2, 4, 8, 8)
     t = torch.zeros(2, 4, 4, 4)
     with pytest.raises(ValueError, match=r"\(2, 4, 8, 8\).*\(2, 4, 4, 4\)"):
-        at_loss(s, t)
+        at_loss(s, t, **AT)
 
 
 def test_at_loss_bad_form():
     s, t = _pair()
     with pytest.raises(ValueError, match="'l1'.*code, paper"):
-        at_loss(s, t, form="l1")
+        at_loss(s, t, **{**AT, "form": "l1"})
 
 
 def test_at_loss_gradient_reaches_student_only():
     s, t = _pair()
     s.requires_grad_(True)
     t.requires_grad_(True)
-    at_loss(s, t).backward()
+    at_loss(s, t, **AT).backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     assert t.grad is None
 

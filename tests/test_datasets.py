@@ -69,7 +69,7 @@ def test_grid_validation_refuses_an_unsupported_augment_per_cell(params):
 
 
 def test_run_ids_take_the_usual_protocol_from_the_records(params):
-    ids = {r["id"] for r in grid.runs(params, "paper")}
+    ids = {r.id for r in grid.runs(params, "paper")}
     assert "cifar10/wrn-16-1/baseline/seed0" in ids  # cifar is CIFAR-10's usual protocol
     assert "cifar10-cifar_flip/nin-thin-nobn/baseline/seed0" in ids
     assert "cub/resnet18-pretrained/baseline/seed0" in ids
@@ -149,20 +149,20 @@ def test_a_record_refuses_an_augment_at_load_time_too(tmp_path):
 def test_beyond_is_not_run_by_the_shipped_profiles(params):
     for profile in params["profiles"]:
         assert "beyond" in grid.not_run(params, profile)
-        assert all(r["dataset"] != "cifar100" for r in grid.runs(params, profile))
+        assert all(r.dataset != "cifar100" for r in grid.runs(params, profile))
 
 
 def test_beyond_runs_resolve_when_a_profile_selects_it(params):
     selecting = copy.deepcopy(params)
     selecting["profiles"]["beyond_only"] = {"tables": ["beyond"], "seeds": [0]}
     grid.validate(selecting)
-    runs = {r["id"]: r for r in grid.runs(selecting, "beyond_only")}
+    runs = {r.id: r for r in grid.runs(selecting, "beyond_only")}
     teacher = "cifar100/wrn-40-2/baseline/seed0"
     assert sorted(runs) == sorted([
         "cifar100/wrn-16-2/baseline/seed0", "cifar100/wrn-16-2_from_wrn-40-2/at-sum-p2/seed0",
         "cifar100/wrn-16-2_from_wrn-40-2/kd/seed0", teacher])
-    assert runs["cifar100/wrn-16-2_from_wrn-40-2/kd/seed0"]["teacher_run"] == teacher
-    assert [(c["row"], c["column"]) for c in runs[teacher]["cells"]] == [("teacher", "error")]
+    assert runs["cifar100/wrn-16-2_from_wrn-40-2/kd/seed0"].teacher_run == teacher
+    assert [(c.row, c.column) for c in runs[teacher].cells] == [("teacher", "error")]
     spec = grid.run_spec(selecting, "cifar100/wrn-16-2_from_wrn-40-2/at-sum-p2/seed0", "beyond_only")
     assert spec.num_classes == 100 and spec.data_dir == "data/cifar100"
     assert spec.protocol.augment == "crop_flip"

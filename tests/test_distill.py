@@ -6,6 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from at.distill import ActivationProjection, factt_loss, kd_loss
+from at import terms
+
+# the kd term's options where a term writes none (its record holds them, not kd_loss)
+KD = terms.KD.defaults()
 
 
 def _logits(b=4, k=5, seed=0):
@@ -45,7 +49,7 @@ def test_kd_loss_hand_worked_two_classes():
     y = torch.tensor([0])
     kl = 0.75 * np.log(1.5) + 0.25 * np.log(0.5)
     expected = 0.9 * 16 * kl + 0.1 * np.log(2.0)
-    assert abs(kd_loss(zs, zt, y).item() - expected) < 1e-12
+    assert abs(kd_loss(zs, zt, y, **KD).item() - expected) < 1e-12
 
 
 def test_kd_with_T1_alpha0_is_cross_entropy():
@@ -63,9 +67,9 @@ def test_kd_loss_teacher_gets_no_gradient_and_is_float32_for_bf16():
     zs, zt, y = _logits()
     zs = zs.float().requires_grad_(True)
     zt = zt.float().requires_grad_(True)
-    kd_loss(zs, zt, y).backward()
+    kd_loss(zs, zt, y, **KD).backward()
     assert zs.grad is not None and zt.grad is None
-    assert kd_loss(zs.bfloat16(), zt.bfloat16(), y).dtype == torch.float32
+    assert kd_loss(zs.bfloat16(), zt.bfloat16(), y, **KD).dtype == torch.float32
 
 
 @pytest.mark.parametrize(
@@ -79,15 +83,15 @@ def test_kd_loss_teacher_gets_no_gradient_and_is_float32_for_bf16():
 def test_kd_loss_rejects_bad_parameters(args, needle):
     zs, zt, y = _logits()
     with pytest.raises(ValueError, match=needle):
-        kd_loss(zs, zt, y, **args)
+        kd_loss(zs, zt, y, **{**KD, **args})
 
 
 def test_kd_loss_rejects_shape_mismatch():
     zs, zt, y = _logits()
     with pytest.raises(ValueError, match=r"\(4, 5\).*\(4, 4\)"):
-        kd_loss(zs, zt[:, :4], y)
+        kd_loss(zs, zt[:, :4], y, **KD)
     with pytest.raises(ValueError, match="one label per sample"):
-        kd_loss(zs, zt, y[:3])
+        kd_loss(zs, zt, y[:3], **KD)
 
 
 # ------------------------------------------------------------------------------ F-ActT

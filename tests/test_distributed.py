@@ -221,13 +221,13 @@ def test_weighted_rank_losses_average_to_the_batch_mean(n, world):
 def test_slurm_resources_follow_the_processes_of_a_table(params):
     params = copy.deepcopy(params)
     params["profiles"]["ci"]["resources"] = {"gpu": 1, "cpus_per_task": 6, "mem_mb": 30000, "runtime": 120}
-    (one,) = [c for c in grid.cohorts(params, "ci") if c["level"] == 1][:1]
+    (one,) = [c for c in grid.cohorts(params, "ci") if c.level == 1][:1]
     assert grid.job_resources(params, "ci", one) == {"gpu": 1, "cpus_per_task": 6, "mem_mb": 30000, "runtime": 120,
                                                      "threads": 6}
     for protocol in params["protocols"].values():
         protocol["processes"] = 8
     cohorts = grid.cohorts(params, "ci")
-    assert {c["processes"] for c in cohorts} == {8}
+    assert {c.processes for c in cohorts} == {8}
     # 8 tasks of one GPU each: --gpus=8 --ntasks=8 --ntasks-per-gpu=1 --cpus-per-task=6 --mem=240000
     assert grid.job_resources(params, "ci", cohorts[0]) == {
         "gpu": 8, "tasks": 8, "tasks_per_gpu": 1, "cpus_per_task": 6, "mem_mb": 240000, "runtime": 120,
@@ -244,6 +244,8 @@ def test_the_snakefile_gives_each_cohort_job_its_resources(params, tmp_path):
 
     import yaml
 
+    from at import snakemake_log
+
     params = copy.deepcopy(params)
     params["protocols"]["cifar"]["processes"] = 2
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -253,8 +255,9 @@ def test_the_snakefile_gives_each_cohort_job_its_resources(params, tmp_path):
                            "--forceall", "--config", "profile=ci", "params=params.yaml"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    jobs = re.findall(r"rule (train_\w+):.*?threads: (\d+)\n\s+resources: ([^\n]+)", done.stdout, re.S)
-    assert len(jobs) == 2, done.stdout[-3000:]
+    plan = snakemake_log.unfold(done.stdout)   # the Snakefile folds long lines (at.snakemake_log)
+    jobs = re.findall(r"rule (train_\w+):.*?threads: (\d+)\n\s+resources: ([^\n]+)", plan, re.S)
+    assert len(jobs) == 2, plan[-3000:]
     for _, threads, resources in jobs:
         values = dict(item.split("=", 1) for item in resources.split(", "))
         # the ci profile's resources (gpu 1, 1 CPU, 2000 MB) are per process

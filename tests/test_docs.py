@@ -384,6 +384,13 @@ def test_make_help_lists_every_target_in_one_line():
     assert len(lines) == len(targets), lines
 
 
+def test_the_documented_precisions_are_the_codes():
+    from at.precision import PRECISIONS
+
+    listed = re.search(r"`--precision ([\w|]+)`", (REPO / "docs" / "running.md").read_text()).group(1)
+    assert tuple(listed.split("|")) == PRECISIONS
+
+
 def test_the_command_lines_help_names_the_profile_and_where_things_go():
     top = _help("at")
     for place in ("params.yaml", "--profile", "data/<dataset>/", "runs/<P>/", "results/<P>/", "mlruns.db",

@@ -77,7 +77,7 @@ def test_a_sweep_value_too_long_for_a_run_id_is_refused_when_params_yaml_is_read
 
 def test_sweep_values_within_the_names_rule_still_name_their_runs(params):
     params["tables"]["beta-sweep"]["rows"]["sum-p2"]["sweep"] = {"beta": [1e-300, 123456789.125, 1000]}
-    ids = {r["id"] for r in grid.runs(params, "sweep-smoke")}
+    ids = {r.id for r in grid.runs(params, "sweep-smoke")}
     assert "cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/beta=1e-300/seed0" in ids
     assert "cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/beta=123456789.125/seed0" in ids
 

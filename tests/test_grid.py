@@ -101,7 +101,7 @@ def test_a_bad_seed_selection_names_what_is_wrong(params, asked, fragments):
 def test_a_seeds_outputs_are_every_file_of_its_runs_and_no_other(params):
     runs = grid.runs(params, "paper")
     wanted = grid.seed_outputs(params, "paper", [1])
-    assert wanted == sorted(p for r in runs if r["seed"] == 1 for p in grid.outputs(r).values())
+    assert wanted == sorted(p for r in runs if r.seed == 1 for p in grid.outputs(r).values())
     assert wanted and all("/seed1/" in path for path in wanted)
 
 
@@ -146,10 +146,10 @@ def test_cli_refuses_bad_params_before_listing_anything(params, tmp_path):
 
 
 def test_run_ids_and_folders_read_as_documented(params):
-    by_id = {r["id"]: r for r in grid.runs(params, "paper")}
+    by_id = {r.id: r for r in grid.runs(params, "paper")}
     run = by_id["cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed0"]
-    assert run["out_dir"] == "runs/paper/cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed0"
-    assert (run["student"], run["teacher"], run["method_name"], run["seed"]) == ("wrn-16-1", "wrn-16-2", "at-sum-p2", 0)
+    assert run.out_dir == "runs/paper/cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed0"
+    assert (run.student, run.teacher, run.method_name, run.seed) == ("wrn-16-1", "wrn-16-2", "at-sum-p2", 0)
     assert grid.outputs(run) == {
         "checkpoint": "runs/paper/cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed0/checkpoint.pt",
         "metrics": "runs/paper/cifar10/wrn-16-1_from_wrn-16-2/at-sum-p2/seed0/metrics.json",
@@ -176,12 +176,12 @@ def test_runs_are_a_pure_function_of_the_params_not_of_their_order(params, profi
     first = grid.runs(params, profile)
     assert grid.runs(copy.deepcopy(params), profile) == first
     assert grid.runs(_reversed_order(params), profile) == first
-    assert [r["id"] for r in first] == sorted({r["id"] for r in first})  # sorted, each once
+    assert [r.id for r in first] == sorted({r.id for r in first})  # sorted, each once
 
 
 def _run_of_cell(runs: list[dict], table: str, row: str, column: str, seed: int) -> str:
-    found = [r["id"] for r in runs for c in r["cells"]
-             if (c["table"], c["row"], c["column"]) == (table, row, column) and r["seed"] == seed]
+    found = [r.id for r in runs for c in r.cells
+             if (c.table, c.row, c.column) == (table, row, column) and r.seed == seed]
     assert len(found) == 1, f"cell ({table}, {row}, {column}) seed {seed} is filled by {found}"
     return found[0]
 
@@ -214,24 +214,24 @@ def test_paper_grid_has_the_hand_counted_number_of_runs(params):
 @pytest.mark.parametrize("profile", ["paper", "smoke", "ci"])
 def test_every_students_teacher_run_is_in_the_grid(params, profile):
     runs = grid.runs(params, profile)
-    by_id = {r["id"]: r for r in runs}
-    students = [r for r in runs if r["teacher"] and not r["teacher_weights"]]
+    by_id = {r.id: r for r in runs}
+    students = [r for r in runs if r.teacher and not r.teacher_weights]
     assert students
     for run in students:
-        teacher = by_id.get(run["teacher_run"])
-        assert teacher is not None, f"{run['id']}: teacher run {run['teacher_run']} is not in the grid"
-        assert (teacher["student"], teacher["method_name"], teacher["teacher"]) == (run["teacher"], "baseline", None)
+        teacher = by_id.get(run.teacher_run)
+        assert teacher is not None, f"{run.id}: teacher run {run.teacher_run} is not in the grid"
+        assert (teacher.student, teacher.method_name, teacher.teacher) == (run.teacher, "baseline", None)
         for key in ("seed", "dataset", "protocol_name", "weights", "profile"):
-            assert teacher[key] == run[key], (run["id"], key)
+            assert getattr(teacher, key) == getattr(run, key), (run.id, key)
         assert grid.teacher_checkpoint(params, run) == grid.outputs(teacher)["checkpoint"]
         assert grid.run_spec(params, run).teacher_checkpoint == grid.outputs(teacher)["checkpoint"]
     for run in runs:
-        if not run["teacher"] or run["teacher_weights"]:
-            assert run["teacher_run"] is None
+        if not run.teacher or run.teacher_weights:
+            assert run.teacher_run is None
 
 
 def test_ci_profile_trains_its_teacher_although_table1_is_not_run(params):
-    ids = [r["id"] for r in grid.runs(params, "ci")]
+    ids = [r.id for r in grid.runs(params, "ci")]
     assert ids == [
         "cifar10/wrn-16-1/baseline/seed0",
         "cifar10/wrn-16-1_from_wrn-16-2/at-max-p1/seed0",
@@ -251,8 +251,8 @@ def test_cli_lists_exactly_the_grid(params):
     text = run_cli(["runs", "--profile", "paper"], cwd=REPO).stdout
     lines = text.splitlines()
     assert len(lines) == len(expected) == 120
-    assert [line.split("\t")[0] for line in lines] == [r["id"] for r in expected]
-    assert [line.split("\t")[-1] for line in lines] == [r["out_dir"] for r in expected]
+    assert [line.split("\t")[0] for line in lines] == [r.id for r in expected]
+    assert [line.split("\t")[-1] for line in lines] == [r.out_dir for r in expected]
     # (`runs --json` is compared with Snakemake's and DVC's job sets in test_pipeline.py)
 
 
@@ -326,14 +326,14 @@ def test_a_table_no_paper_has_is_valid_and_its_runs_are_in_the_grid(params, tmp_
     runs = grid.runs(mine, "paper")
     for (row, column), run_id in USER_TABLE_RUNS.items():
         assert _run_of_cell(runs, "mine", row, column, 0) == run_id
-    assert not any(c["table"] == "mine" and r["seed"] != 0 for r in runs for c in r["cells"])
+    assert not any(c.table == "mine" and r.seed != 0 for r in runs for c in r.cells)
     # the teacher of the new pair is Table 1's WRN-40-2 baseline run of the same seed
-    by_id = {r["id"]: r for r in runs}
-    assert by_id[USER_TABLE_RUNS[("max-p2", "error")]]["teacher_run"] == "cifar10/wrn-40-2/baseline/seed0"
+    by_id = {r.id: r for r in runs}
+    assert by_id[USER_TABLE_RUNS[("max-p2", "error")]].teacher_run == "cifar10/wrn-40-2/baseline/seed0"
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(mine))
     listed = json.loads(run_cli(["--params", str(path), "runs", "--profile", "paper", "--json"], cwd=REPO).stdout)
-    assert listed == runs
+    assert listed == [run.to_dict() for run in runs]
     # two new runs: the two students of WRN-40-2; the WRN-16-1 baseline is Table 1's seed-0 run
     assert len(listed) == 120 + 2
 
@@ -343,21 +343,21 @@ def test_the_mini_profile_is_the_laptop_evidence_the_results_are_made_of(real_pa
     row and Table 2 on the whole mini subset, 30 epochs with the lr cut after 9, 18 and 24
     epochs, 5 seeds, every method paired with its own seed's baseline in one cohort."""
     runs = grid.runs(real_params, "mini")
-    cells = {(c["table"], c["row"], c["column"]) for r in runs for c in r["cells"]}
+    cells = {(c.table, c.row, c.column) for r in runs for c in r.cells}
     assert {t for t, _, _ in cells} == {"table1", "table2"}
     assert {r for t, r, _ in cells if t == "table1"} == {"wrn-16-1_from_wrn-16-2"}
     assert {c for t, _, c in cells if t == "table1"} == {"student", "at", "factt", "kd", "at+kd", "teacher"}
     assert {r for t, r, _ in cells if t == "table2"} == set(real_params["tables"]["table2"]["rows"])
-    assert sorted({r["seed"] for r in runs}) == [0, 1, 2, 3, 4]
+    assert sorted({r.seed for r in runs}) == [0, 1, 2, 3, 4]
     assert len(runs) == 45   # per seed: the teacher, the baseline, 7 methods
     for run in runs:
         protocol = grid.protocol_of(real_params, run)
         assert (protocol.epochs, protocol.lr_drops, protocol.lr_gamma, protocol.batch_size) == \
             (30, (9, 18, 24), 0.2, 128)
         assert (protocol.train_subset, protocol.test_subset, protocol.precision) == (None, None, "auto")
-    students = [c for c in grid.cohorts(real_params, "mini") if c["level"] > 0]
+    students = [c for c in grid.cohorts(real_params, "mini") if c.level > 0]
     assert len(students) == 5
     for c in students:
-        seeds = {r["seed"] for r in runs if r["id"] in c["runs"]}
-        methods = {r["method_name"] for r in runs if r["id"] in c["runs"]}
-        assert len(seeds) == 1 and "baseline" in methods and len(c["runs"]) == 8
+        seeds = {r.seed for r in runs if r.id in c.runs}
+        methods = {r.method_name for r in runs if r.id in c.runs}
+        assert len(seeds) == 1 and "baseline" in methods and len(c.runs) == 8

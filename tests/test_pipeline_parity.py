@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from at import dvc_pipeline
+from at import dvc_pipeline, grid
 from at import outdated
 from in_process import run_cli
 from pipeline_repo import (REPO, _argv, _env, _option, _sh, _train_jobs, _without, copy_repository, dvc_stages,
@@ -71,7 +71,7 @@ def test_snakemake_dry_run_trains_every_run_of_the_grid_in_cohorts(snakemake_pap
         teachers = {f"runs/paper/{runs[r]['teacher_run']}/checkpoint.pt" for r in cohort["runs"] if runs[r]["teacher_run"]}
         # and the cohort's stamp (at.outdated: Snakemake's way to see a folder holding another spec)
         assert sorted(job["input"]) == sorted({f"data/{runs[r]['dataset']}" for r in cohort["runs"]} | teachers
-                                              | {outdated.stamp(cohort)})
+                                              | {outdated.stamp(grid.Cohort(**cohort))})
         # members share a data stream: one data set, protocol and seed; none is another's teacher
         assert len({(runs[r]["dataset"], runs[r]["protocol_name"], runs[r]["seed"]) for r in cohort["runs"]}) == 1
         assert not set(cohort["runs"]) & {runs[r]["teacher_run"] for r in cohort["runs"]}

@@ -13,7 +13,7 @@ MINI = "1c190744c9595cc62078be24b4b038fb"
 
 
 def _finish(tmp_path, run, **metrics) -> None:
-    out = tmp_path / run["out_dir"]
+    out = tmp_path / run.out_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps({"data_md5": MINI, **metrics}))
 

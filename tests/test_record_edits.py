@@ -148,7 +148,7 @@ def test_a_record_the_export_did_not_list_is_refused(repo):
         f"(spec.json, metrics.json, history.csv, attention.json): '{'0' * 64}  {SEED}/notes.txt'; "
         "restore it (`git checkout`)")
     manifest.unlink()
-    first = grid.runs(yaml.safe_load((repo / "params.yaml").read_text()), PROFILE)[0]["id"]
+    first = grid.runs(yaml.safe_load((repo / "params.yaml").read_text()), PROFILE)[0].id
     assert _refused(repo).startswith(f"error: run {first}: its record {_record(first)} is not in {MANIFEST} "
                                      "(there is none)")
 

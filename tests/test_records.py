@@ -56,8 +56,8 @@ def trained(tmp_path_factory, cifar_mini_dir, mlflow_template) -> Path:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlruns.db'}")
         params = yaml.safe_load((project / "params.yaml").read_text())
         # teachers first (a cohort's level: how many teachers stand before it)
-        for cohort in sorted(grid.cohorts(params, PROFILE), key=lambda c: c["level"]):
-            done = _cli(project, "train", "--cohort", cohort["id"], "--profile", PROFILE,
+        for cohort in sorted(grid.cohorts(params, PROFILE), key=lambda c: c.level):
+            done = _cli(project, "train", "--cohort", cohort.id, "--profile", PROFILE,
                         "--threads", "1", "--device", "cpu")
             assert done.returncode == 0, done.stdout + done.stderr
         done = _cli(project, "report", "--profile", PROFILE)
@@ -83,17 +83,17 @@ def _files(folder: Path) -> dict[str, bytes]:
 def test_a_record_is_the_runs_spec_and_the_bytes_it_wrote(trained):
     params = yaml.safe_load((trained / "params.yaml").read_text())
     for run in grid.runs(params, PROFILE):
-        record = trained / "results" / "runs" / PROFILE / run["id"]
+        record = trained / "results" / "runs" / PROFILE / run.id
         for name in ("metrics.json", "history.csv"):
-            assert (record / name).read_bytes() == (trained / run["out_dir"] / name).read_bytes()
+            assert (record / name).read_bytes() == (trained / run.out_dir / name).read_bytes()
         spec = json.loads((record / "spec.json").read_text())
-        assert spec["id"] == run["id"] and spec["method"] == grid.run_spec(params, run).to_dict()["method"]
+        assert spec["id"] == run.id and spec["method"] == grid.run_spec(params, run).to_dict()["method"]
         assert spec["protocol"]["epochs"] == 1 and spec["protocol"]["precision"] == "float32"
         metrics = json.loads((record / "metrics.json").read_text())
         assert metrics["git_commit"] and metrics["machine"] and metrics["precision"] == "float32"
         names = sorted(p.name for p in record.iterdir())
         assert names == sorted(["spec.json", "metrics.json", "history.csv"]
-                               + (["attention.json"] if run["id"] == AT_RUN else []))
+                               + (["attention.json"] if run.id == AT_RUN else []))
     # no checkpoint, nothing that is not small text
     assert not list((trained / "results" / "runs").rglob("*.pt"))
 
@@ -106,12 +106,12 @@ def test_the_manifest_holds_the_digests_the_checkpoints_name(trained, monkeypatc
     monkeypatch.chdir(trained)
     params = yaml.safe_load((trained / "params.yaml").read_text())
     listed = records.read_manifest(PROFILE)
-    assert sorted(listed) == sorted(run["id"] for run in grid.runs(params, PROFILE))
+    assert sorted(listed) == sorted(run.id for run in grid.runs(params, PROFILE))
     for run in grid.runs(params, PROFILE):
-        record = Path("results") / "runs" / PROFILE / run["id"]
-        assert listed[run["id"]] == {p.name: checkpoint.digest(p.read_bytes()) for p in record.iterdir()}
-        saved = checkpoint.load(Path(run["out_dir"]) / "checkpoint.pt", required=(), mmap=True)
-        assert {k: listed[run["id"]][k] for k in records.COPIED} == saved[checkpoint.OUTPUT_DIGESTS]
+        record = Path("results") / "runs" / PROFILE / run.id
+        assert listed[run.id] == {p.name: checkpoint.digest(p.read_bytes()) for p in record.iterdir()}
+        saved = checkpoint.load(Path(run.out_dir) / "checkpoint.pt", required=(), mmap=True)
+        assert {k: listed[run.id][k] for k in records.COPIED} == saved[checkpoint.OUTPUT_DIGESTS]
 
 
 def test_the_attention_record_holds_the_maps_of_the_checkpoints(trained):

@@ -238,7 +238,7 @@ def test_baseline_rule_on_the_real_grid(tmp_path):
     """Every non-baseline cell of params.yaml's paper grid gets the baseline the docs name."""
     params = real_params()
     params["data"]["imagenet"]["folder"] = str(tmp_path / "imagenet")  # so that its table runs
-    runs = [{**r, "out_dir": str(tmp_path / r["out_dir"]), "epochs": 1}  # no metrics.json: missing
+    runs = [{**r.to_dict(), "out_dir": str(tmp_path / r.out_dir), "epochs": 1}  # no metrics.json: missing
             for r in grid_mod.runs(params, "paper")]
     context = make_context(params, profile="paper", not_run=grid_mod.not_run(params, "paper"))
     summaries, _ = summaries_of(runs, context)
@@ -674,7 +674,7 @@ def test_the_baseline_note_reads_as_a_sentence(rendered):
 def test_the_baseline_note_on_the_real_grid(tmp_path):
     params = real_params()
     params["data"]["imagenet"]["folder"] = str(tmp_path / "imagenet")
-    runs = [{**r, "out_dir": str(tmp_path / r["out_dir"]), "epochs": 1} for r in grid_mod.runs(params, "paper")]
+    runs = [{**r.to_dict(), "out_dir": str(tmp_path / r.out_dir), "epochs": 1} for r in grid_mod.runs(params, "paper")]
     context = make_context(params, profile="paper", not_run=grid_mod.not_run(params, "paper"))
     summaries, checked = summaries_of(runs, context)
     notes = {name: tables._baseline_sentences(checked.tables[name], summaries[name]) for name in summaries}
@@ -725,12 +725,12 @@ def test_a_table_without_references_renders_with_dashes(tmp_path):
               USER_TABLE_RUNS[("max-p2", "error")]: 9.0}
     runs = []
     for run in grid_mod.runs(params, "paper"):
-        if run["id"] in errors:
+        if run.id in errors:
             epochs = grid_mod.protocol_of(params, run).epochs
-            written = write_run(tmp_path / "runs", run["id"], run["seed"], run["cells"], errors[run["id"]],
+            written = write_run(tmp_path / "runs", run.id, run.seed, [c.to_dict() for c in run.cells], errors[run.id],
                                 final_epoch=epochs, epochs=epochs, history=False,
                                 metrics_changes={"profile": "paper"})
-            runs.append({**run, "out_dir": written["out_dir"], "epochs": epochs})
+            runs.append({**run.to_dict(), "out_dir": written["out_dir"], "epochs": epochs})
     assert len(runs) == 3
     context = make_context(params, profile="paper", not_run=grid_mod.not_run(params, "paper"),
                            full_scale=True)
@@ -861,14 +861,14 @@ def test_cli_report_checks_every_file_against_the_grid(tmp_path, monkeypatch):
     runs = grid_mod.runs(params, "ci")
     for i, run in enumerate(runs):
         epochs = grid_mod.protocol_of(params, run).epochs
-        (tmp_path / run["out_dir"]).mkdir(parents=True)
-        metrics = {"run_id": run["id"], "profile": "ci", "data_md5": CIFAR_MD5, "epochs": epochs,
+        (tmp_path / run.out_dir).mkdir(parents=True)
+        metrics = {"run_id": run.id, "profile": "ci", "data_md5": CIFAR_MD5, "epochs": epochs,
                    "final_epoch": epochs, "final_test_error": 80.0 - i, "final_test_error_top5": 40.0}
         text = json.dumps(metrics).encode()
-        (tmp_path / run["out_dir"] / "metrics.json").write_bytes(text)
+        (tmp_path / run.out_dir / "metrics.json").write_bytes(text)
         checkpoint.save({"spec": grid_mod.run_spec(params, run).to_dict(),
                          checkpoint.OUTPUT_DIGESTS: {"metrics.json": checkpoint.digest(text)}},
-                        tmp_path / run["out_dir"] / "checkpoint.pt")
+                        tmp_path / run.out_dir / "checkpoint.pt")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)   # the store beside params.yaml, as for a user
     cli = ["report", "--profile", "ci"]
     done = run_cli(cli, cwd=tmp_path)
@@ -878,12 +878,12 @@ def test_cli_report_checks_every_file_against_the_grid(tmp_path, monkeypatch):
     assert t2[("sum-p1", "error")]["baseline_row"] == "none"
     assert (tmp_path / "results" / "ci" / "README.md").read_text().splitlines()[0] == f"**{purpose}**"
     assert (tmp_path / "results" / "ci" / "table2.md").read_text().splitlines()[0] == f"**{purpose}**"
-    first, second = (tmp_path / runs[1]["out_dir"], tmp_path / runs[2]["out_dir"])
+    first, second = (tmp_path / runs[1].out_dir, tmp_path / runs[2].out_dir)
     (second / "metrics.json").write_bytes((first / "metrics.json").read_bytes())
     done = run_cli(cli, cwd=tmp_path)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
-    assert f"run_id is '{runs[1]['id']}', not '{runs[2]['id']}'" in done.stderr
+    assert f"run_id is '{runs[1].id}', not '{runs[2].id}'" in done.stderr
 
 
 # ----------------------------------------------------------------------------------------------

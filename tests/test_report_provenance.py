@@ -15,7 +15,7 @@ MINI = "1c190744c9595cc62078be24b4b038fb"       # the CIFAR-10 mini subset (at.d
 def _records(tmp_path, monkeypatch, runs, md5: str, commit: str = "9106bbf2f130103831f032b4a57a3b0a8823a7e6") -> list:
     monkeypatch.chdir(tmp_path)   # runs' out_dir is relative to the project root
     for run in runs:
-        out = tmp_path / run["out_dir"]
+        out = tmp_path / run.out_dir
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps({"data_md5": md5, "git_commit": commit}))
     return runs
@@ -33,7 +33,7 @@ def test_the_footer_is_one_short_line(params, tmp_path, monkeypatch):
 
 def test_only_the_papers_protocol_on_the_official_data_is_full_scale(params, tmp_path, monkeypatch):
     cifar = _records(tmp_path, monkeypatch,
-                     [r for r in grid.runs(params, "paper") if r["dataset"] == "cifar10"], OFFICIAL)
+                     [r for r in grid.runs(params, "paper") if r.dataset == "cifar10"], OFFICIAL)
     assert provenance.full_scale(params, "paper", cifar)
     # a profile that shortens the protocol (smoke: 2 epochs, 256 images; mini: 30 epochs) is not
     assert not provenance.full_scale(params, "smoke", _records(tmp_path, monkeypatch, grid.runs(params, "smoke"), OFFICIAL))

@@ -59,12 +59,12 @@ def test_every_protocol_default_is_declared_once_in_the_schema():
 def test_a_protocol_that_leaves_augment_out_shares_the_cohort_of_one_that_writes_it(real_params):
     """The grid: two protocols differing only in a written-out default give the same specs and cohorts."""
     params = copy.deepcopy(real_params)
-    before = {c["id"]: c["runs"] for c in grid.cohorts(params, "ci")}
-    specs_before = {r["id"]: grid.run_spec(params, r) for r in grid.runs(params, "ci")}
+    before = {c.id: c.runs for c in grid.cohorts(params, "ci")}
+    specs_before = {r.id: grid.run_spec(params, r) for r in grid.runs(params, "ci")}
     del params["protocols"]["cifar"]["augment"]
     del params["protocols"]["cifar"]["momentum"]
-    assert {c["id"]: c["runs"] for c in grid.cohorts(params, "ci")} == before
-    assert {r["id"]: grid.run_spec(params, r) for r in grid.runs(params, "ci")} == specs_before
+    assert {c.id: c.runs for c in grid.cohorts(params, "ci")} == before
+    assert {r.id: grid.run_spec(params, r) for r in grid.runs(params, "ci")} == specs_before
 
 
 @pytest.mark.parametrize("change,message", [
@@ -108,3 +108,18 @@ def test_a_state_saved_by_earlier_code_with_defaults_left_out_still_resumes(tmp_
     assert saved.situation(None) == "resume"
     other = RunSpec.resolve(minimal(out_dir=str(tmp_path), seed=3))
     assert resume.Saved.read(other, force=False).situation(None) == "fresh"   # another spec: discarded
+
+
+def test_a_run_from_arguments_takes_what_they_leave_out_from_params_yaml(real_params, tmp_path):
+    """`python -m at train --student S --out DIR` has no defaults of its own: the data set and
+    the seed are params.yaml's first, the protocol the data set's usual one, the method baseline
+    (what the command line gave before, written out there as cifar10, cifar, 0 and baseline)."""
+    from argparse import Namespace
+
+    from at.__main__ import _spec_from_args
+
+    left_out = dict.fromkeys(["dataset", "protocol", "seed", "method", "epochs", "batch_size", "lr", "lr_drops",
+                              "train_subset", "test_subset", "augment", "teacher_checkpoint", "id", "data_dir"])
+    spec = _spec_from_args(Namespace(student="wrn-10-1", out=str(tmp_path / "run"), **left_out), real_params)
+    assert (spec.dataset, spec.seed, spec.method_name) == ("cifar10", 0, "baseline")
+    assert spec.protocol == Protocol.resolve(real_params["protocols"]["cifar"])

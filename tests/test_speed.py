@@ -60,8 +60,8 @@ def test_a_shared_teacher_map_is_the_map_at_loss_computes():
         for s, t in zip(s_taps, t_taps):
             from at.attention import attention_map
 
-            given = at_loss(s, t, mapping, p, teacher_map=attention_map(t, mapping, p))
-            assert torch.equal(given, at_loss(s, t, mapping, p))
+            given = at_loss(s, t, mapping, p, "code", teacher_map=attention_map(t, mapping, p))
+            assert torch.equal(given, at_loss(s, t, mapping, p, "code"))
 
 
 def _sgd_weights(implementation: dict, steps: int = 4) -> list[torch.Tensor]:

@@ -102,15 +102,15 @@ def test_one_value_written_twice_is_refused(params):
 
 
 def test_each_value_is_a_row_and_a_run_named_by_its_value(params):
-    runs = {r["id"]: r for r in grid.runs(params, PROFILE)}
+    runs = {r.id: r for r in grid.runs(params, PROFILE)}
     assert sorted(runs) == sorted([AT_RUN, SWEPT_RUN, STUDENT_RUN, TEACHER_RUN])
     swept = runs[SWEPT_RUN]
-    assert swept["method_name"] == "at-sum-p2/beta=100"
-    assert swept["out_dir"] == f"runs/{PROFILE}/{SWEPT_RUN}"
-    assert swept["cells"] == [{"table": "beta-sweep", "row": "sum-p2/beta=100", "column": "error", "metric": "top1"}]
-    assert swept["teacher_run"] == TEACHER_RUN
+    assert swept.method_name == "at-sum-p2/beta=100"
+    assert swept.out_dir == f"runs/{PROFILE}/{SWEPT_RUN}"
+    assert [c.to_dict() for c in swept.cells] == [{"table": "beta-sweep", "row": "sum-p2/beta=100", "column": "error", "metric": "top1"}]
+    assert swept.teacher_run == TEACHER_RUN
     # beta = 1000 is at-sum-p2's own weight: its row is filled by the plain row's very run
-    assert [c["row"] for c in runs[AT_RUN]["cells"]] == ["sum-p2", "sum-p2/beta=1000"]
+    assert [c.row for c in runs[AT_RUN].cells] == ["sum-p2", "sum-p2/beta=1000"]
     assert grid.table_rows(params, "beta-sweep", ["none", "sum-p2"]) == [
         "none", "sum-p2", "sum-p2/beta=100", "sum-p2/beta=1000"]
 
@@ -118,20 +118,20 @@ def test_each_value_is_a_row_and_a_run_named_by_its_value(params):
 def test_the_methods_own_value_shares_the_run_however_it_is_written(params):
     # the term key spelled with its term and the own value as a float: the same rows and runs
     _row(params)["sweep"] = {"at.beta": [300, 1000.0]}
-    runs = {r["id"]: r for r in grid.runs(params, PROFILE)}
+    runs = {r.id: r for r in grid.runs(params, PROFILE)}
     assert f"{PAIR}/at-sum-p2/beta=300/seed0" in runs
-    assert [c["row"] for c in runs[AT_RUN]["cells"]] == ["sum-p2", "sum-p2/beta=1000"]
+    assert [c.row for c in runs[AT_RUN].cells] == ["sum-p2", "sum-p2/beta=1000"]
     assert len(runs) == 4
     # a default the method leaves out is its own value too: p of F_sum^2 is 2
     _row(params)["sweep"] = {"p": [2, 4]}
-    ids = {r["id"] for r in grid.runs(params, PROFILE)}
+    ids = {r.id for r in grid.runs(params, PROFILE)}
     assert ids == {AT_RUN, f"{PAIR}/at-sum-p2/p=4/seed0", STUDENT_RUN, TEACHER_RUN}
 
 
 def test_a_sweep_run_joins_its_stream_s_cohort(params):
-    [cohort] = [c for c in grid.cohorts(params, PROFILE) if SWEPT_RUN in c["runs"]]
-    assert cohort["id"] == "cifar10/wrn-16-1/seed0/cohort0"
-    assert sorted(cohort["runs"]) == sorted([AT_RUN, SWEPT_RUN, STUDENT_RUN])
+    [cohort] = [c for c in grid.cohorts(params, PROFILE) if SWEPT_RUN in c.runs]
+    assert cohort.id == "cifar10/wrn-16-1/seed0/cohort0"
+    assert sorted(cohort.runs) == sorted([AT_RUN, SWEPT_RUN, STUDENT_RUN])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def test_the_spec_carries_the_swept_value_into_the_loss(params):
     assert swept.method_name == "at-sum-p2/beta=100"
     assert [t.beta for t in resolve_method(swept.method)] == [1.0, 100.0]
     # every other key as params.yaml has the method
-    assert {**swept.method["terms"][1], "beta": 1000.0} == plain.method["terms"][1]
+    assert {**swept.method.to_dict()["terms"][1], "beta": 1000.0} == plain.method.to_dict()["terms"][1]
     student, teacher = _Net(0), _Net(1).eval().requires_grad_(False)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
     progress = Progress(epoch=0, epochs=2)
@@ -178,7 +178,7 @@ def test_mlflow_params_hold_the_swept_value(params):
 
 
 def test_dvc_stage_of_a_sweep_run_depends_on_its_method_and_names_its_value(params):
-    runs = {r["id"]: r for r in grid.runs(params, PROFILE)}
+    runs = {r.id: r for r in grid.runs(params, PROFILE)}
     assert "methods.at-sum-p2" in dvc_pipeline.train_params(params, runs[SWEPT_RUN])
     stages = dvc_pipeline.stages(params, PROFILE)
     [stage] = [s for s in stages.values() if grid.outputs(runs[SWEPT_RUN])["checkpoint"] in s.get("outs", [])]
@@ -233,15 +233,15 @@ def _sweep_report_inputs(params, tmp_path):
     params["profiles"][PROFILE]["seeds"] = [0, 1]
     runs = []
     for run in grid.runs(params, PROFILE):
-        if not run["cells"]:
+        if not run.cells:
             continue   # the teacher fills no cell of the table
-        out = tmp_path / "runs" / run["id"]
+        out = tmp_path / "runs" / run.id
         out.mkdir(parents=True)
-        error = ERRORS[run["id"].replace(f"seed{run['seed']}", "seed0")][run["seed"]]
+        error = ERRORS[run.id.replace(f"seed{run.seed}", "seed0")][run.seed]
         (out / "metrics.json").write_text(json.dumps({
-            "run_id": run["id"], "profile": PROFILE, "final_test_error": error, "final_epoch": 2,
+            "run_id": run.id, "profile": PROFILE, "final_test_error": error, "final_epoch": 2,
             "epochs": 2, "data_md5": CIFAR_MD5}))
-        runs.append({**run, "out_dir": str(out), "epochs": 2})
+        runs.append({**run.to_dict(), "out_dir": str(out), "epochs": 2})
     (tmp_path / "references.yaml").write_text(REFERENCE)
     context = {"profile": PROFILE, "description": "sweep test", "tables": grid_tables(params, PROFILE),
                "references": references.load(tmp_path / "references.yaml"),

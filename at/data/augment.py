@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 from at import lazy
 
@@ -17,6 +18,7 @@ torch = lazy.module("torch")   # at.lazy: the grid reads AUGMENTATIONS without t
 
 __all__ = [
     "AUGMENTATIONS",
+    "Augment",
     "CIFAR_MEAN",
     "CIFAR_STD",
     "IMAGENET_MEAN",
@@ -28,14 +30,28 @@ __all__ = [
     "random_crop_flip",
 ]
 
-# The values of a protocol's `augment` key: the one list (the schema, the command line and each
-# data set's record read it). Which of them a data set implements is in its record.
+class Augment(StrEnum):
+    """The values of a protocol's `augment` key: the one list (the schema, the command line and
+    each data set's record read it). Which of them a data set implements is in its record."""
+
+    CROP_FLIP = "crop_flip"
+    FLIP = "flip"
+    NONE = "none"
+    IMAGENET = "imagenet"
+
+
+# what each augmentation does (docs/interfaces.md)
 AUGMENTATIONS = {
-    "crop_flip": "reflect-pad 4, random crop back to the input size, random horizontal flip (CIFAR)",
-    "flip": "random horizontal flip only (CIFAR, Table 3)",
-    "none": "train images as test images (no random draw)",
-    "imagenet": "train: RandomResizedCrop 224 + flip; test: resize 256, center crop 224 (image folders)",
+    Augment.CROP_FLIP: "reflect-pad 4, random crop back to the input size, random horizontal flip (CIFAR)",
+    Augment.FLIP: "random horizontal flip only (CIFAR, Table 3)",
+    Augment.NONE: "train images as test images (no random draw)",
+    Augment.IMAGENET: "train: RandomResizedCrop 224 + flip; test: resize 256, center crop 224 (image folders)",
 }
+assert list(AUGMENTATIONS) == list(Augment), "every augmentation says what it does"
+# The augmentations each kind of loader implements: CIFAR's tensors (at.data.sources), image
+# folders (at.data.folders)
+CIFAR_AUGMENTS = (Augment.CROP_FLIP, Augment.FLIP, Augment.NONE)
+FOLDER_AUGMENTS = (Augment.IMAGENET, Augment.NONE)
 
 # Per-channel mean and std of the CIFAR-10 training images (the authors' code), on the 0..1 scale.
 CIFAR_MEAN = tuple(v / 255 for v in (125.3, 123.0, 113.9))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from at.data import cifar
-from at.data.augment import AUGMENTATIONS, CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
+from at.data.augment import AUGMENTATIONS, CIFAR_AUGMENTS, CIFAR_MEAN, FOLDER_AUGMENTS, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 from at.data.sources import FolderData, TensorData
 from at.errors import ParamsError, shown
 from at.registry import Registry
@@ -27,9 +27,6 @@ from at.registry import Registry
 __all__ = ["DATASETS", "Dataset", "check_augment", "check_source", "get", "register_dataset",
            "training_data", "usual_protocol"]
 
-# The augmentations each kind of loader implements (at.data.augment.AUGMENTATIONS says what each does)
-CIFAR_AUGMENTS = ("crop_flip", "flip", "none")
-FOLDER_AUGMENTS = ("imagenet", "none")
 
 # Per-channel statistics on the 0..1 scale. CIFAR-10: the authors' code (at.data.augment).
 # CIFAR-100: the values of Tian et al.'s CRD code (RepDistiller, dataset/cifar100.py), whose

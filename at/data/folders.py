@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from at.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from at.data.augment import FOLDER_AUGMENTS, IMAGENET_MEAN, IMAGENET_STD, Augment
 from at.data.download import Remote, prepare_archive
 
 __all__ = [
@@ -287,16 +287,16 @@ def load_imagenet(folder: str | os.PathLike) -> ImageSplits:
 # Decoding and augmentation
 
 
-def image_transform(train: bool, size: int = 224, resize: int = 256, augment: str = "imagenet",
+def image_transform(train: bool, size: int = 224, resize: int = 256, augment: str = Augment.IMAGENET.value,
                     mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Callable:
     """ImageNet-style preprocessing, scaled to 0..1 and normalised with ``mean``/``std``.
 
     Test images, and training images with ``augment="none"``: Resize(resize) + CenterCrop(size).
     Training images with ``augment="imagenet"``: RandomResizedCrop(size) + horizontal flip.
     """
-    if augment not in ("imagenet", "none"):
-        raise ValueError(f"image folders support augment 'imagenet' or 'none', got {augment!r}")
-    if train and augment == "imagenet":
+    if augment not in FOLDER_AUGMENTS:
+        raise ValueError(f"image folders support augment {' or '.join(map(repr, FOLDER_AUGMENTS))}, got {augment!r}")
+    if train and augment == Augment.IMAGENET:
         geometry = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
     else:
         geometry = [transforms.Resize(resize), transforms.CenterCrop(size)]
@@ -316,8 +316,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self.transform = transform
 
     @classmethod
-    def for_split(cls, items: Sequence[tuple[str, int]], train: bool, size: int = 224, augment: str = "imagenet",
-                  mean=IMAGENET_MEAN, std=IMAGENET_STD) -> ImageDataset:
+    def for_split(cls, items: Sequence[tuple[str, int]], train: bool, size: int = 224,
+                  augment: str = Augment.IMAGENET.value, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> ImageDataset:
         return cls(items, image_transform(train, size=size, augment=augment, mean=mean, std=std))
 
     def __len__(self) -> int:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from at import lazy
 from at.data import augment, download
+from at.data.augment import Augment
 
 torch = lazy.module("torch")   # at.lazy: the grid reads the data sets' records without torch
 
@@ -88,7 +89,7 @@ class TensorData:
         self.test_x = data.test_x[:n_test].to(device)
         self.test_y = data.test_y[:n_test].to(device)
         self.mean, self.std = dataset.mean, dataset.std
-        self.crop, self.flip = mode == "crop_flip", mode in ("crop_flip", "flip")
+        self.crop, self.flip = mode == Augment.CROP_FLIP, mode in (Augment.CROP_FLIP, Augment.FLIP)
 
     @property
     def n_train(self) -> int:

@@ -4,15 +4,33 @@ the grid read of at.models, and what the modules that build them share with it."
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 
-# WRN BatchNorm weights at init (at.models.wrn): U(0, 1) as the authors' code, or ones
-BN_WEIGHT_INITS = ("uniform", "ones")
+from at.choices import names
+
+
+class BnWeightInit(StrEnum):
+    """WRN BatchNorm weights at init (at.models.wrn): U(0, 1) as the authors' code, or ones."""
+
+    UNIFORM = "uniform"
+    ONES = "ones"
+
+
+class Weights(StrEnum):
+    """Pretrained weights a model may start from (a cell's ``weights``); None: from scratch."""
+
+    IMAGENET = "imagenet"
+
+
+BN_WEIGHT_INITS = names(BnWeightInit)
+# what a cell's weights and teacher_weights may be
+PRETRAINED_WEIGHTS = (None, *names(Weights))
 # name -> (torchvision builder, ImageNet weights enum class) (at.models.resnet)
 RESNETS = {
     "resnet18": ("resnet18", "ResNet18_Weights"),
     "resnet34": ("resnet34", "ResNet34_Weights"),
 }
-RESNET_WEIGHTS = (None, "imagenet")
+RESNET_WEIGHTS = PRETRAINED_WEIGHTS
 
 _WRN = re.compile(r"wrn-([0-9]+)-([0-9]+)")
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from at.method import BASELINE_METHOD
 from at.report import statistics
 from at.report.inputs import CellDefinition, Context, ReportInputError, RunResult, metric_key
 from at.report.layout import TableLayout
-
-BASELINE_METHOD = "baseline"
 
 
 @dataclass

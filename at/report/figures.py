@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from at import atomic
+from at.choices import Metric
 from at.report import labels
 from at.report.cells import CellSummary
-from at.report.inputs import DEFAULT_METRIC, ReportInputError
+from at.report.inputs import ReportInputError
 from at.report.layout import SweepAxis, TableLayout
 from at.report.tables import mean_text
 
@@ -110,7 +111,7 @@ def curve_series(cells: list[CellSummary]) -> tuple[dict, list[str]]:
     series: dict[tuple[str, str], tuple] = {}
     notes = []
     for c in cells:
-        if c.definition is None or c.definition.metric != DEFAULT_METRIC:
+        if c.definition is None or c.definition.metric != Metric.TOP1:
             continue
         histories = []
         for r in c.runs:

@@ -17,15 +17,17 @@ from pathlib import Path
 from typing import Sequence
 
 from at import checkpoint
+from at.choices import METRIC_KEYS
 from at.references import ReferenceTable
 from at.report.layout import TableLayout, layouts
+from at.schema import CELL_DEFAULTS
 
-# The metrics.json key that holds a cell's number, by the cell's metric (params.yaml `metric`).
-METRIC_KEYS = {"top1": "final_test_error", "top5": "final_test_error_top5"}
-DEFAULT_METRIC = "top1"
+# the metric of a cell that names none (params.yaml's default, at.schema)
+DEFAULT_METRIC = CELL_DEFAULTS["metric"]
 
 REQUIRED_RUN_KEYS = ("id", "out_dir", "cells", "seed", "student", "method_name", "dataset",
                      "protocol_name", "epochs")
+CELL_KEYS = ("table", "row", "column")   # and optionally metric
 
 
 class ReportInputError(ValueError):
@@ -56,6 +58,24 @@ class CellDefinition:
     weights: str | None
     method: str
     metric: str
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run the report is asked about (a grid run with its protocol's planned epochs, or a
+    hand-made one), checked: what the report reads of it. ``cells``: (table, row, column,
+    metric) of each cell it fills."""
+
+    id: str
+    out_dir: str
+    seed: int
+    epochs: int
+    dataset: str
+    protocol_name: str
+    student: str
+    weights: str | None
+    method_name: str
+    cells: tuple[tuple[str, str, str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -94,6 +114,7 @@ def validate_context(context: dict) -> Context:
     # footer: at.provenance.footer; without one, the figures point at the README
     footer = (_one_line("footer", context.get("footer"), required=False)
               or f"{profile} profile · provenance: README.md")
+    # full_scale and not_run are optional: a context made by hand may leave them out (false, none)
     full_scale = context.get("full_scale", False)
     if not isinstance(full_scale, bool):
         raise ReportInputError(f"context['full_scale'] must be True or False, got {full_scale!r}")
@@ -108,7 +129,7 @@ def validate_context(context: dict) -> Context:
         raise ReportInputError("context['references'] must be the tables of a references file "
                                "(at.references.load)")
     tables = layouts(grid_tables, refs)
-    not_run = context.get("not_run", {}) or {}
+    not_run = context.get("not_run") or {}
     if not isinstance(not_run, dict):
         raise ReportInputError(f"context['not_run'] must be a dict, got {type(not_run).__name__}")
     for table, reason in not_run.items():
@@ -126,46 +147,56 @@ def validate_context(context: dict) -> Context:
                    not_run=dict(not_run), tables=tables, data_md5=dict(data_md5))
 
 
-def validate_runs(runs: Sequence[dict], context: Context) -> list[dict]:
+def validate_runs(runs: Sequence[dict], context: Context) -> list[PlannedRun]:
+    """The runs (dicts: a grid run's JSON with its planned ``epochs``, or hand-made) checked
+    and typed once, sorted by id; ReportInputError naming the run and the key otherwise."""
     if isinstance(runs, (str, bytes, dict)) or not isinstance(runs, Sequence):
         raise ReportInputError(f"runs must be a list of dicts, got {type(runs).__name__}")
     seen: set[str] = set()
-    for i, run in enumerate(runs):
-        if not isinstance(run, dict):
-            raise ReportInputError(f"runs[{i}] must be a dict, got {type(run).__name__}")
-        absent = [k for k in REQUIRED_RUN_KEYS if k not in run]
+    planned = []
+    for i, raw in enumerate(runs):
+        if not isinstance(raw, dict):
+            raise ReportInputError(f"runs[{i}] must be a dict, got {type(raw).__name__}")
+        absent = [k for k in REQUIRED_RUN_KEYS if k not in raw]
         if absent:
             raise ReportInputError(f"runs[{i}] lacks {absent}; required keys: {REQUIRED_RUN_KEYS}")
-        if run["id"] in seen:
-            raise ReportInputError(f"run id {run['id']!r} appears twice in runs")
-        seen.add(run["id"])
+        values = {k: raw[k] for k in REQUIRED_RUN_KEYS}
+        run_id = values["id"]
+        if run_id in seen:
+            raise ReportInputError(f"run id {run_id!r} appears twice in runs")
+        seen.add(run_id)
         for key in ("seed", "epochs"):
-            if not _is_int(run[key]) or run[key] < 0:
-                raise ReportInputError(f"run {run['id']!r}: {key} must be a non-negative int, got {run[key]!r}")
-        if not isinstance(run["cells"], (list, tuple)):
-            raise ReportInputError(f"run {run['id']!r}: cells must be a list")
-        for cell in run["cells"]:
-            if not isinstance(cell, dict) or not {"table", "row", "column"} <= set(cell) \
-                    or not set(cell) <= {"table", "row", "column", "metric"}:
-                raise ReportInputError(
-                    f"run {run['id']!r}: each cell must be a dict with keys table, row, column "
-                    f"(and optionally metric); got {cell!r}")
-            layout = context.tables.get(cell["table"])
-            if layout is None:
-                raise ReportInputError(f"run {run['id']!r}: unknown table {cell['table']!r}; "
-                                       f"known: {list(context.tables)}")
-            for part, known in (("row", layout.rows), ("column", layout.columns)):
-                if cell[part] not in known:
-                    raise ReportInputError(f"run {run['id']!r}: unknown {part} {cell[part]!r} of "
-                                           f"{cell['table']}; known: {list(known)}")
-            if cell.get("metric", DEFAULT_METRIC) not in METRIC_KEYS:
-                raise ReportInputError(f"run {run['id']!r}: unknown metric {cell['metric']!r}; "
-                                       f"known: {sorted(METRIC_KEYS)}")
-            if cell["table"] in context.not_run:
-                raise ReportInputError(
-                    f"run {run['id']!r} fills a cell of {cell['table']}, which context['not_run'] "
-                    "says is not run in this profile: drop the run or the not_run entry")
-    return sorted(runs, key=lambda r: r["id"])
+            if not _is_int(values[key]) or values[key] < 0:
+                raise ReportInputError(f"run {run_id!r}: {key} must be a non-negative int, got {values[key]!r}")
+        if not isinstance(values["cells"], (list, tuple)):
+            raise ReportInputError(f"run {run_id!r}: cells must be a list")
+        values["cells"] = tuple(_checked_cell(run_id, cell, context) for cell in values["cells"])
+        values["out_dir"] = str(values["out_dir"])
+        planned.append(PlannedRun(**values, weights=raw.get("weights")))
+    return sorted(planned, key=lambda r: r.id)
+
+
+def _checked_cell(run_id: str, cell: object, context: Context) -> tuple[str, str, str, str]:
+    """(table, row, column, metric) of one of a run's cells, checked against the tables."""
+    if not isinstance(cell, dict) or not set(CELL_KEYS) <= set(cell) or not set(cell) <= {*CELL_KEYS, "metric"}:
+        raise ReportInputError(
+            f"run {run_id!r}: each cell must be a dict with keys table, row, column "
+            f"(and optionally metric); got {cell!r}")
+    table, row, column = (cell[k] for k in CELL_KEYS)
+    metric = cell.get("metric", DEFAULT_METRIC)
+    layout = context.tables.get(table)
+    if layout is None:
+        raise ReportInputError(f"run {run_id!r}: unknown table {table!r}; known: {list(context.tables)}")
+    for part, value, known in (("row", row, layout.rows), ("column", column, layout.columns)):
+        if value not in known:
+            raise ReportInputError(f"run {run_id!r}: unknown {part} {value!r} of {table}; known: {list(known)}")
+    if metric not in METRIC_KEYS:
+        raise ReportInputError(f"run {run_id!r}: unknown metric {metric!r}; known: {sorted(METRIC_KEYS)}")
+    if table in context.not_run:
+        raise ReportInputError(
+            f"run {run_id!r} fills a cell of {table}, which context['not_run'] "
+            "says is not run in this profile: drop the run or the not_run entry")
+    return table, row, column, metric
 
 
 def _is_int(x) -> bool:
@@ -176,41 +207,41 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def read_metrics(run: dict, needed: set[str], context: Context) -> dict | None:
+def read_metrics(run: PlannedRun, needed: set[str], context: Context) -> dict | None:
     """The run's metrics.json, checked to belong to this run and to hold possible numbers;
     None when there is none (the run did not finish)."""
-    path = Path(run["out_dir"]) / "metrics.json"
+    path = Path(run.out_dir) / "metrics.json"
     if not path.is_file():
         return None
 
     def refuse(problem: str) -> ReportInputError:
-        return ReportInputError(f"run {run['id']!r}: {path}: {problem}")
+        return ReportInputError(f"run {run.id!r}: {path}: {problem}")
 
     try:
         metrics = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ReportInputError(f"run {run['id']!r}: cannot read {path}: {exc}") from None
+        raise ReportInputError(f"run {run.id!r}: cannot read {path}: {exc}") from None
     if not isinstance(metrics, dict):
         raise refuse("must hold a JSON object")
     for key in sorted(needed | {"final_epoch", "epochs", "run_id", "profile", "data_md5"}):
         if key not in metrics:
-            raise ReportInputError(f"run {run['id']!r}: {path} lacks key {key!r}")
+            raise ReportInputError(f"run {run.id!r}: {path} lacks key {key!r}")
     # whose file is it: a metrics.json copied from another run, profile or data set is refused
-    if metrics["run_id"] != run["id"]:
-        raise refuse(f"run_id is {metrics['run_id']!r}, not {run['id']!r}: the file belongs to "
+    if metrics["run_id"] != run.id:
+        raise refuse(f"run_id is {metrics['run_id']!r}, not {run.id!r}: the file belongs to "
                      "another run")
     if metrics["profile"] != context.profile:
         raise refuse(f"profile is {metrics['profile']!r}, not {context.profile!r}: the run was "
                      "trained for another profile")
-    if run["dataset"] not in context.data_md5:
-        raise refuse(f"no data md5 given for data set {run['dataset']!r} (context['data_md5']) to "
+    if run.dataset not in context.data_md5:
+        raise refuse(f"no data md5 given for data set {run.dataset!r} (context['data_md5']) to "
                      "check the run against")
-    expected = context.data_md5[run["dataset"]]
+    expected = context.data_md5[run.dataset]
     if expected is None:
-        raise refuse(f"cannot check data_md5 {metrics['data_md5']!r}: the {run['dataset']} data "
+        raise refuse(f"cannot check data_md5 {metrics['data_md5']!r}: the {run.dataset} data "
                      "folder has no source.json (prepare the data first)")
     if metrics["data_md5"] != expected:
-        raise refuse(f"data_md5 is {metrics['data_md5']!r}, but the {run['dataset']} data folder "
+        raise refuse(f"data_md5 is {metrics['data_md5']!r}, but the {run.dataset} data folder "
                      f"holds {expected!r}: the run was trained on other data")
     # possible numbers only
     for key in sorted(needed):
@@ -220,8 +251,8 @@ def read_metrics(run: dict, needed: set[str], context: Context) -> dict | None:
     for key in ("final_epoch", "epochs"):
         if not _is_int(metrics[key]):
             raise refuse(f"{key} must be an int, got {metrics[key]!r}")
-    if metrics["epochs"] != run["epochs"]:
-        raise refuse(f"epochs is {metrics['epochs']}, but the run's protocol plans {run['epochs']}")
+    if metrics["epochs"] != run.epochs:
+        raise refuse(f"epochs is {metrics['epochs']}, but the run's protocol plans {run.epochs}")
     if not 1 <= metrics["final_epoch"] <= metrics["epochs"]:
         raise refuse(f"final_epoch {metrics['final_epoch']} is not between 1 and epochs "
                      f"({metrics['epochs']})")
@@ -268,19 +299,18 @@ def metric_key(metric: str) -> str:
     return METRIC_KEYS[metric]
 
 
-def load_runs(runs: list[dict], context: Context) -> list[RunResult]:
+def load_runs(runs: list[PlannedRun], context: Context) -> list[RunResult]:
     results = []
     for run in runs:
         definitions = {}
-        for c in run["cells"]:
-            definitions[(c["table"], c["row"], c["column"])] = CellDefinition(
-                dataset=run["dataset"], protocol=run["protocol_name"], model=run["student"],
-                weights=run.get("weights"), method=run["method_name"],
-                metric=c.get("metric", DEFAULT_METRIC))
+        for table, row, column, metric in run.cells:
+            definitions[(table, row, column)] = CellDefinition(
+                dataset=run.dataset, protocol=run.protocol_name, model=run.student,
+                weights=run.weights, method=run.method_name, metric=metric)
         needed = {metric_key(d.metric) for d in definitions.values()} or {metric_key(DEFAULT_METRIC)}
         results.append(
             RunResult(
-                id=run["id"], seed=run["seed"], out_dir=Path(run["out_dir"]),
+                id=run.id, seed=run.seed, out_dir=Path(run.out_dir),
                 cells=tuple(sorted(definitions)), definitions=definitions,
                 metrics=read_metrics(run, needed, context),
             )
@@ -292,13 +322,15 @@ def expected_data_md5(dataset: str, folder: str | Path) -> str | None:
     """The data_md5 a run of `dataset` trained from `folder` records in its metrics.json.
 
     The same rule as the trainer's (at.data.sources): the md5 in the folder's source.json,
-    "unknown" when that record has none, "user-folder" for ImageNet; None when the folder has
-    no source.json (nothing to check against).
+    "unknown" when that record has none, "user-folder" for a data set the user supplies as a
+    folder (ImageNet); None when the folder has no source.json (nothing to check against).
     """
+    from at.data.datasets import DATASETS
     from at.data.download import read_source_record
+    from at.data.sources import USER_FOLDER
 
-    if dataset == "imagenet":
-        return "user-folder"
+    if dataset in DATASETS and DATASETS[dataset].user_folder:
+        return USER_FOLDER
     record = read_source_record(folder)
     if not record:
         return None

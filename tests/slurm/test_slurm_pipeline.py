@@ -71,7 +71,7 @@ def test_ci_grid_runs_as_slurm_gpu_jobs_and_a_preempted_job_resumes_without_loss
     copied = params_io.load(root / "params.yaml")
     runs, cohorts = grid.runs(copied, "ci"), grid.cohorts(copied, "ci")
     # the WRN-16-2 teacher, then its five students together
-    assert [len(c["runs"]) for c in cohorts] == [5, 1], cohorts
+    assert [len(c.runs) for c in cohorts] == [5, 1], cohorts
     teacher_id = "cifar10/wrn-16-2/baseline/seed0"
     teacher_dir = root / "runs" / "ci" / teacher_id
     start = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
@@ -102,8 +102,8 @@ def test_ci_grid_runs_as_slurm_gpu_jobs_and_a_preempted_job_resumes_without_loss
     for job in jobs:
         assert "gres/gpu=1" in job["AllocTRES"].split(","), job
     for run in runs:
-        assert (root / run["out_dir"] / "metrics.json").is_file(), run["id"]
-        assert checkpoint.load(root / run["out_dir"] / "last.pt")["epoch"] == 1, "the final state stays"
+        assert (root / run.out_dir / "metrics.json").is_file(), run.id
+        assert checkpoint.load(root / run.out_dir / "last.pt")["epoch"] == 1, "the final state stays"
     assert (root / "results" / "ci" / "table2.md").is_file()
 
     log = (root / "logs" / "train" / "ci" / "cifar10" / "wrn-16-2" / "seed0" / "cohort0.log").read_text()
@@ -115,7 +115,7 @@ def test_ci_grid_runs_as_slurm_gpu_jobs_and_a_preempted_job_resumes_without_loss
     assert epochs == [1], "the epoch exactly once"
 
     client, mlflow_runs = _mlflow_runs(root)
-    assert sorted(r.data.tags["at.run_id"] for r in mlflow_runs) == sorted(r["id"] for r in runs)
+    assert sorted(r.data.tags["at.run_id"] for r in mlflow_runs) == sorted(r.id for r in runs)
     assert all(r.info.status == "FINISHED" for r in mlflow_runs)
     teacher = [r for r in mlflow_runs if r.data.tags["at.run_id"] == teacher_id]
     assert len(teacher) == 1, "the retry continues the same MLflow run"
