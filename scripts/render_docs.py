@@ -303,7 +303,8 @@ def versus(repo: Path, source: str) -> str:
     records = _records(repo / folder)
     error: dict[str, dict[int, float]] = {}
     for run_id, (spec, metrics, _) in records.items():
-        if spec["method_name"] in methods or _cell_name(run_id) == reference:
+        # a sweep's runs are named after their method: factt/beta=100
+        if spec["method_name"].split("/")[0] in methods or _cell_name(run_id) == reference:
             error.setdefault(_cell_name(run_id), {})[spec["seed"]] = metrics["final_test_error"]
     if reference not in error:
         raise ValueError(f"{source}: no record of the reference cell {reference!r}")

@@ -419,7 +419,7 @@ def test_versus_pairs_cells_with_the_reference_by_seed(tmp_path):
             run_id = f"cifar10/wrn-16-1_from_wrn-16-2/{cell}/seed{seed}"
             folder = tmp_path / "results/runs/p" / run_id
             folder.mkdir(parents=True)
-            (folder / "spec.json").write_text(json.dumps({"id": run_id, "seed": seed, "method_name": cell.split("/")[0]}))
+            (folder / "spec.json").write_text(json.dumps({"id": run_id, "seed": seed, "method_name": cell}))
             (folder / "metrics.json").write_text(json.dumps({"final_test_error": error}))
     text = render_docs.versus(tmp_path, "results/runs/p:at-sum-p2:factt")
     assert "| factt | 3 | 30.17 | -0.83 | [-3.96, +2.29] | 0: -1.00, 1: +0.50, 2: -2.00 |" in text
