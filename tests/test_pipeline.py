@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from at import grid as grid_mod
+from at import grid as grid_mod, snakemake_log
 from in_process import run_cli
 from pipeline_repo import CIFAR_MINI, CIFAR_MINI_MD5, REPO, _env, _git_commit_all, _sh, copy_repository, parse_dry_run
 
@@ -437,7 +437,8 @@ def test_a_download_that_cannot_start_is_refused_before_snakemake_deletes_the_da
     before = _tree(ci_run / "data" / "cifar10")
     done = _sh([*SNAKEMAKE_CI, "--cores", "1"], ci_run, env={"AT_CIFAR10_URL": url}, check=False, timeout=300)
     assert done.returncode != 0
-    said = [line for line in (done.stdout + done.stderr).splitlines() if "cannot start" in line]
+    # Snakemake's console folds a long line after its commas (at.snakemake_log): one line, unfolded
+    said = [line for line in snakemake_log.unfold(done.stdout + done.stderr).splitlines() if "cannot start" in line]
     assert len(said) == 1 and "the data is left as it is: fix or unset AT_CIFAR10_URL" in said[0], done.stderr
     assert _tree(ci_run / "data" / "cifar10") == before
 
