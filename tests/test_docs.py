@@ -142,6 +142,32 @@ def test_no_measured_time_throughput_or_speedup_is_typed_into_the_prose(path):
     assert not found, f"{path.name}: {found}: quote a measurement only from a generated part (scripts/render_docs.py)"
 
 
+# A paired difference with its interval, as the prose quotes it from a generated table: "+0.10 [-0.39, +0.59]"
+QUOTED_DIFFERENCE = re.compile(r"([+-]\d+\.\d\d) \[([+-]\d+\.\d\d), ([+-]\d+\.\d\d)\]")
+
+
+def _quoted_differences_not_generated(text: str) -> list[str]:
+    """The differences the prose quotes that no generated row of the same page holds."""
+    generated = " ".join(m.group(4) for m in render_docs.MARKER.finditer(text))
+    prose = " ".join(_prose(text).split())   # a quote may wrap across lines
+    return [" ".join(q) for q in QUOTED_DIFFERENCE.findall(prose)
+            if f"| {q[0]} | [{q[1]}, {q[2]}] |" not in generated]
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_every_difference_quoted_in_the_prose_is_a_generated_row_of_its_page(path):
+    """Numbers typed into prose go stale: a quoted difference and interval must be read, to the
+    digit, from a generated table of the same page, so re-rendered evidence that changes it fails here."""
+    stale = _quoted_differences_not_generated(path.read_text())
+    assert not stale, f"{path.name}: {stale} quoted but in no generated row: quote the table as it is now"
+
+
+def test_the_quote_check_catches_a_quote_the_tables_do_not_hold():
+    page = ("<!-- generated: table x -->\n| a | -1.00 | [-2.00, +0.00] |\n<!-- end generated -->\n"
+            "It helps (-1.00 [-2.00,\n+0.00]) and once (-1.10 [-2.00, +0.00]).\n")
+    assert _quoted_differences_not_generated(page) == ["-1.10 -2.00 +0.00"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Links
 
