@@ -67,8 +67,12 @@ def history_csv(history: list[dict]) -> str:
     return buf.getvalue()
 
 
+# A finished run's outputs in its folder (what Snakemake and DVC list as a run's outputs)
+FINAL_OUTPUTS = ("metrics.json", "history.csv", "checkpoint.pt")
+
+
 def final_outputs_exist(out: Path) -> bool:
-    return all((Path(out) / name).is_file() for name in ("checkpoint.pt", "history.csv", "metrics.json"))
+    return all((Path(out) / name).is_file() for name in FINAL_OUTPUTS)
 
 
 class Member:
@@ -271,7 +275,7 @@ class Member:
     # modified: a copy of each output is kept, and put back (as a new file: a new mtime, which
     # Snakemake compares with the job's inputs).
     KEPT = ".outputs"
-    OUTPUTS = ("checkpoint.pt", "history.csv", "metrics.json")
+    OUTPUTS = FINAL_OUTPUTS
 
     def _keep_outputs(self) -> None:
         kept = self.out / self.KEPT

@@ -97,7 +97,7 @@ class Options:
                                  f"would mix two arithmetics in one run; resume with --precision "
                                  f"{started}, or retrain with --force")
             console.say(f"resuming in {started}, the precision these runs started in (auto here would be "
-                  f"{precision})")
+                        f"{precision})")
             precision = started
         return Arithmetic(device, precision)
 

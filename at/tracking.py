@@ -585,11 +585,9 @@ class RunTracker:
         self._end("FAILED")
 
 
-
 # What a training run's MLflow run gets at its end, beside its epochs: these metrics of its
-# metrics.json, and its output files as artifacts.
+# metrics.json, and its final outputs (at.member.FINAL_OUTPUTS) as artifacts.
 SUMMARY_METRICS = ("final_test_error", "best_test_error", "student_params", "wall_time_s")
-OUTPUT_FILES = ("metrics.json", "history.csv", "checkpoint.pt")
 
 
 class Recorder:
@@ -650,7 +648,7 @@ class Recorder:
         """Once the final outputs are written: the summary metrics, the files, then FINISHED."""
         if self.enabled:
             self.trackers[member.id].finish({k: v for k, v in metrics.items() if k in SUMMARY_METRICS},
-                                            [member.out / name for name in OUTPUT_FILES])
+                                            [member.out / name for name in member.OUTPUTS])
 
     def failed(self, member) -> None:
         if member.id in self.trackers:
@@ -681,6 +679,7 @@ class Recorder:
                     f"the files (no training)")
         member.history, member.mlflow_run_id = final["history"], run_id
         return True
+
 
 def _search(client, experiment_id: str, filter_string: str) -> list:
     """Every run of the experiment that matches, page by page (a page holds at most 1000)."""

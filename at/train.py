@@ -218,8 +218,6 @@ def check_finite(member: Member, loss: torch.Tensor | None, since_step: int, ran
         f"(terms {terms}, lr {member.protocol.learning_rate(member.epoch)}); stopping instead of training on")
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # An epoch's end
 
@@ -476,11 +474,11 @@ def _trained_earlier(member: Member, opened: OpenCohort, recorder: Recorder, res
     from its final state. Rank 0 writes; its metrics go into ``results``."""
     data, main, found = opened.cohort.data, opened.cohort.ranks.is_main, opened.saved[member.id]
     if opened.situations[member.id] == "finished":
+        if main and recorder.unfinished(member, found.final):
+            results[member.id] = _finish(member, data, recorder, write=False)
+            return
         if main:
             results[member.id] = _read_metrics(member)
-            if recorder.unfinished(member, found.final):
-                _finish(member, data, recorder, write=False)
-                return
         console.say(f"[{member.id}] already finished with this spec: left as it is "
                     f"(`--force` retrains it)")
         return
@@ -506,5 +504,5 @@ def _finish(member: Member, data, recorder: Recorder, write: bool = True) -> dic
         recorder.failed(member)
         raise
     console.say(f"[{member.id}] done: final test error {metrics['final_test_error']:.2f}% "
-          f"after {metrics['final_epoch']} epochs")
+                f"after {metrics['final_epoch']} epochs")
     return metrics
