@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -523,6 +524,11 @@ def main(argv=None) -> int:
         print("error: interrupted (Ctrl-C): a run keeps what it saved last, the same command resumes it",
               file=sys.stderr)
         return 128 + signal.SIGINT
+    except BrokenPipeError:
+        # the reader left early (`python -m at runs --profile paper | head`): what it wanted
+        # was printed; the rest goes nowhere, quietly, as for any Unix filter (exit 128 + SIGPIPE)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except Exception as e:
         if not _is_user_error(e):
             raise  # a bug: the traceback is what its fixer needs

@@ -39,3 +39,20 @@ def test_missing_params_file_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.yaml'} not found: "
                                                   f"run from the repository root or pass --params"]
 
+
+
+def test_a_listing_piped_into_a_reader_that_leaves_early_ends_quietly():
+    """`python -m at runs --profile paper | head` is how a user skims the grid: when the reader
+    closes the pipe, the command stops without a traceback and exits 128 + SIGPIPE, as a Unix
+    filter does. A real process: only a real pipe breaks. The read end is closed before the
+    command starts writing, so every write finds it closed."""
+    import signal
+    import subprocess
+    import sys
+
+    command = subprocess.Popen([sys.executable, "-m", "at", "runs", "--profile", "paper"], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command.stdout.close()
+    stderr = command.stderr.read().decode()
+    assert command.wait(timeout=120) == 128 + signal.SIGPIPE, stderr
+    assert stderr == ""
